@@ -157,6 +157,13 @@ class PipelineSpec(Contract):
             seen.add(op.id)
         return self
 
+    def parallelism_for(self, config: "JobConfig") -> dict[str, int]:
+        """Each operator's effective parallelism: override, else the job's, else its own, else the pipeline's."""
+        return {
+            op.id: config.overrides.get(op.id) or config.parallelism or op.parallelism or self.parallelism
+            for op in self.operators
+        }
+
     def input_ids(self) -> dict[str, list[str]]:
         """Upstream operator ids of every operator, with the default chain edges filled in."""
         out: dict[str, list[str]] = {}
@@ -448,6 +455,95 @@ class MonitorResult(Contract):
     message: str = ""
     retryable: bool = True
     domain: ErrorDomain = "internal"
+
+
+# --------------------------------------------------------------------------------------------
+# Activity inputs (what the workflow hands the controller activities)
+
+
+class CompileInput(Contract):
+    spec: JobSpec
+
+
+class CompileResult(Contract):
+    program: Program
+    checkpoint_url: str
+    latest_epoch: int = Field(description="newest completed checkpoint in the store, 0 if none")
+    highest_epoch: int = Field(description="newest epoch ever attempted in the store, 0 if none")
+
+
+class ScheduleInput(Contract):
+    job_id: str
+    generation: int
+    program: Program
+    slots_per_runner: int
+    startup_timeout_s: float
+
+
+class StartExecutionInput(Contract):
+    job_id: str
+    generation: int
+    program: Program
+    runners: list[RunnerInfo]
+    checkpoint_url: str
+    restore_epoch: int | None
+
+
+class MonitorInput(Contract):
+    job_id: str
+    generation: int
+    program: Program
+    runners: list[RunnerInfo]
+    heartbeat_timeout_s: float
+    watch: list[Literal["task_failed", "runner_lost", "sources_finished", "all_finished"]]
+
+
+class CheckpointInput(Contract):
+    job_id: str
+    generation: int
+    program: Program
+    runners: list[RunnerInfo]
+    checkpoint_url: str
+    epoch: int
+    then_stop: bool
+    finish_timeout_s: float
+
+
+class CleanupInput(Contract):
+    job_id: str
+    checkpoint_url: str
+    keep: int
+    protect: list[int] = Field(default_factory=list)
+
+
+class StopInput(Contract):
+    job_id: str
+    generation: int
+    runners: list[RunnerInfo]
+    mode: Literal["graceful", "immediate"]
+    finish_timeout_s: float
+
+
+class TeardownInput(Contract):
+    job_id: str
+    generation: int | None = Field(default=None, description="None = every generation")
+
+
+class JobInput(Contract):
+    """The workflow's input: the job, plus the state carried over a continue-as-new (opaque)."""
+
+    spec: JobSpec
+    carried: dict[str, Any] | None = None
+
+
+class JobResult(Contract):
+    """The workflow's result when the job ends Stopped or Finished (Failed fails the workflow)."""
+
+    job_id: str
+    state: JobStateName
+    epoch: int
+    generation: int
+    restarts: int
 
 
 StartRequest.model_rebuild()

@@ -1,0 +1,1 @@
+"""Example pipelines and the user functions they reference (`examples.clicks:is_big`)."""

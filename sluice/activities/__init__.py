@@ -1,0 +1,1 @@
+"""Controller activities: everything the job workflow does outside itself."""

@@ -1,0 +1,123 @@
+"""Checkpoint and cleanup: barriers, snapshots, the manifest (commit point), the commit phase."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from sluice.activities.context import ControllerContext, heartbeating
+from sluice.activities.stopping import wait_all_finished
+from sluice.connectors import sink_class
+from sluice.errors import RunnerRefused, RunnerUnavailable
+from sluice.models import (
+    CheckpointInfo,
+    CheckpointInput,
+    CheckpointManifest,
+    CleanupInput,
+    OperatorCheckpoint,
+    SubtaskSnapshot,
+)
+from sluice.storage import CheckpointStore
+
+# Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
+WAIT_POLL_S = 2.0
+
+
+class CheckpointActivities:
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="checkpoint")
+    async def checkpoint(self, inp: CheckpointInput) -> CheckpointInfo:
+        started = time.monotonic()
+        store = CheckpointStore(inp.checkpoint_url, inp.job_id)
+        manifest = await asyncio.to_thread(store.read_manifest, inp.epoch)
+        progress = {"epoch": inp.epoch, "phase": "barriers"}
+        async with heartbeating(lambda: progress), self.ctx.runner_clients(
+            inp.job_id, inp.generation, inp.runners
+        ) as clients:
+            try:
+                if manifest is None:  # a retry after the manifest was written goes straight to commit
+                    # Barrier injection is idempotent per epoch, so a retried attempt rejoins it.
+                    await asyncio.gather(*(c.checkpoint(inp.epoch, inp.then_stop) for c in clients))
+                    progress["phase"] = "snapshots"
+                    snapshots = await self._collect(clients, inp.epoch)
+                    progress["phase"] = "manifest"
+                    manifest = _manifest(inp, snapshots)
+                    await asyncio.to_thread(store.write_manifest, manifest)
+                progress["phase"] = "commit"
+                committed = await asyncio.to_thread(_commit, inp, manifest)
+                if inp.then_stop:
+                    progress["phase"] = "tasks finishing"
+                    await wait_all_finished(clients, inp.finish_timeout_s)
+            except (RunnerUnavailable, RunnerRefused) as e:
+                raise ApplicationError(f"checkpoint epoch {inp.epoch}: {e}") from None
+        return CheckpointInfo(
+            epoch=inp.epoch,
+            manifest_path=store.manifest_path(inp.epoch),
+            then_stop=inp.then_stop,
+            duration_s=time.monotonic() - started,
+            committed_files=committed,
+        )
+
+    async def _collect(self, clients: list, epoch: int) -> list[SubtaskSnapshot]:
+        async def one(client) -> list[SubtaskSnapshot]:
+            while True:
+                done, snapshots, failed = await client.wait_checkpoint(epoch, WAIT_POLL_S)
+                if failed:
+                    raise ApplicationError(
+                        f"checkpoint epoch {epoch} failed on runner {client.info.runner_id}: {failed}"
+                    )
+                if done:
+                    return snapshots
+
+        return [s for part in await asyncio.gather(*(one(c) for c in clients)) for s in part]
+
+    @activity.defn(name="cleanup_checkpoints")
+    async def cleanup_checkpoints(self, inp: CleanupInput) -> int:
+        """Delete all but the newest `keep` checkpoints (and failed attempts older than them),
+        never a protected epoch (the restore point)."""
+        store = CheckpointStore(inp.checkpoint_url, inp.job_id)
+        completed = await asyncio.to_thread(store.completed_epochs)
+        if not completed:
+            return 0
+        kept = set(completed[-inp.keep :]) | set(inp.protect)
+        oldest_kept = min(kept)
+        seen = await asyncio.to_thread(store._epoch_dirs)
+        doomed = [e for e in seen if e < oldest_kept and e not in kept]
+        await asyncio.to_thread(store.delete_epochs, doomed)
+        return len(doomed)
+
+
+def _manifest(inp: CheckpointInput, snapshots: list[SubtaskSnapshot]) -> CheckpointManifest:
+    operators = {
+        op_id: OperatorCheckpoint(parallelism=inp.program.parallelism[op_id])
+        for op_id in inp.program.operators
+    }
+    for snap in sorted(snapshots, key=lambda s: (s.subtask.chain, s.subtask.index)):
+        for op_id, part in snap.operators.items():
+            operators[op_id].state_files.extend(part.state_files)
+            operators[op_id].commits.extend(part.commits)
+    return CheckpointManifest(
+        job_id=inp.job_id,
+        epoch=inp.epoch,
+        generation=inp.generation,
+        created_at=datetime.now(timezone.utc),
+        then_stop=inp.then_stop,
+        operators=operators,
+    )
+
+
+def _commit(inp: CheckpointInput, manifest: CheckpointManifest) -> int:
+    """The commit phase of two-phase-commit sinks; idempotent, so retries are safe."""
+    published = 0
+    for op_id, params in inp.program.operators.items():
+        sink = sink_class(params["type"])
+        part = manifest.operators.get(op_id)
+        if sink is not None and part is not None and part.commits:
+            published += sink.commit(params, part.commits)
+    return published

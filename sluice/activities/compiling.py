@@ -1,0 +1,43 @@
+"""Compile: validate the pipeline and produce the physical program; find the restore point."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+
+from sluice.activities.context import ControllerContext, user_error
+from sluice.engine.compiler import compile_program
+from sluice.errors import UserError
+from sluice.models import CompileInput, CompileResult
+from sluice.storage import CheckpointStore
+
+
+class CompileActivities:
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+
+    @activity.defn(name="compile_program")
+    async def compile_program(self, inp: CompileInput) -> CompileResult:
+        spec = inp.spec
+        try:
+            program = await asyncio.to_thread(compile_program, spec.pipeline, spec.config)
+        except UserError as e:
+            raise user_error(str(e)) from None
+        url = spec.checkpoint_url or self.ctx.default_checkpoint_url
+        store = CheckpointStore(url, spec.job_id)
+        completed = await asyncio.to_thread(store.completed_epochs)
+        highest = await asyncio.to_thread(store.highest_epoch_seen)
+        wanted = spec.config.restore_epoch
+        if wanted is not None and wanted not in completed:
+            shown = ", ".join(map(str, completed[-10:])) or "none"
+            raise user_error(
+                f"restore_epoch {wanted}: no completed checkpoint with that epoch for job "
+                f"{spec.job_id!r} in {url} (completed: {shown})"
+            )
+        return CompileResult(
+            program=program,
+            checkpoint_url=url,
+            latest_epoch=completed[-1] if completed else 0,
+            highest_epoch=max(highest, completed[-1] if completed else 0),
+        )

@@ -1,0 +1,568 @@
+"""The `sluice` command: a thin layer over `JobClient`, the dev server and the worker.
+
+Contract used by scripts (DESIGN.md): `sluice start FILE [--job-id ID]` prints the job id and
+returns once the workflow is started; `sluice stop ID --mode MODE`; `sluice wait ID --state STATE
+[--timeout S]` exits 0 when reached and non-zero on Failed or timeout. Every command honours
+TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (Temporal's environment configuration).
+
+Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable, bad
+pipeline file); 2 usage error (unknown mode, bad option); 124 `wait` timed out.
+User errors print one line to stderr (`error: ...`) and no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import typer
+
+from sluice import settings
+from sluice.models import TERMINAL_STATES, JobSpec, JobStatus
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124  # like timeout(1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+STOP_ON_INTERRUPT_MODE = "checkpoint"
+STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
+RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
+LIVE_REFRESH_S = 1.0
+WEB_UI_PORT = 8233
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
+JOB_STATES: tuple[str, ...] = (
+    "Created", "Compiling", "Scheduling", "Running", "Rescaling", "Restarting", "CheckpointStopping",
+    "Stopping", "Finishing", "Recovering", "Failing", "Stopped", "Finished", "Failed",
+)  # fmt: skip
+
+app = typer.Typer(
+    name="sluice",
+    help="Streaming pipelines whose whole life is a durable Temporal workflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print one line to stderr and exit with `code`."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from sluice.client import SluiceClientError
+    from sluice.devserver import DevServerError
+    from sluice.errors import UserError
+
+    return (SluiceClientError, DevServerError, UserError)
+
+
+def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """Run an async command body; turn user errors into one line on stderr and exit 1."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
+        except typer.Exit:
+            raise
+        except _user_error_types() as exc:
+            fail(str(exc))
+        except TimeoutError as exc:
+            fail(str(exc) or "timed out", EXIT_TIMEOUT)
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def extend_import_path(*dirs: Path) -> None:
+    """Make user functions (`module:function`) importable here and in runner subprocesses.
+
+    Prepends `dirs` to sys.path and to $PYTHONPATH (which the process scheduler's runners
+    inherit). The console script does not put the cwd on sys.path the way `python -m` does, so
+    callers pass it explicitly.
+    """
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for d in reversed([str(Path(x).resolve()) for x in dirs]):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+        if d not in current:
+            current.insert(0, d)
+    os.environ["PYTHONPATH"] = os.pathsep.join(current)
+
+
+def _configured_address() -> tuple[str, str]:
+    """(address, namespace) from Temporal's environment configuration, with sluice's defaults."""
+    from temporalio.envconfig import ClientConfig
+
+    from sluice.client import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
+
+    try:
+        cfg = ClientConfig.load_client_connect_config()
+    except Exception:
+        cfg = {}
+    return cfg.get("target_host") or DEFAULT_ADDRESS, cfg.get("namespace") or DEFAULT_NAMESPACE
+
+
+async def _job_client() -> Any:
+    from sluice.client import JobClient
+
+    return await JobClient.connect()
+
+
+def _load_spec(
+    file: Path,
+    job_id: str | None,
+    parallelism: int | None,
+    checkpoint_interval: float | None,
+    ignore_state: bool = False,
+) -> JobSpec:
+    from sluice.pipeline_files import job_spec, load_pipeline
+
+    return job_spec(
+        load_pipeline(file),
+        job_id=job_id,
+        parallelism=parallelism,
+        checkpoint_interval_s=checkpoint_interval,
+        ignore_state=ignore_state,
+    )
+
+
+def _print_status_line(status: JobStatus) -> None:
+    typer.echo(
+        f"{status.job_id}: {status.state} (generation {status.generation}, epoch {status.epoch}, "
+        f"restarts {status.restarts})"
+    )
+
+
+def web_ui_link(job_id: str, namespace: str = "default", ui_port: int = WEB_UI_PORT) -> str:
+    """The Web UI page of a job's workflow."""
+    return f"http://localhost:{ui_port}/namespaces/{namespace}/workflows/{job_id}"
+
+
+StateDirOpt = typer.Option(None, "--state-dir", help="state directory (default $SLUICE_STATE_DIR or ./.sluice)")
+JobIdOpt = typer.Option(None, "--job-id", help="job id (default: the pipeline name)")
+ParallelismOpt = typer.Option(None, "--parallelism", min=1, help="parallelism of every operator")
+CheckpointOpt = typer.Option(
+    None, "--checkpoint-interval", min=1.0, max=86_400.0, help="seconds between checkpoints (default 10)"
+)
+
+
+# ------------------------------------------------------------------------------ server, worker
+
+
+@app.command()
+def server(
+    state_dir: Path = StateDirOpt,
+    port: int = typer.Option(7233, "--port", help="frontend gRPC port"),
+    ui_port: int = typer.Option(WEB_UI_PORT, "--ui-port", help="Web UI port"),
+    ip: str = typer.Option("127.0.0.1", "--ip", help="address to bind (loopback by default)"),
+    headless: bool = typer.Option(False, "--headless", help="no Web UI"),
+) -> None:
+    """Run the embedded Temporal dev server (SQLite under the state dir) until Ctrl-C."""
+    from sluice.devserver import DevServer, DevServerError
+
+    base = settings.state_dir(state_dir)
+    srv = DevServer(base, ip=ip, port=port, ui_port=ui_port, headless=headless)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        srv.start()
+    except DevServerError as exc:
+        fail(str(exc))
+    typer.echo(f"Temporal dev server on {srv.address} (pid {srv.pid}), state in {base}")
+    if srv.ui_url:
+        typer.echo(f"Web UI: {srv.ui_url}")
+    typer.echo(f"log: {srv.log_path}; Ctrl-C to stop")
+    try:
+        while srv.running():
+            time.sleep(0.5)
+        fail(f"the dev server exited unexpectedly; see {srv.log_path}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+
+
+@app.command()
+def worker(state_dir: Path = StateDirOpt) -> None:
+    """Run a controller worker (hosts JobWorkflow and its activities) until Ctrl-C."""
+    base = settings.state_dir(state_dir)
+    extend_import_path(Path.cwd())
+
+    @run_async
+    async def main() -> None:
+        from sluice.client import connect
+        from sluice.worker import run_worker
+
+        client = await connect()
+        typer.echo(f"controller worker on task queue 'sluice' at {client.service_client.config.target_host}; state in {base}")
+        await run_worker(client, base)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        main()
+    except typer.Exit as exc:
+        if exc.exit_code == EXIT_INTERRUPTED:
+            return
+        raise
+
+
+# ------------------------------------------------------------------------------ run
+
+
+class _Interrupts:
+    """Counts Ctrl-C presses inside the event loop (first: stop cleanly; second: exit at once)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = asyncio.Event()
+        self.on_second: Callable[[], None] = lambda: None
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.event.set()
+        if self.count >= 2:
+            self.on_second()
+
+
+def _status_table(status: JobStatus | None, job_id: str, note: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"sluice job {job_id}", caption=note, show_header=False, min_width=50)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    if status is None:
+        table.add_row("state", "?")
+        return table
+    table.add_row("state", status.state)
+    table.add_row("generation", str(status.generation))
+    table.add_row("epoch (last checkpoint)", str(status.epoch))
+    table.add_row("restarts", str(status.restarts))
+    table.add_row("runners", str(len(status.runners)))
+    if status.parallelism:
+        table.add_row("parallelism", ", ".join(f"{k}={v}" for k, v in status.parallelism.items()))
+    if status.transitions:
+        t = status.transitions[-1]
+        table.add_row("last transition", f"{t.from_state} → {t.to_state}: {t.reason}")
+    if status.failure:
+        table.add_row("failure", f"[{status.failure.domain}] {status.failure.message}")
+    return table
+
+
+async def _run(
+    pipeline: Path,
+    job_id: str | None,
+    state_dir: Path | None,
+    parallelism: int | None,
+    checkpoint_interval: float | None,
+    ui_port: int,
+) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from sluice.client import JobClient, JobNotFound, JobFailedError, JobClosed, connect, server_reachable
+    from sluice.devserver import DevServer
+
+    console = Console()
+    spec = _load_spec(pipeline, job_id, parallelism, checkpoint_interval)
+    base = settings.state_dir(state_dir)
+    # "examples.clicks:is_big" in examples/clicks.yaml: the package root is the file's dir's parent.
+    extend_import_path(Path.cwd(), pipeline.resolve().parent.parent)
+
+    address, namespace = _configured_address()
+    host, _, port_s = address.rpartition(":")
+    dev: DevServer | None = None
+    if not await server_reachable(address, namespace):
+        if host not in LOOPBACK_HOSTS or not port_s.isdigit():
+            fail(f"no Temporal server answers at {address}, and sluice can only start one on this machine")
+        dev = DevServer(base, port=int(port_s), ui_port=ui_port)
+        console.print(f"starting the embedded Temporal server on {dev.address} (log: {dev.log_path})")
+        await dev.astart()
+        address = dev.address
+
+    interrupts = _Interrupts()
+    loop = asyncio.get_running_loop()
+
+    def hard_exit() -> None:
+        # Second Ctrl-C: leave at once. The job stays open in Temporal (the next `sluice run`
+        # attaches to it); only our own server process is taken down with us.
+        console.print("\ninterrupted again: exiting now")
+        if dev is not None:
+            dev.stop(timeout_s=2.0)
+        os._exit(EXIT_INTERRUPTED)
+
+    interrupts.on_second = hard_exit
+    loop.add_signal_handler(signal.SIGINT, interrupts)
+    loop.add_signal_handler(signal.SIGTERM, interrupts)
+
+    worker_task: asyncio.Task[Any] | None = None
+    try:
+        client = await connect(address, namespace)
+        from sluice.worker import run_worker
+
+        worker_task = asyncio.create_task(run_worker(client, base), name="sluice-worker")
+        jobs = JobClient(client)
+        try:
+            desc = await jobs.describe(spec.job_id)
+            final = await jobs.final_state(spec.job_id, desc)
+        except JobNotFound:
+            desc, final = None, None
+        if desc is None:
+            await jobs.start(spec)
+            console.print(f"started job [bold]{spec.job_id}[/]")
+        elif final is None:
+            console.print(f"job [bold]{spec.job_id}[/] is already running: attaching")
+        else:
+            await jobs.resume(spec.job_id, spec=spec)
+            console.print(f"job [bold]{spec.job_id}[/] was {final}: started a new run from its last checkpoint")
+
+        wait_running = asyncio.create_task(jobs.wait_for_state(spec.job_id, ["Running"], RUNNING_TIMEOUT_S))
+        interrupted = asyncio.create_task(interrupts.event.wait())
+        with console.status(f"waiting for {spec.job_id} to reach Running..."):
+            await asyncio.wait({wait_running, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        if wait_running.done() and not interrupts.event.is_set():
+            wait_running.result()  # raises JobFailedError / TimeoutError / JobClosed
+            console.print(f"Web UI: {web_ui_link(spec.job_id, namespace, ui_port)}")
+            console.print("Ctrl-C stops the job with a final checkpoint (twice: exit at once)")
+            with Live(_status_table(None, spec.job_id, "starting"), console=console, refresh_per_second=4) as live:
+                while not interrupts.event.is_set():
+                    try:
+                        status = await jobs.status(spec.job_id, timeout_s=5.0)
+                    except Exception as exc:  # transient: keep showing, say why
+                        live.update(_status_table(None, spec.job_id, f"status unavailable: {exc}"))
+                    else:
+                        live.update(_status_table(status, spec.job_id, "Ctrl-C to stop"))
+                        if status.state in TERMINAL_STATES:
+                            break
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(interrupts.event.wait(), timeout=LIVE_REFRESH_S)
+        else:
+            wait_running.cancel()
+        interrupted.cancel()
+
+        if interrupts.event.is_set():
+            console.print(f"stopping {spec.job_id} ({STOP_ON_INTERRUPT_MODE})...")
+            with contextlib.suppress(JobClosed):
+                await jobs.stop(spec.job_id, STOP_ON_INTERRUPT_MODE)
+        try:
+            end = await jobs.wait_for_state(spec.job_id, ["Stopped", "Finished", "Failed"], STOP_ON_INTERRUPT_TIMEOUT_S)
+        except JobFailedError as exc:
+            console.print(f"[red]{exc}[/]")
+            return EXIT_FAILED
+        except TimeoutError:
+            console.print(
+                f"[red]job {spec.job_id} did not stop within {STOP_ON_INTERRUPT_TIMEOUT_S:.0f} s; "
+                "it stays open in Temporal and resumes with the next `sluice run`[/]"
+            )
+            return EXIT_FAILED
+        console.print(f"job {spec.job_id} is {end.state} (last checkpoint: epoch {end.epoch})")
+        if end.state == "Failed":
+            return EXIT_FAILED
+        return 0
+    finally:
+        if worker_task is not None:
+            worker_task.cancel()
+            with contextlib.suppress(BaseException):
+                await worker_task
+        if dev is not None:
+            await dev.astop()
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="pipeline file (YAML or JSON)"),
+    job_id: str | None = JobIdOpt,
+    state_dir: Path | None = StateDirOpt,
+    parallelism: int | None = ParallelismOpt,
+    checkpoint_interval: float | None = CheckpointOpt,
+    ui_port: int = typer.Option(WEB_UI_PORT, "--ui-port", help="Web UI port of the embedded server"),
+) -> None:
+    """All in one: server (if none is reachable), worker and job; Ctrl-C stops it with a checkpoint."""
+    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port)
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------ job commands
+
+
+@app.command()
+def start(
+    file: Path = typer.Argument(..., help="pipeline file (YAML or JSON)"),
+    job_id: str | None = JobIdOpt,
+    parallelism: int | None = ParallelismOpt,
+    checkpoint_interval: float | None = CheckpointOpt,
+    ignore_state: bool = typer.Option(False, "--ignore-state", help="don't restore an earlier run's checkpoint"),
+) -> None:
+    """Start a job; prints its id once the workflow is started."""
+    spec = _wrap_user_errors(lambda: _load_spec(file, job_id, parallelism, checkpoint_interval, ignore_state))
+
+    @run_async
+    async def main() -> str:
+        return str(await (await _job_client()).start(spec))
+
+    typer.echo(main())
+
+
+def _wrap_user_errors(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except _user_error_types() as exc:
+        fail(str(exc))
+
+
+@app.command()
+def stop(
+    job_id: str = typer.Argument(...),
+    mode: str = typer.Option("checkpoint", "--mode", help="none | checkpoint | graceful | immediate | force"),
+) -> None:
+    """Ask a job to stop (returns once the command is accepted; see `wait`)."""
+    from sluice.client import STOP_MODES
+
+    if mode not in STOP_MODES:
+        fail(f"unknown stop mode {mode!r}; expected one of: {', '.join(STOP_MODES)}", EXIT_USAGE)
+
+    @run_async
+    async def main() -> None:
+        status = await (await _job_client()).stop(job_id, mode)
+        if status is None:
+            typer.echo(f"{job_id}: started a new run from its last checkpoint")
+        else:
+            typer.echo(f"{job_id}: stop ({mode}) accepted; state {status.state}")
+
+    main()
+
+
+def _parse_overrides(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        op, sep, n = item.partition("=")
+        if not sep or not op or not n.isdigit() or int(n) < 1:
+            fail(f"--override {item!r}: expected OPERATOR=N with N >= 1", EXIT_USAGE)
+        out[op] = int(n)
+    return out
+
+
+@app.command()
+def rescale(
+    job_id: str = typer.Argument(...),
+    parallelism: int | None = typer.Option(None, "--parallelism", min=1, help="new default parallelism"),
+    override: list[str] = typer.Option([], "--override", help="OPERATOR=N (repeatable)"),
+) -> None:
+    """Change a running job's parallelism (checkpoint, then reschedule)."""
+    overrides = _parse_overrides(override)
+    if parallelism is None and not overrides:
+        fail("rescale needs --parallelism N or --override OPERATOR=N", EXIT_USAGE)
+
+    @run_async
+    async def main() -> None:
+        status = await (await _job_client()).rescale(job_id, parallelism=parallelism, overrides=overrides or None)
+        typer.echo(f"{job_id}: rescale accepted; state {status.state if status else '?'}")
+
+    main()
+
+
+@app.command()
+def restart(
+    job_id: str = typer.Argument(...),
+    force: bool = typer.Option(False, "--force", help="don't take a final checkpoint first"),
+    ignore_state: bool = typer.Option(False, "--ignore-state", help="start from scratch, not the last checkpoint"),
+) -> None:
+    """Restart a job (a Stopped or Failed one gets a new run restoring its last checkpoint)."""
+
+    @run_async
+    async def main() -> None:
+        status = await (await _job_client()).restart(job_id, force=force, ignore_state=ignore_state)
+        if status is None:
+            typer.echo(f"{job_id}: started a new run" + ("" if ignore_state else " from its last checkpoint"))
+        else:
+            typer.echo(f"{job_id}: restart accepted; state {status.state}")
+
+    main()
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="print the full status query as JSON"),
+) -> None:
+    """Show a job's status (the workflow's `status` query)."""
+
+    @run_async
+    async def main() -> None:
+        st = await (await _job_client()).status(job_id)
+        if as_json:
+            typer.echo(st.model_dump_json(indent=2))
+        else:
+            _print_status_line(st)
+            if st.failure:
+                typer.echo(f"failure ({st.failure.domain}): {st.failure.message}")
+
+    main()
+
+
+@app.command("list")
+def list_jobs(state: str | None = typer.Option(None, "--state", help="only jobs in this state")) -> None:
+    """List jobs (latest run of each), optionally by state."""
+    if state is not None and state not in JOB_STATES:
+        fail(f"unknown state {state!r}; expected one of: {', '.join(JOB_STATES)}", EXIT_USAGE)
+
+    @run_async
+    async def main() -> None:
+        rows = await (await _job_client()).list(state)
+        if not rows:
+            typer.echo("no jobs")
+            return
+        width = max(len(r.job_id) for r in rows)
+        for r in rows:
+            typer.echo(f"{r.job_id:<{width}}  {r.state:<18}  {r.pipeline_name}")
+
+    main()
+
+
+@app.command()
+def wait(
+    job_id: str = typer.Argument(...),
+    state: list[str] = typer.Option(..., "--state", help="state to wait for (repeatable)"),
+    timeout: float | None = typer.Option(None, "--timeout", min=0.0, help="seconds; exit 124 after"),
+) -> None:
+    """Wait until the job is in one of the states: exit 0; 1 if it fails or ends elsewhere; 124 on timeout."""
+    unknown = [s for s in state if s not in JOB_STATES]
+    if unknown:
+        fail(f"unknown state {unknown[0]!r}; expected one of: {', '.join(JOB_STATES)}", EXIT_USAGE)
+
+    @run_async
+    async def main() -> None:
+        st = await (await _job_client()).wait_for_state(job_id, state, timeout)
+        _print_status_line(st)
+
+    main()
+
+
+if __name__ == "__main__":
+    app()

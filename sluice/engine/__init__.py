@@ -1,0 +1,1 @@
+"""Dataflow engine: program compilation, operators, in-band control messages and task execution."""

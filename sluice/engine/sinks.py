@@ -1,0 +1,40 @@
+"""The sink interface, including the controller-side half of two-phase commit.
+
+Runner side (an instance per subtask): ``process`` writes rows to pre-commit storage and
+``snapshot(epoch)`` seals the epoch's output, returning ``commits`` records (plain JSON dicts) that
+travel in the checkpoint manifest.
+
+Controller side (class methods, no instance, no runner): ``commit`` publishes the records of a
+checkpoint once its manifest is written; ``recover`` runs before a job restores a checkpoint.
+Both must be idempotent: the controller retries them after crashes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from sluice.engine.operators import Operator
+from sluice.models import CheckpointManifest
+
+
+class Sink(Operator):
+    """Base of sinks: consumes batches, emits nothing downstream."""
+
+    def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        self.write(batch)
+        return []
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
+        """Publish pre-committed output; idempotent. Returns how many items are published."""
+        return 0
+
+    @classmethod
+    def recover(cls, params: dict[str, Any], manifest: CheckpointManifest | None) -> None:
+        """Before restoring `manifest` (None = fresh start): publish its commits for this operator
+        (``params['id']``) and discard every other pre-committed output."""

@@ -1,0 +1,356 @@
+"""The `process` scheduler: runners as local subprocesses (`python -m sluice.runner`).
+
+Guarantees:
+
+- Runners are started in their own session, so they survive the controller worker that started
+  them (a job keeps running across controller restarts); whoever started one reaps it (a waiter
+  thread per child), so no zombies are left behind while the starter lives.
+- Everything needed to find a runner later is on disk, under
+  `settings.runners_dir(state_dir)/{job}/gen-{G}/`: `runner-{i}.json` (its RunnerInfo, written
+  atomically by the runner once it serves) and `runner-{i}.log` (its stdout and stderr). So any
+  controller worker process, including a fresh one, can list and stop a job's runners.
+- Only runners are ever signalled: before any signal the PID must be alive and its command line
+  must be `... sluice.runner ... --job-id J --generation G` (guards against PID reuse).
+- The runner token travels in the child's environment only; the shared secret never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from sluice.auth import TOKEN_ENV, runner_token
+from sluice.models import RunnerInfo
+from sluice.schedulers import RunnerStartError
+from sluice.settings import SECRET_ENV, load_secret, runners_dir
+
+log = logging.getLogger("sluice.schedulers.process")
+
+RUNNER_MODULE = "sluice.runner"
+DEFAULT_GRACE_S = 5.0
+"""SIGTERM-to-SIGKILL grace of stop_runners."""
+DEFAULT_ORPHAN_TIMEOUT_S = 300.0
+"""Passed to runners: they exit when no controller contacted them for this long."""
+POLL_INTERVAL_S = 0.05
+"""How often we look for info files and for processes that are gone."""
+KILL_WAIT_S = 5.0
+"""After SIGKILL, how long we wait for the process to disappear before giving up on it."""
+LEFTOVER_GRACE_S = 1.0
+"""Grace for leftovers of a previous attempt at the same generation (a retried start)."""
+LOG_TAIL_BYTES = 4000
+"""How much of a failed runner's log goes into the error message."""
+
+
+def job_dir_name(job_id: str) -> str:
+    """A file-name-safe, reversible name for a job id (job ids are free-form workflow ids)."""
+    name = quote(job_id, safe="-_")
+    # "." and ".." (and hidden names) must not be interpreted by the file system.
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+class ProcessScheduler:
+    """Starts and stops runner subprocesses on this host (see the module docstring)."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        secret: bytes | None = None,
+        *,
+        host: str = "127.0.0.1",
+        orphan_timeout_s: float = DEFAULT_ORPHAN_TIMEOUT_S,
+        python: str = sys.executable,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        # Only starting runners needs the secret (to derive their token); stopping and listing
+        # work without it, e.g. from a cleanup script.
+        self._secret = secret
+        self.host = host
+        self.orphan_timeout_s = orphan_timeout_s
+        self.python = python
+
+    # ---------------------------------------------------------------------------- layout
+
+    def job_dir(self, job_id: str) -> Path:
+        return runners_dir(self.state_dir) / job_dir_name(job_id)
+
+    def generation_dir(self, job_id: str, generation: int) -> Path:
+        return self.job_dir(job_id) / f"gen-{generation}"
+
+    def _info_files(
+        self, job_id: str, generation: int | None = None, below_generation: int | None = None
+    ) -> list[tuple[int, Path]]:
+        """(generation, info file) of every runner on disk for the job, filtered."""
+        out: list[tuple[int, Path]] = []
+        job_dir = self.job_dir(job_id)
+        if not job_dir.is_dir():
+            return out
+        for gen_dir in job_dir.glob("gen-*"):
+            try:
+                gen = int(gen_dir.name.removeprefix("gen-"))
+            except ValueError:
+                continue
+            if generation is not None and gen != generation:
+                continue
+            if below_generation is not None and gen >= below_generation:
+                continue
+            out.extend((gen, p) for p in sorted(gen_dir.glob("runner-*.json")))
+        return sorted(out)
+
+    # ---------------------------------------------------------------------------- start
+
+    async def start_runners(
+        self, job_id: str, generation: int, count: int, slots: int, timeout_s: float
+    ) -> list[RunnerInfo]:
+        """Start `count` runners of `slots` slots for (job, generation); return once all serve.
+
+        Leftovers of an earlier attempt at the same generation are stopped first, so a retried
+        call starts a clean set. Raises RunnerStartError with the log tail when a runner exits
+        early or `timeout_s` passes; then every runner this call started has been killed.
+        """
+        if count < 0 or slots < 1:
+            raise ValueError(f"count must be >= 0 and slots >= 1 (got count={count}, slots={slots})")
+        await self.stop_runners(job_id, generation=generation, grace_s=LEFTOVER_GRACE_S)
+        gen_dir = self.generation_dir(job_id, generation)
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        secret = self._secret if self._secret is not None else load_secret(self.state_dir)
+        token = runner_token(secret, job_id, generation)
+        env = self._child_env(token)
+
+        spawned: list[tuple[str, subprocess.Popen[bytes], Path, Path]] = []
+        try:
+            for i in range(count):
+                runner_id = f"g{generation}-r{i}"
+                info_path = gen_dir / f"runner-{i}.json"
+                log_path = gen_dir / f"runner-{i}.log"
+                info_path.unlink(missing_ok=True)
+                proc = self._spawn(job_id, generation, runner_id, slots, info_path, log_path, env)
+                spawned.append((runner_id, proc, info_path, log_path))
+            return await self._wait_ready(spawned, timeout_s)
+        except BaseException:
+            # Nothing half-started survives a failed (or cancelled) start.
+            for _, proc, info_path, _ in spawned:
+                _kill_group(proc.pid, signal.SIGKILL)
+                info_path.unlink(missing_ok=True)
+            raise
+
+    def _child_env(self, token: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop(SECRET_ENV, None)  # runners need their token, never the secret behind all tokens
+        env[TOKEN_ENV] = token
+        # The child must import this very sluice, even when it is not installed.
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")  # logs reach the file as they happen
+        return env
+
+    def _spawn(
+        self,
+        job_id: str,
+        generation: int,
+        runner_id: str,
+        slots: int,
+        info_path: Path,
+        log_path: Path,
+        env: dict[str, str],
+    ) -> subprocess.Popen[bytes]:
+        cmd = [
+            self.python, "-m", RUNNER_MODULE,
+            "--job-id", job_id,
+            "--generation", str(generation),
+            "--runner-id", runner_id,
+            "--slots", str(slots),
+            "--info-file", str(info_path),
+            "--host", self.host,
+            "--orphan-timeout", str(self.orphan_timeout_s),
+        ]  # fmt: skip
+        with open(log_path, "ab") as log_file:
+            # Not asyncio's subprocess: its transport kills the child when closed or collected,
+            # and runners must outlive this event loop and this process.
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        threading.Thread(target=proc.wait, name=f"reap-runner-{proc.pid}", daemon=True).start()
+        log.info("started runner %s (pid %d) for job %s generation %d", runner_id, proc.pid, job_id, generation)
+        return proc
+
+    async def _wait_ready(
+        self, spawned: list[tuple[str, subprocess.Popen[bytes], Path, Path]], timeout_s: float
+    ) -> list[RunnerInfo]:
+        deadline = time.monotonic() + timeout_s
+        ready: dict[int, RunnerInfo] = {}
+        while len(ready) < len(spawned):
+            for i, (runner_id, proc, info_path, log_path) in enumerate(spawned):
+                if i in ready:
+                    continue
+                info = _read_info(info_path)
+                if info is not None and info.pid == proc.pid:
+                    ready[i] = info
+                    continue
+                if proc.returncode is not None:  # set by the reaper thread
+                    raise RunnerStartError(
+                        f"runner {runner_id} exited with code {proc.returncode} before serving; "
+                        f"log {log_path}:\n{_tail(log_path)}"
+                    )
+            if len(ready) == len(spawned):
+                break
+            if time.monotonic() >= deadline:
+                late = [spawned[i] for i in range(len(spawned)) if i not in ready]
+                runner_id, _, _, log_path = late[0]
+                raise RunnerStartError(
+                    f"{len(late)} runner(s) not serving after {timeout_s:g} s (first: {runner_id}); "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
+            await asyncio.sleep(POLL_INTERVAL_S)
+        return [ready[i] for i in range(len(spawned))]
+
+    # ---------------------------------------------------------------------------- stop, list
+
+    async def stop_runners(
+        self,
+        job_id: str,
+        *,
+        generation: int | None = None,
+        below_generation: int | None = None,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> int:
+        """SIGTERM the job's runners (all, one generation, or every generation below N), SIGKILL
+        what is left after `grace_s`, and remove their info files. Returns how many live runners
+        were signalled; idempotent (a second call finds none). Works from any process: runners
+        are found on disk and verified by PID and command line before any signal."""
+        targets: list[tuple[RunnerInfo, int, Path]] = []
+        for gen, info_path in self._info_files(job_id, generation, below_generation):
+            info = _read_info(info_path)
+            if info is None or info.pid is None:
+                continue  # not a complete info file: nothing we could safely signal
+            if is_runner_process(info.pid, job_id, gen):
+                targets.append((info, gen, info_path))
+            else:
+                info_path.unlink(missing_ok=True)  # stale: the runner is already gone
+        if not targets:
+            return 0
+        for info, gen, _ in targets:
+            log.info("stopping runner %s (pid %d) of job %s generation %d", info.runner_id, info.pid, job_id, gen)
+            _kill_group(info.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        alive = await _wait_gone(targets, job_id, grace_s)
+        for info, gen, _ in alive:
+            if is_runner_process(info.pid, job_id, gen):  # type: ignore[arg-type]
+                log.warning("runner %s (pid %d) ignored SIGTERM for %g s: SIGKILL", info.runner_id, info.pid, grace_s)
+                _kill_group(info.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        still = await _wait_gone(alive, job_id, KILL_WAIT_S)
+        for info, _, _ in still:
+            log.error("runner %s (pid %d) survived SIGKILL", info.runner_id, info.pid)
+        survivors = {path for _, _, path in still}
+        for _, _, info_path in targets:
+            if info_path not in survivors:
+                info_path.unlink(missing_ok=True)
+        return len(targets)
+
+    def runners(self, job_id: str, generation: int | None = None) -> list[RunnerInfo]:
+        """The job's live runners (optionally of one generation), read from their info files."""
+        out: list[RunnerInfo] = []
+        for gen, info_path in self._info_files(job_id, generation):
+            info = _read_info(info_path)
+            if info is not None and info.pid is not None and is_runner_process(info.pid, job_id, gen):
+                out.append(info)
+        return out
+
+
+# -------------------------------------------------------------------------------- processes
+
+
+def _read_info(path: Path) -> RunnerInfo | None:
+    try:
+        return RunnerInfo.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's argv, or None if it does not exist (or is a zombie, whose argv is empty)."""
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir() or Path("/proc/self").is_dir():
+        try:
+            stat = (proc / "stat").read_text()
+            # Field 3 (after the parenthesised command name) is the state; Z = zombie: gone.
+            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return None
+            raw = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            return None
+        return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    try:  # no /proc (macOS): ask ps
+        out = subprocess.run(
+            ["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out or out.split()[0].startswith("Z"):
+        return None
+    return out.split()[1:]
+
+
+def _arg_after(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args[:-1]):
+        if a == flag:
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def is_runner_process(pid: int, job_id: str, generation: int | None = None) -> bool:
+    """True if `pid` is a live `sluice.runner` of this job (and generation, if given)."""
+    args = _cmdline(pid)
+    if not args or RUNNER_MODULE not in args:
+        return False
+    if _arg_after(args, "--job-id") != job_id:
+        return False
+    return generation is None or _arg_after(args, "--generation") == str(generation)
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the runner and whatever it started (it leads its own process group)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _wait_gone(
+    targets: list[tuple[RunnerInfo, int, Path]], job_id: str, timeout_s: float
+) -> list[tuple[RunnerInfo, int, Path]]:
+    """Wait until the targets' processes are gone; returns those still alive at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [t for t in targets if is_runner_process(t[0].pid, job_id, t[1])]  # type: ignore[arg-type]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        await asyncio.sleep(POLL_INTERVAL_S)

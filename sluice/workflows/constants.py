@@ -1,0 +1,64 @@
+"""Every timeout and retry budget of the controller, named, with its default and why."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+# Errors an activity raises when retrying cannot help (a bad pipeline, a bad restore point).
+USER_ERROR_TYPE = "UserError"
+NON_RETRYABLE = [USER_ERROR_TYPE]
+
+# Compile: validation and function imports take milliseconds; three tries cover a flaky worker.
+COMPILE_TIMEOUT = timedelta(seconds=60)
+COMPILE_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=NON_RETRYABLE)
+
+# Schedule: start runner processes. Its own timeout is the job's runner startup timeout plus
+# this margin for killing older generations first.
+SCHEDULE_MARGIN = timedelta(seconds=15)
+SCHEDULE_RETRY = RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=0.5))
+
+# Start execution: bounded by the job's task startup timeout (default 2 min, as the reference).
+START_RETRY = RetryPolicy(
+    maximum_attempts=3, initial_interval=timedelta(seconds=0.5), non_retryable_error_types=NON_RETRYABLE
+)
+
+# Long-running activities heartbeat; a controller worker that dies is noticed after this and the
+# activity is retried on another worker, while the runners keep running.
+HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+
+# Monitor: one per generation, returns only when something needs the workflow. Retried (a new
+# controller worker picks it up) with a budget; beyond it the job recovers.
+MONITOR_TIMEOUT = timedelta(days=365)
+MONITOR_RETRY = RetryPolicy(
+    maximum_attempts=10, initial_interval=timedelta(seconds=0.5), maximum_interval=timedelta(seconds=10)
+)
+
+# Checkpoint: barrier injection and the manifest are idempotent per epoch, so a retry after a
+# controller worker crash completes the same epoch instead of failing the job.
+CHECKPOINT_RETRY = RetryPolicy(
+    maximum_attempts=3, initial_interval=timedelta(seconds=0.5), non_retryable_error_types=NON_RETRYABLE
+)
+
+# Cleanup never blocks checkpointing: one quick try, failures are logged and ignored.
+CLEANUP_TIMEOUT = timedelta(seconds=60)
+CLEANUP_RETRY = RetryPolicy(maximum_attempts=2)
+
+# Stop (graceful/immediate): bounded by the job's finish timeout (default 60 s) plus a margin.
+STOP_MARGIN = timedelta(seconds=10)
+STOP_RETRY = RetryPolicy(maximum_attempts=2, initial_interval=timedelta(seconds=0.5))
+
+# Teardown kills runner processes (SIGTERM, SIGKILL after a grace): must always end.
+TEARDOWN_TIMEOUT = timedelta(seconds=30)
+TEARDOWN_RETRY = RetryPolicy(
+    maximum_attempts=5, initial_interval=timedelta(seconds=0.5), maximum_interval=timedelta(seconds=5)
+)
+
+# Recovering backs off exponentially with jitter between restarts (the reference's 0.5 s .. 60 s).
+RESTART_BACKOFF_INITIAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 60.0
+
+# How much history the status query keeps.
+TRANSITIONS_KEPT = 50
+REJECTED_COMMANDS_KEPT = 20

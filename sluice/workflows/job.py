@@ -1,0 +1,553 @@
+"""JobWorkflow: one job's whole life, as a durable entity workflow.
+
+It owns the job's desired config (changed by signals and updates) and its actual state (state
+name, generation, epoch, runners). Each lifecycle state is a step in `states/`; the loop in `run`
+moves from step to step, and every move is checked against the table in `table.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any, Awaitable, Callable
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel, Field, ValidationError
+
+    from sluice.models import (
+        CleanupInput,
+        ConfigPatch,
+        Failure,
+        JobConfig,
+        JobInput,
+        JobResult,
+        JobSpec,
+        JobStatus,
+        MonitorInput,
+        MonitorResult,
+        PatchRequest,
+        Program,
+        RejectedCommand,
+        RescaleCommand,
+        RestartCommand,
+        RunnerInfo,
+        StopCommand,
+        TeardownInput,
+        TransitionRecord,
+        WaitForStateRequest,
+        SEARCH_ATTRIBUTE_PIPELINE,
+        SEARCH_ATTRIBUTE_STATE,
+    )
+    from sluice.workflows import constants as C
+    from sluice.workflows.states.common import cause_of
+    from sluice.workflows.table import STOPPING, TERMINAL, check_transition
+    from sluice.workflows.validation import parallelism_problem
+
+JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
+PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
+
+# Monitor watch sets: in Running every event matters; while stopping or taking a final
+# checkpoint, finished tasks are expected and only failures need the workflow.
+WATCH_ALL = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
+WATCH_FAILURES = ["task_failed", "runner_lost"]
+
+
+class CommandRejected(Exception):
+    """A command that is malformed or not valid in the job's current state."""
+
+
+class CarriedState(BaseModel):
+    """Everything a continue-as-new hands to the next run (runners keep running across it)."""
+
+    state: str
+    config: JobConfig
+    generation: int = 0
+    epoch: int = 0
+    next_epoch: int = 1
+    restarts: int = 0
+    applied_nonce: int = 0
+    program: Program | None = None
+    checkpoint_url: str | None = None
+    runners: list[RunnerInfo] = Field(default_factory=list)
+    failure: Failure | None = None
+    rejected: list[RejectedCommand] = Field(default_factory=list)
+    transitions: list[TransitionRecord] = Field(default_factory=list)
+    started_at: datetime | None = None
+    ignore_state_pending: bool = False
+    compiled_once: bool = False
+    stop_mode: str | None = None
+    restart_mode: str = "safe"
+    state_floor: int = 0
+    last_error: Failure | None = None
+    checkpoints_done: int = 0
+
+
+@workflow.defn(name="JobWorkflow")
+class JobWorkflow:
+    """A streaming job. Signals/updates change the desired config; states converge to it."""
+
+    @workflow.init
+    def __init__(self, inp: JobInput) -> None:
+        self.spec: JobSpec = inp.spec
+        c = CarriedState.model_validate(inp.carried) if inp.carried else None
+        self.job_id = inp.spec.job_id
+        self.config: JobConfig = c.config if c else inp.spec.config.model_copy(deep=True)
+        self.state: str = c.state if c else "Created"
+        self.generation = c.generation if c else 0
+        self.epoch = c.epoch if c else 0
+        self.next_epoch = c.next_epoch if c else 1
+        self.restarts = c.restarts if c else 0
+        self.applied_nonce = c.applied_nonce if c else self.config.restart_nonce
+        self.program: Program | None = c.program if c else None
+        self.checkpoint_url: str | None = c.checkpoint_url if c else inp.spec.checkpoint_url
+        self.runners: list[RunnerInfo] = c.runners if c else []
+        self.failure: Failure | None = c.failure if c else None
+        self.rejected: list[RejectedCommand] = c.rejected if c else []
+        self.transitions: list[TransitionRecord] = c.transitions if c else []
+        self.started_at: datetime | None = c.started_at if c else None
+        self.ignore_state_pending = c.ignore_state_pending if c else self.config.ignore_state
+        self.compiled_once = c.compiled_once if c else False
+        # The mode Stopping runs with, chosen by the state that entered it.
+        self.stop_mode: str | None = c.stop_mode if c else None
+        # The mode of the restart in progress, fixed when Restarting is entered.
+        self.restart_mode: str = c.restart_mode if c else "safe"
+        # Checkpoints below this epoch are ignored (a restart with ignore_state).
+        self.state_floor: int = c.state_floor if c else 0
+        # Why the job is recovering: becomes the failure when the restart budget runs out.
+        self.last_error: Failure | None = c.last_error if c else None
+        self.checkpoints_done: int = c.checkpoints_done if c else 0
+        self.cleanup: workflow.ActivityHandle[Any] | None = None
+        self.monitor: workflow.ActivityHandle[MonitorResult] | None = None
+        self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
+        self.continuing = False
+        self.commands_seen = 0  # bumped by every accepted command: wakes waiting states
+
+    # ------------------------------------------------------------------ main loop
+
+    @workflow.run
+    async def run(self, inp: JobInput) -> JobResult:
+        from sluice.workflows.states import STEPS  # one module per state group
+
+        self._upsert_search_attributes()
+        self.show_details()
+        while self.state not in TERMINAL:
+            step = STEPS[self.state]
+            await step(self)
+        return await self._close()
+
+    async def _close(self) -> JobResult:
+        """Terminal: tear down every runner (best effort), let handlers finish, close the run."""
+        await self.cancel_monitor()
+        await self.finish_cleanup()
+        try:
+            await self.teardown(generation=None)
+        except Exception as e:  # runners may already be gone; the job's outcome stands
+            workflow.logger.warning("teardown at %s failed: %s", self.state, e)
+        self.runners = []
+        self.show_details()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if self.state == "Failed":
+            f = self.failure or Failure(message="job failed", domain="internal")
+            raise ApplicationError(f.message, f.model_dump(), type="JobFailed", non_retryable=True)
+        return JobResult(
+            job_id=self.job_id,
+            state=self.state,  # type: ignore[arg-type]
+            epoch=self.epoch,
+            generation=self.generation,
+            restarts=self.restarts,
+        )
+
+    # ------------------------------------------------------------------ transitions
+
+    def transition(self, target: str, reason: str) -> None:
+        """Move to `target` if the table allows it; record it where users can see it."""
+        check_transition(self.state, target)
+        workflow.logger.info("job %s: %s -> %s (%s)", self.job_id, self.state, target, reason)
+        self.transitions.append(
+            TransitionRecord(time=workflow.now(), from_state=self.state, to_state=target, reason=reason)
+        )
+        del self.transitions[: -C.TRANSITIONS_KEPT]
+        if target == "Recovering":
+            self.restarts += 1
+        self.state = target
+        self._upsert_search_attributes()
+        self.show_details()
+
+    def _upsert_search_attributes(self) -> None:
+        workflow.upsert_search_attributes(
+            [JOB_STATE.value_set(self.state), PIPELINE_NAME.value_set(self.spec.pipeline.name)]
+        )
+
+    def show_details(self) -> None:
+        """The Markdown the Web UI shows as the workflow's current details."""
+        par = self.program.parallelism if self.program else self.spec.pipeline.parallelism_for(self.config)
+        lines = [
+            f"**{self.state}** · pipeline `{self.spec.pipeline.name}`",
+            "",
+            f"- generation {self.generation}, last checkpoint epoch {self.epoch}, restarts {self.restarts}",
+            f"- parallelism: {', '.join(f'{k}={v}' for k, v in par.items())}",
+            f"- runners: {len(self.runners)}; stop: {self.config.stop}",
+        ]
+        if self.failure:
+            lines.append(f"- failure ({self.failure.domain}): {self.failure.message}")
+        if self.rejected:
+            r = self.rejected[-1]
+            lines.append(f"- last rejected command: `{r.command}`: {r.reason}")
+        if self.transitions:
+            t = self.transitions[-1]
+            lines.append(f"- last transition: {t.from_state} → {t.to_state} ({t.reason})")
+        workflow.set_current_details("\n".join(lines))
+
+    # ------------------------------------------------------------------ desired vs actual
+
+    def desired_parallelism(self) -> dict[str, int]:
+        return self.spec.pipeline.parallelism_for(self.config)
+
+    def rescale_needed(self) -> bool:
+        return self.program is not None and self.desired_parallelism() != self.program.parallelism
+
+    def restart_needed(self) -> bool:
+        return self.config.restart_nonce != self.applied_nonce
+
+    def stop_requested(self) -> bool:
+        return self.config.stop != "none"
+
+    def non_running_stop_mode(self) -> str:
+        """Outside Running there is nothing to checkpoint or drain: stop now, or kill."""
+        return "force" if self.config.stop == "force" else "immediate"
+
+    # ------------------------------------------------------------------ activity helpers
+
+    async def race(self, handle: Awaitable[Any], wake: Callable[[], bool]) -> bool:
+        """Wait for `handle` or for `wake()` to become true. Returns True if the handle finished."""
+        task = asyncio.ensure_future(handle)
+        await workflow.wait_condition(lambda: task.done() or wake())
+        return task.done()
+
+    async def cancel(self, handle: Any) -> None:
+        """Cancel an activity and swallow its outcome: the caller has moved on."""
+        if handle is None or handle.done():
+            if handle is not None and handle.done() and not handle.cancelled():
+                handle.exception()  # mark retrieved
+            return
+        handle.cancel()
+        try:
+            await handle
+        except BaseException:  # noqa: BLE001 - cancellation or failure, both expected here
+            pass
+
+    def start_monitor(self, watch: list[str]) -> None:
+        assert self.program is not None
+        self.monitor = workflow.start_activity(
+            "monitor_runners",
+            MonitorInput(
+                job_id=self.job_id,
+                generation=self.generation,
+                program=self.program,
+                runners=self.runners,
+                heartbeat_timeout_s=self.config.runner_heartbeat_timeout_s,
+                watch=watch,  # type: ignore[arg-type]
+            ),
+            result_type=MonitorResult,
+            start_to_close_timeout=C.MONITOR_TIMEOUT,
+            heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
+            retry_policy=C.MONITOR_RETRY,
+            summary=f"monitor generation {self.generation}",
+        )
+
+    async def cancel_monitor(self) -> None:
+        await self.cancel(self.monitor)
+        self.monitor = None
+
+    def monitor_outcome(self) -> MonitorResult:
+        """The finished monitor's result; an activity failure counts as a lost runner."""
+        assert self.monitor is not None and self.monitor.done()
+        handle, self.monitor = self.monitor, None
+        try:
+            return handle.result()
+        except BaseException as e:  # noqa: BLE001
+            return MonitorResult(kind="runner_lost", message=f"monitor failed: {cause_of(e)}")
+
+    def start_cleanup(self) -> None:
+        """Delete checkpoints beyond the ones to keep; never blocks or fails checkpointing."""
+        if self.cleanup is not None and not self.cleanup.done():
+            return  # the next checkpoint cleans up
+        self._drain(self.cleanup)
+        assert self.checkpoint_url is not None
+        self.cleanup = workflow.start_activity(
+            "cleanup_checkpoints",
+            CleanupInput(
+                job_id=self.job_id,
+                checkpoint_url=self.checkpoint_url,
+                keep=self.config.checkpoints_to_keep,
+                protect=[self.epoch],
+            ),
+            start_to_close_timeout=C.CLEANUP_TIMEOUT,
+            retry_policy=C.CLEANUP_RETRY,
+            summary=f"clean up checkpoints before epoch {self.epoch}",
+        )
+
+    async def finish_cleanup(self) -> None:
+        if self.cleanup is not None:
+            try:
+                await self.cleanup
+            except BaseException as e:  # noqa: BLE001
+                workflow.logger.warning("checkpoint cleanup failed (ignored): %s", cause_of(e))
+            self.cleanup = None
+
+    @staticmethod
+    def _drain(handle: Any) -> None:
+        if handle is not None and handle.done() and not handle.cancelled() and handle.exception():
+            workflow.logger.warning("checkpoint cleanup failed (ignored): %s", cause_of(handle.exception()))
+
+    async def teardown(self, generation: int | None) -> None:
+        await workflow.execute_activity(
+            "teardown_runners",
+            TeardownInput(job_id=self.job_id, generation=generation),
+            start_to_close_timeout=C.TEARDOWN_TIMEOUT,
+            retry_policy=C.TEARDOWN_RETRY,
+            summary="tear down runners" if generation is None else f"tear down generation {generation}",
+        )
+
+    # ------------------------------------------------------------------ commands
+
+    def _record_rejected(self, command: str, payload: Any, reason: str) -> None:
+        workflow.logger.warning("job %s: rejected %s %r: %s", self.job_id, command, payload, reason)
+        self.rejected.append(
+            RejectedCommand(time=workflow.now(), command=command, payload=payload, reason=reason)
+        )
+        del self.rejected[: -C.REJECTED_COMMANDS_KEPT]
+        self.show_details()
+
+    def _parse(self, model: type[BaseModel], command: str, payload: Any) -> Any:
+        if not isinstance(payload, dict):
+            raise CommandRejected(
+                f"{command} expects one JSON object, e.g. {_EXAMPLES[command]}, got {payload!r}"
+            )
+        try:
+            return model.model_validate(payload)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in e.errors()
+            )
+            raise CommandRejected(f"invalid {command}: {problems}") from None
+
+    def _check_open(self, command: str) -> None:
+        if self.state in TERMINAL:
+            raise CommandRejected(f"job is {self.state}; {command} needs a new run (sluice restart)")
+
+    def _check_stop(self, cmd: StopCommand) -> None:
+        self._check_open("stop")
+        if self.state in STOPPING and cmd.mode in ("none", "checkpoint"):
+            raise CommandRejected(
+                f"job is already {self.state} (mode {self.config.stop}); "
+                f"stop {cmd.mode} cannot cancel or soften it, only immediate or force escalate it"
+            )
+
+    def _check_parallelism(self, parallelism: int | None, overrides: dict[str, int] | None) -> JobConfig:
+        self._check_open("rescale")
+        if self.state in STOPPING:
+            raise CommandRejected(f"job is {self.state}; it cannot be rescaled")
+        new = self.config.model_copy(deep=True)
+        if parallelism is not None:
+            new.parallelism, new.overrides = parallelism, {}
+        if overrides:
+            new.overrides = {**new.overrides, **overrides}
+        problem = parallelism_problem(self.spec.pipeline, new)
+        if problem:
+            raise CommandRejected(problem)
+        return new
+
+    def _check_restart(self) -> None:
+        self._check_open("restart")
+        if self.state in STOPPING:
+            raise CommandRejected(f"job is {self.state}; restart it once it is Stopped")
+
+    def _apply_stop(self, cmd: StopCommand) -> None:
+        self.config.stop = cmd.mode
+
+    def _apply_restart(self, cmd: RestartCommand) -> None:
+        self.config.restart_nonce += 1
+        self.config.restart_mode = "force" if cmd.force else "safe"
+        if cmd.ignore_state:
+            self.ignore_state_pending = True
+
+    def _accepted(self) -> None:
+        self.commands_seen += 1
+        self.show_details()
+
+    def _signal(self, command: str, payload: Any, apply: Callable[[Any], None], model: type[BaseModel]) -> None:
+        """Signals never fail the workflow: a bad one is recorded as rejected and logged."""
+        try:
+            cmd = self._parse(model, command, payload)
+            apply(cmd)
+        except CommandRejected as e:
+            self._record_rejected(command, payload, str(e))
+            return
+        self._accepted()
+
+    @workflow.signal(name="stop")
+    def stop_signal(self, payload: Any) -> None:
+        def apply(cmd: StopCommand) -> None:
+            self._check_stop(cmd)
+            self._apply_stop(cmd)
+
+        self._signal("stop", payload, apply, StopCommand)
+
+    @workflow.signal(name="rescale")
+    def rescale_signal(self, payload: Any) -> None:
+        def apply(cmd: RescaleCommand) -> None:
+            self.config = self._check_parallelism(cmd.parallelism, cmd.overrides)
+
+        self._signal("rescale", payload, apply, RescaleCommand)
+
+    @workflow.signal(name="restart")
+    def restart_signal(self, payload: Any) -> None:
+        def apply(cmd: RestartCommand) -> None:
+            self._check_restart()
+            self._apply_restart(cmd)
+
+        self._signal("restart", payload, apply, RestartCommand)
+
+    @workflow.signal(name="update_config")
+    def update_config_signal(self, payload: Any) -> None:
+        def apply(patch: ConfigPatch) -> None:
+            self.config = self._patched_config(patch)
+
+        self._signal("update_config", payload, apply, ConfigPatch)
+
+    def _patched_config(self, patch: ConfigPatch) -> JobConfig:
+        self._check_open("update_config")
+        changes = patch.model_dump(exclude_none=True)
+        if "stop" in changes:
+            self._check_stop(StopCommand(mode=changes["stop"]))
+        if "restart_nonce" in changes and changes["restart_nonce"] != self.config.restart_nonce:
+            self._check_restart()
+        new = self.config.model_copy(update=changes, deep=True)
+        if "parallelism" in changes or "overrides" in changes:
+            new = JobConfig.model_validate(new.model_dump())
+            problem = parallelism_problem(self.spec.pipeline, new)
+            if problem:
+                raise CommandRejected(problem)
+        return JobConfig.model_validate(new.model_dump())
+
+    def _check_patch(self, req: PatchRequest) -> JobConfig:
+        """Everything `patch` would change, checked without changing anything."""
+        self._check_open("patch")
+        new = self.config.model_copy(deep=True)
+        if req.stop is not None:
+            self._check_stop(StopCommand(mode=req.stop))
+            new.stop = req.stop
+        if req.parallelism is not None or req.overrides:
+            par = self._check_parallelism(req.parallelism, req.overrides)
+            new.parallelism, new.overrides = par.parallelism, par.overrides
+        if req.checkpoint_interval_s is not None:
+            new.checkpoint_interval_s = req.checkpoint_interval_s
+        if req.ttl_s is not None:
+            new.ttl_s = req.ttl_s
+        if req.restart is not None:
+            self._check_restart()
+        return new
+
+    @workflow.update(name="patch")
+    async def patch(self, req: PatchRequest) -> JobStatus:
+        try:
+            new = self._check_patch(req)  # the state may have moved since the validator ran
+        except CommandRejected as e:
+            raise ApplicationError(str(e), type="CommandRejected", non_retryable=True) from None
+        self.config = new
+        if req.restart is not None:
+            self._apply_restart(req.restart)
+        self._accepted()
+        return self.status()
+
+    @patch.validator
+    def _validate_patch(self, req: PatchRequest) -> None:
+        try:
+            self._check_patch(req)
+        except CommandRejected as e:
+            raise ValueError(str(e)) from None
+
+    @workflow.update(name="wait_for_state")
+    async def wait_for_state(self, req: WaitForStateRequest) -> JobStatus:
+        wanted = set(req.states)
+        await workflow.wait_condition(
+            lambda: self.state in wanted or self.state == "Failed" or self.continuing
+        )
+        if self.state in wanted:
+            return self.status()
+        if self.state == "Failed":
+            f = self.failure or Failure(message="job failed")
+            raise ApplicationError(f"job failed: {f.message}", f.model_dump(), type="JobFailed", non_retryable=True)
+        raise ApplicationError("job continued as new; wait again", type="ContinuedAsNew", non_retryable=True)
+
+    @wait_for_state.validator
+    def _validate_wait(self, req: WaitForStateRequest) -> None:
+        if self.state in TERMINAL and self.state not in req.states:
+            raise ValueError(f"job is {self.state} and will not reach {', '.join(req.states)}")
+
+    @workflow.query(name="status")
+    def status(self) -> JobStatus:
+        return JobStatus(
+            job_id=self.job_id,
+            pipeline_name=self.spec.pipeline.name,
+            state=self.state,  # type: ignore[arg-type]
+            generation=self.generation,
+            epoch=self.epoch,
+            restarts=self.restarts,
+            config=self.config,
+            parallelism=self.program.parallelism if self.program else self.desired_parallelism(),
+            runners=self.runners,
+            failure=self.failure,
+            rejected_commands=self.rejected,
+            transitions=self.transitions,
+        )
+
+    # ------------------------------------------------------------------ continue-as-new
+
+    def continue_as_new_due(self) -> bool:
+        return workflow.info().is_continue_as_new_suggested()
+
+    async def continue_as_new(self) -> None:
+        """Renew history at a safe point; runners keep running, the next run adopts them."""
+        self.continuing = True
+        await self.cancel_monitor()
+        await self.finish_cleanup()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        carried = CarriedState(
+            state=self.state,
+            config=self.config,
+            generation=self.generation,
+            epoch=self.epoch,
+            next_epoch=self.next_epoch,
+            restarts=self.restarts,
+            applied_nonce=self.applied_nonce,
+            program=self.program,
+            checkpoint_url=self.checkpoint_url,
+            runners=self.runners,
+            failure=self.failure,
+            rejected=self.rejected,
+            transitions=self.transitions,
+            started_at=self.started_at,
+            ignore_state_pending=self.ignore_state_pending,
+            compiled_once=self.compiled_once,
+            stop_mode=self.stop_mode,
+            restart_mode=self.restart_mode,
+            state_floor=self.state_floor,
+            last_error=self.last_error,
+            checkpoints_done=self.checkpoints_done,
+        )
+        workflow.continue_as_new(JobInput(spec=self.spec, carried=carried.model_dump(mode="json")))
+
+
+_EXAMPLES = {
+    "stop": '{"mode": "checkpoint"}',
+    "rescale": '{"parallelism": 3}',
+    "restart": '{"force": false}',
+    "update_config": '{"checkpoint_interval_s": 5}',
+}
+

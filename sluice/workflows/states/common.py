@@ -1,0 +1,162 @@
+"""Pieces several states share: activity failures, checkpoints, the final checkpoint."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from sluice.models import CheckpointInfo, CheckpointInput, CompileInput, CompileResult, Failure, JobSpec
+    from sluice.workflows import constants as C
+
+if TYPE_CHECKING:
+    from sluice.workflows.job import JobWorkflow
+
+ESCALATED = "escalated"
+
+
+def cause_of(e: BaseException) -> str:
+    """The innermost message of an activity failure: what the user needs to read."""
+    while getattr(e, "cause", None) is not None:
+        e = e.cause  # type: ignore[assignment]
+    return str(e) or type(e).__name__
+
+
+def is_user_error(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, ApplicationError) and e.type == C.USER_ERROR_TYPE:
+            return True
+        e = getattr(e, "cause", None)  # type: ignore[assignment]
+    return False
+
+
+async def compile_program(wf: "JobWorkflow") -> bool:
+    """Run the compile activity; on failure transition (Failing or Recovering) and return False."""
+    spec = JobSpec(
+        job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.config, checkpoint_url=wf.checkpoint_url
+    )
+    try:
+        res: CompileResult = await workflow.execute_activity(
+            "compile_program",
+            CompileInput(spec=spec),
+            result_type=CompileResult,
+            start_to_close_timeout=C.COMPILE_TIMEOUT,
+            retry_policy=C.COMPILE_RETRY,
+            summary=f"compile {wf.spec.pipeline.name}",
+        )
+    except ActivityError as e:
+        if is_user_error(e):
+            wf.failure = Failure(message=cause_of(e), domain="user")
+            wf.transition("Failing", f"program invalid: {cause_of(e)}")
+        else:
+            wf.last_error = Failure(message=f"compile failed: {cause_of(e)}")
+            wf.transition("Recovering", wf.last_error.message)
+        return False
+    wf.program = res.program
+    wf.checkpoint_url = res.checkpoint_url
+    wf.next_epoch = max(wf.next_epoch, res.highest_epoch + 1)
+    if not wf.compiled_once:
+        wf.compiled_once = True
+        if wf.config.restore_epoch:
+            wf.epoch = wf.config.restore_epoch
+        elif wf.ignore_state_pending:
+            wf.state_floor = wf.next_epoch
+        else:
+            wf.epoch = res.latest_epoch
+    elif res.latest_epoch >= wf.state_floor:
+        # A checkpoint whose activity failed after its manifest was written still counts.
+        wf.epoch = max(wf.epoch, res.latest_epoch)
+    return True
+
+
+def start_checkpoint(wf: "JobWorkflow", then_stop: bool) -> None:
+    assert wf.program is not None and wf.checkpoint_url is not None
+    epoch = wf.next_epoch
+    wf.next_epoch += 1
+    wf.inflight_checkpoint = workflow.start_activity(
+        "checkpoint",
+        CheckpointInput(
+            job_id=wf.job_id,
+            generation=wf.generation,
+            program=wf.program,
+            runners=wf.runners,
+            checkpoint_url=wf.checkpoint_url,
+            epoch=epoch,
+            then_stop=then_stop,
+            finish_timeout_s=wf.config.finish_timeout_s,
+        ),
+        result_type=CheckpointInfo,
+        start_to_close_timeout=timedelta(seconds=wf.config.checkpoint_timeout_s),
+        heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
+        retry_policy=C.CHECKPOINT_RETRY,
+        summary=f"checkpoint epoch {epoch}" + (" then stop" if then_stop else ""),
+    )
+
+
+def take_checkpoint_result(wf: "JobWorkflow") -> str | None:
+    """Consume the finished in-flight checkpoint: None on success, else the failure message."""
+    handle, wf.inflight_checkpoint = wf.inflight_checkpoint, None
+    assert handle is not None and handle.done()
+    try:
+        info: CheckpointInfo = handle.result()
+    except BaseException as e:  # noqa: BLE001
+        return f"checkpoint failed: {cause_of(e)}"
+    wf.epoch = info.epoch
+    wf.checkpoints_done += 1
+    wf.start_cleanup()
+    return None
+
+
+async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> str | None:
+    """Checkpoint with then-stop and wait until every task finished.
+
+    A periodic checkpoint in flight is waited for first (its result kept). Meanwhile runner
+    liveness and task failures are watched, and `escalate()` is honoured at any moment, so a
+    lost runner or a force stop never leaves the job hanging here. Returns None on success,
+    ESCALATED, or the failure message.
+    """
+    await wf.cancel_monitor()
+    wf.start_monitor(["task_failed", "runner_lost"])
+    final_started = False
+    while True:
+        if wf.inflight_checkpoint is None:
+            if final_started:
+                return None
+            start_checkpoint(wf, then_stop=True)
+            final_started = True
+        handle = wf.inflight_checkpoint
+        monitor = wf.monitor
+        await workflow.wait_condition(
+            lambda: handle.done() or (monitor is not None and monitor.done()) or escalate()
+        )
+        if escalate():
+            await wf.cancel(handle)
+            wf.inflight_checkpoint = None
+            return ESCALATED
+        if handle.done():
+            problem = take_checkpoint_result(wf)
+            if problem and final_started:
+                await wf.cancel_monitor()
+                return problem
+            continue  # a failed periodic checkpoint does not matter: the final one follows
+        outcome = wf.monitor_outcome()
+        await wf.cancel(handle)
+        wf.inflight_checkpoint = None
+        return f"{outcome.kind.replace('_', ' ')} during the final checkpoint: {outcome.message}"
+
+
+def stop_transition(wf: "JobWorkflow", reason: str, running: bool) -> None:
+    """Go to the stop state the requested mode calls for (the reference's stop macros)."""
+    mode = wf.config.stop
+    if running and mode == "checkpoint":
+        wf.transition("CheckpointStopping", reason)
+        return
+    wf.stop_mode = mode if running else wf.non_running_stop_mode()
+    wf.transition("Stopping", reason)
+
+
+def seconds_until(wf: "JobWorkflow", deadline: Any) -> float:
+    return max(0.0, (deadline - workflow.now()).total_seconds())

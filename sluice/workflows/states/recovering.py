@@ -1,0 +1,72 @@
+"""Recovering and Failing: the restart budget, backoff, and the way to Failed."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from sluice.models import Failure
+    from sluice.workflows import constants as C
+    from sluice.workflows.states.common import cause_of
+
+if TYPE_CHECKING:
+    from sluice.workflows.job import JobWorkflow
+
+
+def restart_backoff_s(restarts: int, jitter: float) -> float:
+    """Exponential backoff with jitter: half the step plus up to half again (0.5 s .. 60 s)."""
+    step = min(C.RESTART_BACKOFF_MAX_S, C.RESTART_BACKOFF_INITIAL_S * 2 ** max(0, restarts - 1))
+    return step / 2 + jitter * step / 2
+
+
+async def recovering(wf: "JobWorkflow") -> None:
+    await wf.cancel(wf.inflight_checkpoint)
+    wf.inflight_checkpoint = None
+    await wf.cancel_monitor()
+    reason = wf.last_error.message if wf.last_error else "unknown failure"
+    if wf.stop_requested():
+        _stop(wf)
+        return
+    allowed = wf.config.allowed_restarts
+    if allowed != -1 and wf.restarts > allowed:
+        domain = wf.last_error.domain if wf.last_error else "internal"
+        wf.failure = Failure(message=f"exhausted {allowed} allowed restarts; last error: {reason}", domain=domain)
+        wf.transition("Failing", wf.failure.message)
+        return
+    delay = restart_backoff_s(wf.restarts, workflow.random().random())
+    try:
+        await workflow.wait_condition(
+            wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.restarts}"
+        )
+    except asyncio.TimeoutError:
+        pass
+    if wf.stop_requested():
+        _stop(wf)
+        return
+    try:
+        await wf.teardown(generation=None)
+    except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again
+        workflow.logger.warning("teardown while recovering failed: %s", cause_of(e))
+    wf.runners = []
+    wf.transition("Compiling", f"restart {wf.restarts} after {delay:.1f} s backoff")
+
+
+def _stop(wf: "JobWorkflow") -> None:
+    # The runners' condition is unknown while recovering: kill them rather than wait on them.
+    wf.stop_mode = "force"
+    wf.transition("Stopping", f"stop {wf.config.stop} requested while recovering")
+
+
+async def failing(wf: "JobWorkflow") -> None:
+    await wf.cancel(wf.inflight_checkpoint)
+    wf.inflight_checkpoint = None
+    await wf.cancel_monitor()
+    try:
+        await wf.teardown(generation=None)
+    except BaseException as e:  # noqa: BLE001 - best effort: the job is failing anyway
+        workflow.logger.warning("teardown while failing: %s", cause_of(e))
+    wf.runners = []
+    wf.transition("Failed", (wf.failure or Failure(message="job failed")).message)

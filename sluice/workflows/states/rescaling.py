@@ -1,0 +1,56 @@
+"""Rescaling and Restarting: a final checkpoint (or a forced teardown), then a new generation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from sluice.models import Failure
+    from sluice.workflows.states.common import ESCALATED, cause_of, final_checkpoint, stop_transition
+
+if TYPE_CHECKING:
+    from sluice.workflows.job import JobWorkflow
+
+
+async def rescaling(wf: "JobWorkflow") -> None:
+    await _through_final_checkpoint(wf, f"rescaling to {wf.desired_parallelism()}", lambda: False)
+
+
+async def restarting(wf: "JobWorkflow") -> None:
+    if wf.restart_mode == "safe":
+        # A second restart with force while the safe one checkpoints switches to force.
+        done = await _through_final_checkpoint(wf, "safe restart", lambda: wf.config.restart_mode == "force")
+        if done:
+            return
+    await wf.cancel(wf.inflight_checkpoint)
+    wf.inflight_checkpoint = None
+    await wf.cancel_monitor()
+    await _teardown_then_schedule(wf, "forced restart: runners torn down")
+
+
+async def _through_final_checkpoint(wf: "JobWorkflow", what: str, switch_to_force) -> bool:
+    """Final checkpoint then Scheduling; returns False only when asked to switch to force."""
+    result = await final_checkpoint(wf, lambda: wf.stop_requested() or switch_to_force())
+    if result is None:
+        await wf.cancel_monitor()
+        await _teardown_then_schedule(wf, f"{what}: final checkpoint epoch {wf.epoch} done")
+        return True
+    if result == ESCALATED:
+        if wf.stop_requested():
+            stop_transition(wf, f"stop {wf.config.stop} requested during {what}", running=False)
+            return True
+        return False
+    wf.last_error = Failure(message=result)
+    wf.transition("Recovering", f"{what}: {result}")
+    return True
+
+
+async def _teardown_then_schedule(wf: "JobWorkflow", reason: str) -> None:
+    try:
+        await wf.teardown(generation=wf.generation)
+    except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again
+        workflow.logger.warning("teardown of generation %s failed: %s", wf.generation, cause_of(e))
+    wf.runners = []
+    wf.transition("Scheduling", reason)

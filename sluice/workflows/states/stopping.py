@@ -1,0 +1,86 @@
+"""CheckpointStopping, Stopping and Finishing: ways out of Running, each bounded in time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from sluice.models import Failure, StopInput
+    from sluice.workflows import constants as C
+    from sluice.workflows.states.common import ESCALATED, cause_of, final_checkpoint
+
+if TYPE_CHECKING:
+    from sluice.workflows.job import JobWorkflow
+
+
+async def checkpoint_stopping(wf: "JobWorkflow") -> None:
+    result = await final_checkpoint(wf, lambda: wf.config.stop in ("graceful", "immediate", "force"))
+    if result is None:
+        wf.transition("Stopped", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
+    elif result == ESCALATED:
+        wf.stop_mode = wf.config.stop
+        wf.transition("Stopping", f"stop {wf.config.stop} requested during the final checkpoint")
+    else:
+        wf.stop_mode = "force"
+        wf.transition("Stopping", f"{result}; killing runners (restore point stays epoch {wf.epoch})")
+
+
+async def stopping(wf: "JobWorkflow") -> None:
+    await wf.cancel(wf.inflight_checkpoint)
+    wf.inflight_checkpoint = None
+    mode = wf.stop_mode or wf.non_running_stop_mode()
+    reason = ""
+    # graceful -> immediate -> force: a later, stronger stop request escalates the one running.
+    while mode in ("graceful", "immediate") and wf.runners:
+        handle = workflow.start_activity(
+            "stop_runners",
+            StopInput(
+                job_id=wf.job_id,
+                generation=wf.generation,
+                runners=wf.runners,
+                mode=mode,  # type: ignore[arg-type]
+                finish_timeout_s=wf.config.finish_timeout_s,
+            ),
+            start_to_close_timeout=timedelta(seconds=wf.config.finish_timeout_s) + C.STOP_MARGIN,
+            heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
+            retry_policy=C.STOP_RETRY,
+            summary=f"stop {mode}",
+        )
+        stronger = _stronger_than(mode)
+        if not await wf.race(handle, lambda: wf.config.stop in stronger):
+            await wf.cancel(handle)
+            mode = wf.config.stop
+            continue
+        try:
+            handle.result()
+            reason = f"stop {mode}: all tasks finished"
+            break
+        except BaseException as e:  # noqa: BLE001
+            reason = f"stop {mode} did not finish ({cause_of(e)}); runners killed"
+            mode = "force"
+    await wf.cancel_monitor()
+    try:
+        await wf.teardown(generation=None)
+    except BaseException as e:  # noqa: BLE001
+        workflow.logger.warning("teardown failed: %s", cause_of(e))
+    wf.runners = []
+    wf.transition("Stopped", reason or f"stop {mode}: runners killed")
+
+
+def _stronger_than(mode: str) -> tuple[str, ...]:
+    return ("immediate", "force") if mode == "graceful" else ("force",)
+
+
+async def finishing(wf: "JobWorkflow") -> None:
+    result = await final_checkpoint(wf, wf.stop_requested)
+    if result is None:
+        wf.transition("Finished", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
+    elif result == ESCALATED:
+        wf.stop_mode = wf.non_running_stop_mode()
+        wf.transition("Stopping", f"stop {wf.config.stop} requested while finishing")
+    else:
+        wf.last_error = Failure(message=result)
+        wf.transition("Recovering", result)

@@ -1,0 +1,116 @@
+"""The job's states and every legal transition between them, declared once as data.
+
+The workflow checks each transition against `TRANSITIONS`; the docs' state diagram is rendered
+from the same table (`python -m sluice.workflows.table > docs/states.md`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATES: tuple[str, ...] = (
+    "Created",
+    "Compiling",
+    "Scheduling",
+    "Running",
+    "Rescaling",
+    "Restarting",
+    "CheckpointStopping",
+    "Stopping",
+    "Finishing",
+    "Recovering",
+    "Failing",
+    "Stopped",
+    "Finished",
+    "Failed",
+)
+TERMINAL: frozenset[str] = frozenset({"Stopped", "Finished", "Failed"})
+# States from which a stop request must wait: the job is already on its way out.
+STOPPING: frozenset[str] = frozenset({"CheckpointStopping", "Stopping"})
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: str
+    trigger: str
+    target: str
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition("Created", "always", "Compiling"),
+    Transition("Compiling", "program valid", "Scheduling"),
+    Transition("Compiling", "program invalid (user error)", "Failing"),
+    Transition("Compiling", "compile failed (internal)", "Recovering"),
+    Transition("Compiling", "stop requested", "Stopping"),
+    Transition("Scheduling", "all runners registered and every subtask started", "Running"),
+    Transition("Scheduling", "any stop requested (immediate; force kills runners)", "Stopping"),
+    Transition("Scheduling", "startup timeout, runner lost, task failed with backoff", "Recovering"),
+    Transition("Scheduling", "task failed (not retryable)", "Failing"),
+    Transition("Running", "stop checkpoint", "CheckpointStopping"),
+    Transition("Running", "stop graceful / immediate / force, or TTL expired", "Stopping"),
+    Transition("Running", "restart requested (nonce changed)", "Restarting"),
+    Transition("Running", "parallelism changed", "Rescaling"),
+    Transition("Running", "all sources finished", "Finishing"),
+    Transition("Running", "task failed (retryable), runner lost, checkpoint failed", "Recovering"),
+    Transition("Running", "task failed (not retryable)", "Failing"),
+    Transition("CheckpointStopping", "final checkpoint committed and all tasks finished", "Stopped"),
+    Transition(
+        "CheckpointStopping",
+        "stop graceful / immediate / force requested, or the final checkpoint failed",
+        "Stopping",
+    ),
+    Transition("Stopping", "all tasks finished, or finish timeout and runners killed", "Stopped"),
+    Transition("Finishing", "final checkpoint committed and all tasks finished", "Finished"),
+    Transition("Finishing", "stop requested", "Stopping"),
+    Transition("Finishing", "task failed, runner lost, final checkpoint failed", "Recovering"),
+    Transition("Rescaling", "final checkpoint done and tasks finished", "Scheduling"),
+    Transition("Restarting", "safe: final checkpoint done; force: runners torn down", "Scheduling"),
+    Transition("Rescaling", "stop requested", "Stopping"),
+    Transition("Restarting", "stop requested", "Stopping"),
+    Transition("Rescaling", "final checkpoint failed or runner lost", "Recovering"),
+    Transition("Restarting", "final checkpoint failed or runner lost", "Recovering"),
+    Transition("Recovering", "restart budget left: backoff, tear down", "Compiling"),
+    Transition("Recovering", "restart budget exhausted", "Failing"),
+    Transition("Recovering", "stop requested", "Stopping"),
+    Transition("Failing", "tear down (best effort)", "Failed"),
+)
+
+_ALLOWED: frozenset[tuple[str, str]] = frozenset((t.source, t.target) for t in TRANSITIONS)
+
+
+class IllegalTransition(Exception):
+    """A transition the table does not allow: a controller bug, never a user error."""
+
+
+def check_transition(source: str, target: str) -> None:
+    """Raise IllegalTransition unless the table allows `source -> target`."""
+    if (source, target) not in _ALLOWED:
+        raise IllegalTransition(f"transition {source} -> {target} is not in the state table")
+
+
+def mermaid() -> str:
+    """The state diagram as Mermaid, generated from TRANSITIONS."""
+    lines = ["stateDiagram-v2", "    [*] --> Created"]
+    for t in TRANSITIONS:
+        lines.append(f"    {t.source} --> {t.target}: {t.trigger}")
+    for s in sorted(TERMINAL):
+        lines.append(f"    {s} --> [*]")
+    return "\n".join(lines)
+
+
+def markdown() -> str:
+    """docs/states.md: the table and the diagram."""
+    rows = "\n".join(f"| {t.source} | {t.trigger} | {t.target} |" for t in TRANSITIONS)
+    return (
+        "# Job states\n\n"
+        "Generated from `sluice/workflows/table.py` (`python -m sluice.workflows.table`); do not edit.\n\n"
+        "Stopped, Finished and Failed are terminal: they close the workflow. Resuming a Stopped job\n"
+        "or restarting a Failed one starts a new run under the same workflow id that restores the last\n"
+        "completed checkpoint (`sluice restart`, or `patch` with `stop: none`).\n\n"
+        "| from | trigger | to |\n|---|---|---|\n"
+        f"{rows}\n\n```mermaid\n{mermaid()}\n```\n"
+    )
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

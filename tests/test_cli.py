@@ -1,0 +1,234 @@
+"""The `sluice` CLI contract: user errors are one clear line and a non-zero exit, and the
+commands scripts rely on (start / wait / stop / list) behave as documented.
+
+The job-command tests run against a dev server of their own with no controller worker polling,
+so a started job stays in Created and nothing else in the session can touch it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import PROJECT_ROOT, cli_env, sluice_command
+from sluice.cli import EXIT_TIMEOUT, EXIT_USAGE, app
+from sluice.devserver import DevServer, free_port
+
+CLI_TIMEOUT_S = 60.0
+
+GOOD_PIPELINE = """\
+name: demo
+operators:
+  - {id: events, type: generator, limit: 10}
+  - {id: big, type: filter, fn: "examples.clicks:is_big"}
+  - {id: out, type: files, path: out/demo}
+"""
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run `sluice ARGS` in a subprocess (a real console: exit codes and stderr as users see them)."""
+    return subprocess.run(
+        sluice_command(*args),
+        cwd=PROJECT_ROOT,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------ pipeline files
+
+
+BAD_PIPELINES: list[tuple[str, str, list[str]]] = [
+    ("invalid-yaml", "name: x\noperators: [\n  - {id: a", ["clicks.yaml", "invalid YAML", "line"]),
+    (
+        "unknown-type",
+        "name: x\noperators:\n  - {id: a, type: generatorx}\n",
+        ["clicks.yaml", "operators.0.type", "generatorx"],
+    ),
+    (
+        "parallelism-zero",
+        "name: x\nparallelism: 0\noperators:\n  - {id: a, type: generator}\n",
+        ["clicks.yaml", "parallelism", "greater than or equal to 1"],
+    ),
+    (
+        "operator-parallelism-zero",
+        "name: x\noperators:\n  - {id: a, type: generator, parallelism: 0}\n",
+        ["clicks.yaml", "operators.0.parallelism"],
+    ),
+    (
+        "bad-fn",
+        "name: x\noperators:\n  - {id: a, type: generator}\n  - {id: b, type: filter, fn: not_a_ref}\n",
+        ["clicks.yaml", "operators.1.fn", "not_a_ref"],
+    ),
+    (
+        "unknown-field",
+        "name: x\noperators:\n  - {id: a, type: generator, splitz: 3}\n",
+        ["clicks.yaml", "operators.0.splitz", "unknown field"],
+    ),
+]
+
+
+@pytest.mark.parametrize("text,needles", [(t, n) for _, t, n in BAD_PIPELINES], ids=[i for i, _, _ in BAD_PIPELINES])
+def test_bad_pipeline_file_names_file_and_field(tmp_path: Path, text: str, needles: list[str]) -> None:
+    path = write(tmp_path, "clicks.yaml", text)
+    result = CliRunner().invoke(app, ["start", str(path)])
+    assert result.exit_code != 0
+    out = result.output
+    for needle in needles:
+        assert needle in out, out
+    assert "Traceback" not in out
+
+
+def test_bad_json_pipeline(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.json", '{"name": "x", "operators": [}')
+    result = CliRunner().invoke(app, ["start", str(path)])
+    assert result.exit_code != 0
+    assert "p.json: invalid JSON at line 1" in result.output
+
+
+def test_missing_pipeline_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["start", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0
+    assert "nope.yaml: no such file" in result.output
+
+
+def test_pipeline_error_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> None:
+    path = write(tmp_path, "clicks.yaml", BAD_PIPELINES[4][1])
+    result = run_cli("start", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: clicks.yaml: operators.1.fn:"), lines[0]
+
+
+def test_example_pipeline_is_valid() -> None:
+    from sluice.pipeline_files import load_pipeline
+
+    spec = load_pipeline(PROJECT_ROOT / "examples" / "clicks.yaml")
+    assert spec.name == "clicks"
+    assert [op.type for op in spec.operators] == ["generator", "filter", "files"]
+
+
+# ------------------------------------------------------------------------------ usage errors
+
+
+def test_stop_unknown_mode_is_a_usage_error() -> None:
+    result = run_cli("stop", "some-job", "--mode", "gentle", env=cli_env("127.0.0.1:1"))
+    assert result.returncode == EXIT_USAGE
+    assert "unknown stop mode 'gentle'" in result.stderr
+    assert "checkpoint" in result.stderr  # lists the valid modes
+    assert "Traceback" not in result.stderr
+
+
+def test_wait_unknown_state_is_a_usage_error() -> None:
+    result = CliRunner().invoke(app, ["wait", "j", "--state", "Runing"])
+    assert result.exit_code == EXIT_USAGE
+    assert "unknown state 'Runing'" in result.output
+
+
+def test_rescale_needs_a_target() -> None:
+    result = CliRunner().invoke(app, ["rescale", "j"])
+    assert result.exit_code == EXIT_USAGE
+    assert "--parallelism" in result.output
+
+
+def test_unreachable_server_is_one_clear_line() -> None:
+    result = run_cli("status", "j", env=cli_env(f"127.0.0.1:{free_port()}"))
+    assert result.returncode == 1
+    assert "cannot reach Temporal at 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ dev server
+
+
+def test_devserver_start_stop_leaves_no_process(tmp_path: Path) -> None:
+    server = DevServer(tmp_path / "srv", port=free_port(), headless=True)
+    server.start()
+    pid = server.pid
+    assert pid is not None and server.running()
+    assert (tmp_path / "srv" / "temporal.sqlite").exists()
+    server.stop()
+    assert not server.running()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_devserver_command_has_the_chosen_flags(tmp_path: Path) -> None:
+    cmd = DevServer(tmp_path, dynamic_config={"limit.historyCount.suggestContinueAsNew": 200}).command()
+    joined = " ".join(cmd)
+    for flag in (
+        "--ip 127.0.0.1",
+        "--search-attribute JobState=Keyword",
+        "--search-attribute PipelineName=Keyword",
+        "history.transferProcessorMaxPollRPS=10000",
+        "history.timerProcessorMaxPollRPS=10000",
+        "limit.historyCount.suggestContinueAsNew=200",
+        "--sqlite-pragma journal_mode=wal",
+        "--sqlite-pragma synchronous=normal",
+        f"--db-filename {tmp_path / 'temporal.sqlite'}",
+    ):
+        assert flag in joined, flag
+
+
+def test_devserver_exit_during_startup_shows_log(tmp_path: Path) -> None:
+    from sluice.devserver import DevServerError
+
+    server = DevServer(tmp_path, port=free_port(), headless=True, dynamic_config={"not a key!": 1})
+    with pytest.raises(DevServerError, match="exited with code"):
+        server.start()
+    assert not server.running()
+
+
+# ------------------------------------------------------------------------------ job commands
+
+
+@pytest.fixture(scope="module")
+def idle_server(dev_server_factory: Callable[..., DevServer]) -> Iterator[DevServer]:
+    """A server no controller worker polls: started jobs stay open in Created."""
+    yield dev_server_factory()
+
+
+def test_start_list_wait_timeout_and_duplicate(idle_server: DevServer, tmp_path: Path) -> None:
+    env = cli_env(idle_server.address, tmp_path / "state")
+    path = write(tmp_path, "demo.yaml", GOOD_PIPELINE)
+    job_id = f"cli-{time.time_ns()}"
+
+    started = run_cli("start", str(path), "--job-id", job_id, env=env)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == job_id
+
+    again = run_cli("start", str(path), "--job-id", job_id, env=env)
+    assert again.returncode == 1
+    assert f"job {job_id} is already running" in again.stderr
+
+    waited = run_cli("wait", job_id, "--state", "Running", "--timeout", "1", env=env)
+    assert waited.returncode == EXIT_TIMEOUT, waited.stderr
+    assert "did not reach Running" in waited.stderr
+
+    deadline = time.monotonic() + 10
+    while True:  # visibility is eventually consistent
+        listed = run_cli("list", "--state", "Created", env=env)
+        assert listed.returncode == 0, listed.stderr
+        if job_id in listed.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert any(line.split()[:3] == [job_id, "Created", "demo"] for line in listed.stdout.splitlines()), listed.stdout
+
+    missing = run_cli("status", "no-such-job", env=env)
+    assert missing.returncode == 1
+    assert "job no-such-job not found" in missing.stderr
