@@ -44,7 +44,46 @@ JOB_STATES: tuple[str, ...] = (
     "Stopping", "Finishing", "Recovering", "Failing", "Stopped", "Finished", "Failed",
 )  # fmt: skip
 
-app = typer.Typer(
+
+
+class _SluiceApp(typer.Typer):
+    """Typer app whose process exit skips interpreter teardown once Temporal was used.
+
+    The Temporal client's Rust runtime keeps native threads that may call into Python while
+    the interpreter finalizes, which intermittently aborts a short-lived process with "Fatal
+    Python error: PyGILState_Release" (temporalio/sdk-python#300) after the command has done
+    its work. So a command that used Temporal flushes its output and leaves with os._exit; by
+    then every process it started has been stopped. In-process callers (CliRunner) use the
+    click command directly and are not affected.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        code: Any = 0
+        try:
+            super().__call__(*args, **kwargs)
+        except SystemExit as exc:
+            code = exc.code
+        if not _TEMPORAL_USED:
+            sys.exit(code)
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = EXIT_FAILED
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+_TEMPORAL_USED = False
+
+
+def _mark_temporal_used() -> None:
+    global _TEMPORAL_USED
+    _TEMPORAL_USED = True
+
+
+app = _SluiceApp(
     name="sluice",
     help="Streaming pipelines whose whole life is a durable Temporal workflow.",
     no_args_is_help=True,
@@ -77,6 +116,7 @@ def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
 
     @functools.wraps(coro_fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        _mark_temporal_used()  # every async command talks to Temporal
         try:
             return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
         except typer.Exit:
@@ -185,6 +225,7 @@ def server(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    _mark_temporal_used()  # start() probes the frontend with a Temporal client
     try:
         srv.start()
     except DevServerError as exc:

@@ -32,6 +32,7 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributeKey,
@@ -230,6 +231,13 @@ def _application_error(exc: BaseException | None) -> ApplicationError | None:
     return None
 
 
+def _reraise_if_cancelling() -> None:
+    """Raise CancelledError if the current task is being cancelled (so cancellation is not lost)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 # ------------------------------------------------------------------------------------ client
 
 
@@ -409,7 +417,8 @@ class JobClient:
                     self._handle(job_id).execute_update(UPDATE_PATCH, request, result_type=JobStatus),
                     timeout=self.command_timeout_s,
                 )
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+                _reraise_if_cancelling()
                 raise SluiceClientError(
                     f"job {job_id}: no controller worker accepted the command within "
                     f"{self.command_timeout_s:g} s (is `sluice worker` running?); it may still be "
@@ -558,6 +567,11 @@ class JobClient:
                     if app is not None and app.type == ERROR_TYPE_CONTINUED_AS_NEW:
                         continue  # the successor run answers
                     raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
+                except WorkflowUpdateRPCTimeoutOrCancelledError:
+                    # Temporal turns our own cancellation (the timeout below) into this error;
+                    # otherwise it is the server's long-poll deadline: ask again.
+                    _reraise_if_cancelling()
+                    continue
                 except RPCError as exc:
                     # The run closed or continued as new before the update was accepted.
                     if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
@@ -567,7 +581,8 @@ class JobClient:
 
         try:
             return await asyncio.wait_for(attempt(), timeout=remaining())
-        except asyncio.TimeoutError as exc:
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            _reraise_if_cancelling()  # a cancellation from our caller stays a cancellation
             raise TimeoutError(
                 f"job {job_id} did not reach {' or '.join(wanted)} within {timeout_s:g} s"
             ) from exc

@@ -24,12 +24,13 @@ import os
 import re
 import uuid
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
-from sluice.models import CheckpointManifest
+from sluice.models import CheckpointManifest, OperatorCheckpoint, Program, SubtaskSnapshot
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "manifest.json"
@@ -153,6 +154,10 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- listing and retention
 
+    def epochs_seen(self) -> list[int]:
+        """Sorted epochs that have a directory, complete or not (for retention of failed attempts)."""
+        return self._epoch_dirs()
+
     def _epoch_dirs(self) -> list[int]:
         selector = pafs.FileSelector(self._checkpoints, allow_not_found=True, recursive=False)
         epochs = []
@@ -193,6 +198,47 @@ class CheckpointStore:
                 self._fs.delete_dir(self.epoch_path(epoch))
             except FileNotFoundError:
                 pass
+
+
+def manifest_from_snapshots(
+    *,
+    job_id: str,
+    epoch: int,
+    generation: int,
+    program: Program,
+    snapshots: Iterable[SubtaskSnapshot],
+    then_stop: bool = False,
+) -> CheckpointManifest:
+    """Merge every subtask's snapshot of `epoch` into the manifest to write (controller helper).
+
+    Checks that each subtask of the program contributed exactly once, so a manifest can never be
+    written from a partial set of snapshots. State files and commits are listed in subtask order.
+    """
+    by_ref: dict[tuple[int, int], SubtaskSnapshot] = {}
+    for snap in snapshots:
+        if snap.epoch != epoch:
+            raise ValueError(f"snapshot of subtask {snap.subtask.label()} is for epoch {snap.epoch}, not {epoch}")
+        by_ref[(snap.subtask.chain, snap.subtask.index)] = snap
+    expected = {(r.chain, r.index) for r in program.subtasks()}
+    missing = sorted(expected - set(by_ref))
+    extra = sorted(set(by_ref) - expected)
+    if missing or extra:
+        raise ValueError(f"epoch {epoch}: snapshots missing for subtasks {missing}, unexpected {extra}")
+    operators = {
+        op_id: OperatorCheckpoint(parallelism=program.parallelism[op_id]) for op_id in program.operators
+    }
+    for key in sorted(by_ref):
+        for op_id, op_snap in by_ref[key].operators.items():
+            operators[op_id].state_files.extend(op_snap.state_files)
+            operators[op_id].commits.extend(op_snap.commits)
+    return CheckpointManifest(
+        job_id=job_id,
+        epoch=epoch,
+        generation=generation,
+        created_at=datetime.now(timezone.utc),
+        then_stop=then_stop,
+        operators=operators,
+    )
 
 
 def _fsync_dir(path: str) -> None:

@@ -29,10 +29,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import pytest_asyncio
@@ -149,6 +151,25 @@ def _pids_in_info_files(root: Path) -> set[int]:
     return pids
 
 
+def _run_coroutine_in_thread(make: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion from sync code, even when this thread runs an event loop."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(make()))
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result[0] if result else None
+
+
 def kill_leftover_runners(state_dir: Path) -> list[int]:
     """Kill runner processes recorded under `state_dir`; returns the PIDs killed.
 
@@ -161,15 +182,14 @@ def kill_leftover_runners(state_dir: Path) -> list[int]:
     root = runners_dir(state_dir)
     if not root.exists():
         return []
-    with contextlib.suppress(Exception):
-        from sluice.schedulers.process import ProcessScheduler  # type: ignore[import-not-found]
+    with contextlib.suppress(ImportError):
+        from sluice.schedulers.process import ProcessScheduler
 
+        scheduler = ProcessScheduler(state_dir)
         for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            job_id = unquote(job_dir.name)  # job dirs are quote()d job ids
             with contextlib.suppress(Exception):
-                scheduler: Any = ProcessScheduler(state_dir)
-                result = scheduler.stop_runners(job_dir.name)
-                if asyncio.iscoroutine(result):
-                    asyncio.run(result)
+                _run_coroutine_in_thread(lambda: scheduler.stop_runners(job_id))
     killed: list[int] = []
     for pid in sorted(_pids_in_info_files(root)):
         if pid != os.getpid() and _pid_is_runner(pid):

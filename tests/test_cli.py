@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import PROJECT_ROOT, cli_env, sluice_command
+from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 from sluice.cli import EXIT_TIMEOUT, EXIT_USAGE, app
 from sluice.devserver import DevServer, free_port
 
@@ -188,10 +188,15 @@ def test_devserver_command_has_the_chosen_flags(tmp_path: Path) -> None:
 def test_devserver_exit_during_startup_shows_log(tmp_path: Path) -> None:
     from sluice.devserver import DevServerError
 
-    server = DevServer(tmp_path, port=free_port(), headless=True, dynamic_config={"not a key!": 1})
-    with pytest.raises(DevServerError, match="exited with code"):
-        server.start()
-    assert not server.running()
+    (tmp_path / "temporal.sqlite").write_bytes(b"this is not a database" * 100)
+    server = DevServer(tmp_path, port=free_port(), headless=True)
+    try:
+        with pytest.raises(DevServerError, match="exited with code") as info:
+            server.start()
+        assert "temporal.log" in str(info.value)
+        assert not server.running()
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------ job commands

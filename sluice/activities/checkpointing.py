@@ -87,7 +87,7 @@ class CheckpointActivities:
             return 0
         kept = set(completed[-inp.keep :]) | set(inp.protect)
         oldest_kept = min(kept)
-        seen = await asyncio.to_thread(store._epoch_dirs)
+        seen = await asyncio.to_thread(store.epochs_seen)
         doomed = [e for e in seen if e < oldest_kept and e not in kept]
         await asyncio.to_thread(store.delete_epochs, doomed)
         return len(doomed)

@@ -21,7 +21,11 @@ async def wait_all_finished(clients: list[RunnerClient], timeout_s: float) -> No
     deadline = loop.time() + timeout_s
     while True:
         states = await asyncio.gather(*(c.health() for c in clients))
-        tasks = {f"{c.info.runner_id}:{label}": s for c, st in zip(clients, states) for label, s in st.items()}
+        tasks = {
+            f"{c.info.runner_id}:{label}": s
+            for c, health in zip(clients, states)
+            for label, s in (health.get("tasks") or {}).items()
+        }
         failed = sorted(k for k, s in tasks.items() if s == "failed")
         if failed:
             raise ApplicationError(f"tasks failed while finishing: {', '.join(failed)}")

@@ -2,8 +2,8 @@
 
 Record counts are owned by the engine's subtasks; this module reads them at scrape time (a custom
 collector) instead of asking the engine to call into Prometheus on its hot path. A subtask exposes
-them as `SubtaskRunner.metrics`: `{operator_id: {"records_in": n, "records_out": n}}`; a subtask
-without that attribute simply contributes nothing.
+them as `SubtaskRunner.metrics`: `{"records_in.<operator>": n, "records_out.<operator>": n}`; a
+subtask without that attribute simply contributes nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +22,27 @@ CHECKPOINT_BUCKETS_S: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 RECORD_COUNTERS: tuple[str, ...] = ("records_in", "records_out")
 
 
-def subtask_counters(task: Any) -> Mapping[str, Mapping[str, float]]:
-    """The per-operator counters a subtask exposes, or {} when it exposes none (or bad ones)."""
+def subtask_counters(task: Any) -> dict[str, dict[str, float]]:
+    """The per-operator counters a subtask exposes, as {operator: {counter: value}}.
+
+    Accepts the engine's flat form (`{"records_in.<op>": n, "records_out.<op>": n}`) and a nested
+    one (`{op: {"records_in": n}}`); a subtask exposing nothing (or garbage) contributes {}.
+    """
     raw = getattr(task, "metrics", None)
     if callable(raw):
         raw = raw()
     if not isinstance(raw, Mapping):
         return {}
-    return {str(k): v for k, v in raw.items() if isinstance(v, Mapping)}
+    out: dict[str, dict[str, float]] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            for name, v in value.items():
+                if isinstance(v, (int, float)):
+                    out.setdefault(str(key), {})[str(name)] = float(v)
+        elif isinstance(value, (int, float)) and isinstance(key, str) and "." in key:
+            name, op = key.split(".", 1)
+            out.setdefault(op, {})[name] = float(value)
+    return out
 
 
 class _TaskCollector(Collector):

@@ -741,8 +741,8 @@ class RunnerServer:
                         await sub.wake.wait()
                 except TimeoutError:
                     pass
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the reader went away, or the server is closing
+        except ConnectionError:
+            pass  # the reader went away; it reconnects (and gets a fresh hello) if it wants
         finally:
             self._subscribers.discard(sub)
         return resp

@@ -1,0 +1,41 @@
+"""User functions that test pipelines reference as `tests.pipeline_functions:NAME`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FAIL_MARKER_ENV = "SLUICE_TEST_FAIL_MARKER"
+
+# Imported by a runner process: optionally make its start slow, to hold a job in Scheduling.
+if "sluice" in sys.argv[0] and "runner" in sys.argv[0] and os.environ.get("SLUICE_TEST_SLOW_OPEN"):
+    time.sleep(float(os.environ["SLUICE_TEST_SLOW_OPEN"]))
+
+
+def keep_even(batch: pa.RecordBatch) -> pa.Array:
+    """Filter: rows whose seq is even."""
+    return pc.equal(pc.bit_wise_and(batch.column("seq"), 1), 0)
+
+
+def add_one(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Map: value + 1."""
+    i = batch.schema.get_field_index("value")
+    return batch.set_column(i, "value", pc.add(batch.column("value"), 1))
+
+
+def always_raises(batch: pa.RecordBatch) -> pa.RecordBatch:
+    raise ValueError("boom: this user function always fails")
+
+
+def fails_while_marker(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Fails while the file named by $SLUICE_TEST_FAIL_MARKER exists; consumes it if asked to."""
+    marker = os.environ.get(FAIL_MARKER_ENV)
+    if marker and os.path.exists(marker):
+        if open(marker).read().strip() == "once":
+            os.unlink(marker)
+        raise RuntimeError(f"failing while {marker} exists")
+    return batch

@@ -1,0 +1,111 @@
+"""Compiler: parallelism resolution, chaining, refusals with messages that name the nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.engine_helpers import user_module
+from sluice.engine.compiler import assign, compile_program, runners_needed
+from sluice.errors import UserError
+from sluice.models import JobConfig, PipelineSpec, RunnerInfo
+
+
+def _pipeline(*ops: dict, parallelism: int = 2) -> PipelineSpec:
+    return PipelineSpec.model_validate({"name": "p", "parallelism": parallelism, "operators": list(ops)})
+
+
+@pytest.fixture
+def fns(tmp_path: Path) -> str:
+    return user_module(tmp_path, """
+        def ident(batch):
+            return batch
+        not_callable = 3
+    """)
+
+
+def test_linear_pipeline_is_one_chain(fns: str, tmp_path: Path) -> None:
+    p = _pipeline(
+        {"id": "src", "type": "generator"},
+        {"id": "m", "type": "map", "fn": f"{fns}:ident"},
+        {"id": "out", "type": "files", "path": "rel/out"},
+    )
+    prog = compile_program(p, JobConfig())
+    assert [c.operators for c in prog.chains] == [["src", "m", "out"]]
+    assert prog.chains[0].parallelism == 2 and prog.parallelism == {"src": 2, "m": 2, "out": 2}
+    assert Path(prog.operators["out"]["path"]).is_absolute()
+
+
+def test_parallelism_precedence(fns: str) -> None:
+    p = _pipeline({"id": "src", "type": "generator", "parallelism": 5}, {"id": "m", "type": "map", "fn": f"{fns}:ident", "parallelism": 5})
+    assert compile_program(p, JobConfig()).parallelism == {"src": 5, "m": 5}
+    assert compile_program(p, JobConfig(parallelism=3)).parallelism == {"src": 3, "m": 3}
+    with pytest.raises(UserError):
+        compile_program(p, JobConfig(parallelism=3, overrides={"m": 4}))
+
+
+def test_mismatched_parallelism_names_nodes(fns: str) -> None:
+    p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "map", "fn": f"{fns}:ident", "parallelism": 3})
+    with pytest.raises(UserError) as err:
+        compile_program(p, JobConfig())
+    msg = str(err.value)
+    assert "'src'" in msg and "'big'" in msg and "shuffle" in msg and "data-plane" in msg
+
+
+def test_fan_out_and_fan_in_refused(fns: str) -> None:
+    p = _pipeline(
+        {"id": "a", "type": "generator"},
+        {"id": "m1", "type": "map", "fn": f"{fns}:ident", "inputs": ["a"]},
+        {"id": "m2", "type": "map", "fn": f"{fns}:ident", "inputs": ["a"]},
+    )
+    with pytest.raises(UserError, match="'a' feeds several operators"):
+        compile_program(p, JobConfig())
+    p = _pipeline(
+        {"id": "a", "type": "generator"},
+        {"id": "b", "type": "generator"},
+        {"id": "m", "type": "map", "fn": f"{fns}:ident", "inputs": ["a", "b"]},
+    )
+    with pytest.raises(UserError, match="'m' has several inputs"):
+        compile_program(p, JobConfig())
+
+
+def test_unknown_override_named() -> None:
+    p = _pipeline({"id": "src", "type": "generator"})
+    with pytest.raises(UserError, match="'nope'"):
+        compile_program(p, JobConfig(overrides={"nope": 2}))
+
+
+def test_bad_function_messages(fns: str) -> None:
+    p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "filter", "fn": "no_such_pkg.mod:fn"})
+    with pytest.raises(UserError) as err:
+        compile_program(p, JobConfig())
+    assert str(err.value).startswith("operator 'big': cannot import function 'no_such_pkg.mod:fn': ModuleNotFoundError:")
+    p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "filter", "fn": f"{fns}:missing"})
+    with pytest.raises(UserError, match="AttributeError"):
+        compile_program(p, JobConfig())
+    p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "filter", "fn": f"{fns}:not_callable"})
+    with pytest.raises(UserError, match="not callable"):
+        compile_program(p, JobConfig())
+
+
+def test_import_time_error_named(tmp_path: Path) -> None:
+    mod = user_module(tmp_path, "raise RuntimeError('boom at import')\n")
+    p = _pipeline({"id": "src", "type": "generator"}, {"id": "m", "type": "map", "fn": f"{mod}:f"})
+    with pytest.raises(UserError, match="operator 'm': cannot import function .*RuntimeError: boom at import"):
+        compile_program(p, JobConfig())
+
+
+def _runners(n: int, slots: int) -> list[RunnerInfo]:
+    return [RunnerInfo(runner_id=f"r{i}", generation=1, control_port=1000 + i, slots=slots) for i in range(n)]
+
+
+def test_runners_needed_and_assign() -> None:
+    prog = compile_program(_pipeline({"id": "src", "type": "generator"}, parallelism=5), JobConfig())
+    assert runners_needed(prog, 2) == 3 and runners_needed(prog, 8) == 1
+    out = assign(prog, _runners(5, 1))
+    assert [[s.index for s in a.subtasks] for a in out] == [[0], [1], [2], [3], [4]]
+    out = assign(prog, _runners(2, 3))
+    assert [[s.index for s in a.subtasks] for a in out] == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError):
+        assign(prog, _runners(2, 2))
