@@ -412,6 +412,7 @@ async def _run(
             end = await jobs.wait_for_state(spec.job_id, ["Stopped", "Finished", "Failed"], STOP_ON_INTERRUPT_TIMEOUT_S)
         except JobFailedError as exc:
             console.print(f"[red]{exc}[/]")
+            await _reap_runners(base, spec.job_id)
             return EXIT_FAILED
         except TimeoutError:
             console.print(
@@ -420,6 +421,7 @@ async def _run(
             )
             return EXIT_FAILED
         console.print(f"job {spec.job_id} is {end.state} (last checkpoint: epoch {end.epoch})")
+        await _reap_runners(base, spec.job_id)
         if end.state == "Failed":
             return EXIT_FAILED
         return 0
@@ -433,6 +435,20 @@ async def _run(
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _reap_runners(base: Path, job_id: str) -> None:
+    """Safety net once the job is closed: no runner of it may outlive `sluice run`.
+
+    The controller tears runners down on its way to a terminal state; this only catches what a
+    failed teardown left (runners found on disk and verified by PID and command line).
+    """
+    with contextlib.suppress(Exception):
+        from sluice.schedulers.process import ProcessScheduler
+
+        left = await ProcessScheduler(base).stop_runners(job_id)
+        if left:
+            typer.echo(f"stopped {left} runner process(es) the controller left behind", err=True)
 
 
 @app.command()

@@ -73,6 +73,7 @@ UPDATE_WAIT_FOR_STATE = "wait_for_state"
 QUERY_STATUS = "status"
 ERROR_TYPE_JOB_FAILED = "JobFailed"
 ERROR_TYPE_CONTINUED_AS_NEW = "ContinuedAsNew"
+ERROR_TYPE_JOB_CLOSED = "JobClosed"
 
 STATE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
@@ -426,7 +427,9 @@ class JobClient:
                 ) from None
             except WorkflowUpdateFailedError as exc:
                 app = _application_error(exc.cause)
-                if app is not None and app.type == ERROR_TYPE_CONTINUED_AS_NEW:
+                # Continued as new, or reached a terminal state and is closing: ask the next run,
+                # or handle it as a closed job once it has closed.
+                if app is not None and app.type in (ERROR_TYPE_CONTINUED_AS_NEW, ERROR_TYPE_JOB_CLOSED):
                     await asyncio.sleep(RETRY_PAUSE_S)
                     continue
                 raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc

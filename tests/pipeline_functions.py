@@ -39,3 +39,9 @@ def fails_while_marker(batch: pa.RecordBatch) -> pa.RecordBatch:
             os.unlink(marker)
         raise RuntimeError(f"failing while {marker} exists")
     return batch
+
+
+def slow_batches(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Map: sleeps $SLUICE_TEST_SLOW_BATCH seconds per batch, so barriers wait behind batches."""
+    time.sleep(float(os.environ.get("SLUICE_TEST_SLOW_BATCH", "0")))
+    return batch

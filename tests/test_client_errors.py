@@ -178,3 +178,31 @@ async def test_stop_and_resume_a_stopped_job(job_client: JobClient, worker: Any,
     await job_client.stop(job_id, "force")
     final = await job_client.wait_for_state(job_id, ["Stopped"], timeout_s=JOB_TIMEOUT_S)
     assert final.state == "Stopped"
+
+
+async def test_ensure_search_attributes_registers_missing_ones() -> None:
+    """On a server started without them (like a fresh cluster), both are added once."""
+    import asyncio
+    import subprocess
+
+    from sluice.client import ServerUnavailable, connect
+    from sluice.devserver import ensure_search_attributes, free_port, temporal_binary
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(temporal_binary()), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--headless"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            try:
+                raw = await connect(f"127.0.0.1:{port}")
+                break
+            except ServerUnavailable:
+                await asyncio.sleep(0.1)
+        assert await ensure_search_attributes(raw) == ["JobState", "PipelineName"]
+        assert await ensure_search_attributes(raw) == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

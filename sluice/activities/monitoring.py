@@ -114,7 +114,9 @@ class MonitorActivities:
                     retryable=event.retryable,
                     domain=event.domain,
                 )
-            if "failed" in view.tasks.values() and "task_failed" in watch:
+            # A failure seen only in a heartbeat's task states (its event was missed) still counts;
+            # not in `hello`, which the runner follows with the failure events it kept.
+            if event.kind == "heartbeat" and "failed" in view.tasks.values() and "task_failed" in watch:
                 bad = sorted(l for l, s in view.tasks.items() if s == "failed")
                 return MonitorResult(kind="task_failed", message=f"subtasks {', '.join(bad)} failed")
             if "all_finished" in watch and view.all_finished():

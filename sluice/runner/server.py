@@ -109,6 +109,7 @@ class _Subtask:
     task: Any  # sluice.engine.task.SubtaskRunner (imported lazily: the engine is optional to serve)
     outcome: str | None = None  # "finished" | "failed" once run() ended; then never changes
     error: str | None = None
+    failed_event: RunnerEvent | None = None  # replayed to every new event stream
     aio_task: asyncio.Task[None] | None = None
     snapshots: dict[int, SubtaskSnapshot] = field(default_factory=dict)
 
@@ -589,6 +590,7 @@ class RunnerServer:
                 domain=domain if domain in _DOMAINS else "internal",
                 tasks=self.task_states(),
             )
+            st.failed_event = event
         else:
             event = self._event("task_finished", subtask=st.ref, message=message, tasks=self.task_states())
         self._broadcast(event)
@@ -722,6 +724,10 @@ class RunnerServer:
         try:
             await resp.prepare(request)
             sub.push(self._event("hello", tasks=self.task_states()))
+            # A watcher that connects after a failure still learns why the subtask failed.
+            for st in self._subtasks.values():
+                if st.failed_event is not None:
+                    sub.push(st.failed_event)
             next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
             while True:
                 while sub.items:

@@ -60,6 +60,10 @@ class CommandRejected(Exception):
     """A command that is malformed or not valid in the job's current state."""
 
 
+class JobIsClosing(CommandRejected):
+    """The job reached a terminal state: commands need a new run (the client starts one)."""
+
+
 class CarriedState(BaseModel):
     """Everything a continue-as-new hands to the next run (runners keep running across it)."""
 
@@ -140,15 +144,9 @@ class JobWorkflow:
         return await self._close()
 
     async def _close(self) -> JobResult:
-        """Terminal: tear down every runner (best effort), let handlers finish, close the run."""
+        """Terminal (runners already released): let handlers finish, then close the run."""
         await self.cancel_monitor()
         await self.finish_cleanup()
-        try:
-            await self.teardown(generation=None)
-        except Exception as e:  # runners may already be gone; the job's outcome stands
-            workflow.logger.warning("teardown at %s failed: %s", self.state, e)
-        self.runners = []
-        self.show_details()
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self.state == "Failed":
             f = self.failure or Failure(message="job failed", domain="internal")
@@ -304,6 +302,18 @@ class JobWorkflow:
         if handle is not None and handle.done() and not handle.cancelled() and handle.exception():
             workflow.logger.warning("checkpoint cleanup failed (ignored): %s", cause_of(handle.exception()))
 
+    async def release_runners(self) -> None:
+        """Before a terminal state: stop watching and kill every runner of the job (best effort),
+        so that a job reported Stopped, Finished or Failed has no process left."""
+        await self.cancel(self.inflight_checkpoint)
+        self.inflight_checkpoint = None
+        await self.cancel_monitor()
+        try:
+            await self.teardown(generation=None)
+        except BaseException as e:  # noqa: BLE001 - the job's outcome stands; log and go on
+            workflow.logger.warning("teardown before %s failed: %s", self.state, cause_of(e))
+        self.runners = []
+
     async def teardown(self, generation: int | None) -> None:
         await workflow.execute_activity(
             "teardown_runners",
@@ -338,7 +348,7 @@ class JobWorkflow:
 
     def _check_open(self, command: str) -> None:
         if self.state in TERMINAL:
-            raise CommandRejected(f"job is {self.state}; {command} needs a new run (sluice restart)")
+            raise JobIsClosing(f"job is already {self.state}; {command} needs a new run (sluice restart)")
 
     def _check_stop(self, cmd: StopCommand) -> None:
         self._check_open("stop")
@@ -458,7 +468,7 @@ class JobWorkflow:
         try:
             new = self._check_patch(req)  # the state may have moved since the validator ran
         except CommandRejected as e:
-            raise ApplicationError(str(e), type="CommandRejected", non_retryable=True) from None
+            raise _rejection(e) from None
         self.config = new
         if req.restart is not None:
             self._apply_restart(req.restart)
@@ -470,7 +480,7 @@ class JobWorkflow:
         try:
             self._check_patch(req)
         except CommandRejected as e:
-            raise ValueError(str(e)) from None
+            raise _rejection(e) from None
 
     @workflow.update(name="wait_for_state")
     async def wait_for_state(self, req: WaitForStateRequest) -> JobStatus:
@@ -542,6 +552,12 @@ class JobWorkflow:
             checkpoints_done=self.checkpoints_done,
         )
         workflow.continue_as_new(JobInput(spec=self.spec, carried=carried.model_dump(mode="json")))
+
+
+def _rejection(e: CommandRejected) -> ApplicationError:
+    """How a rejected update reaches the client: JobClosed lets it start a new run instead."""
+    kind = "JobClosed" if isinstance(e, JobIsClosing) else "CommandRejected"
+    return ApplicationError(str(e), type=kind, non_retryable=True)
 
 
 _EXAMPLES = {

@@ -61,12 +61,5 @@ def _stop(wf: "JobWorkflow") -> None:
 
 
 async def failing(wf: "JobWorkflow") -> None:
-    await wf.cancel(wf.inflight_checkpoint)
-    wf.inflight_checkpoint = None
-    await wf.cancel_monitor()
-    try:
-        await wf.teardown(generation=None)
-    except BaseException as e:  # noqa: BLE001 - best effort: the job is failing anyway
-        workflow.logger.warning("teardown while failing: %s", cause_of(e))
-    wf.runners = []
+    await wf.release_runners()
     wf.transition("Failed", (wf.failure or Failure(message="job failed")).message)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 async def checkpoint_stopping(wf: "JobWorkflow") -> None:
     result = await final_checkpoint(wf, lambda: wf.config.stop in ("graceful", "immediate", "force"))
     if result is None:
+        await wf.release_runners()
         wf.transition("Stopped", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
     elif result == ESCALATED:
         wf.stop_mode = wf.config.stop
@@ -61,12 +62,7 @@ async def stopping(wf: "JobWorkflow") -> None:
         except BaseException as e:  # noqa: BLE001
             reason = f"stop {mode} did not finish ({cause_of(e)}); runners killed"
             mode = "force"
-    await wf.cancel_monitor()
-    try:
-        await wf.teardown(generation=None)
-    except BaseException as e:  # noqa: BLE001
-        workflow.logger.warning("teardown failed: %s", cause_of(e))
-    wf.runners = []
+    await wf.release_runners()
     wf.transition("Stopped", reason or f"stop {mode}: runners killed")
 
 
@@ -77,6 +73,7 @@ def _stronger_than(mode: str) -> tuple[str, ...]:
 async def finishing(wf: "JobWorkflow") -> None:
     result = await final_checkpoint(wf, wf.stop_requested)
     if result is None:
+        await wf.release_runners()
         wf.transition("Finished", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
     elif result == ESCALATED:
         wf.stop_mode = wf.non_running_stop_mode()
