@@ -45,3 +45,10 @@ def slow_batches(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Map: sleeps $SLUICE_TEST_SLOW_BATCH seconds per batch, so barriers wait behind batches."""
     time.sleep(float(os.environ.get("SLUICE_TEST_SLOW_BATCH", "0")))
     return batch
+
+
+def rejects_input(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Raises UserError: retrying cannot help, so the job fails without restarts."""
+    from sluice.errors import UserError
+
+    raise UserError("value column holds data this function refuses")

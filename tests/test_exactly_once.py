@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowExecutionStatus
 
 from sluice.client import JobClient
 from tests.e2e_helpers import (
@@ -85,9 +86,11 @@ async def test_stop_with_checkpoint_then_resume_is_exactly_once(
         )
 
         # Resume: a new run under the same workflow id restores the final checkpoint.
-        # (The run closes just after it reports Stopped: see the race test below.)
+        # The workflow run closes with the job: the Web UI's status agrees with the job's.
         assert await wait_closed(job_client, job_id) == "Stopped"
-        first_run = (await job_client.describe(job_id)).run_id
+        desc = await job_client.describe(job_id)
+        assert desc.status == WorkflowExecutionStatus.COMPLETED, desc.status
+        first_run = desc.run_id
         assert await job_client.restart(job_id) is None
         done = await wait_state(job_client, job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
         assert (await job_client.describe(job_id)).run_id != first_run, "restart must start a new run"
@@ -191,6 +194,27 @@ async def test_runner_killed_mid_stream_is_exactly_once(
         done = await wait_state(job_client, job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
         assert done.generation == st.generation, describe_status(done)
         await wait_search_attribute(client, job_id, "Finished")
+        assert_exact_output(read_committed_rows(sink_path(pipeline)), expected)
+    finally:
+        await stop_job_quietly(job_client, job_id)
+
+
+async def test_restart_right_after_stopped_resumes(job_client: JobClient, state_dir: Path) -> None:
+    """What a script does: wait for Stopped, then restart at once; it must start the new run
+    (the run may still be closing when Stopped is reported: the client must wait for it, not
+    reject the command)."""
+    pipeline = generator_pipeline("eo-restart-now", state_dir / "out", splits=2, limit=1000, rate=250)
+    spec = job_spec(pipeline, state_dir)
+    job_id = spec.job_id
+    expected = expected_rows(pipeline)
+    await job_client.start(spec)
+    try:
+        await wait_state(job_client, job_id, "Running", timeout_s=START_TIMEOUT_S)
+        await wait_status(job_client, job_id, lambda s: s.epoch >= 1, timeout_s=30, what="first checkpoint")
+        await job_client.stop(job_id, "checkpoint")
+        await wait_state(job_client, job_id, "Stopped", timeout_s=FINISH_TIMEOUT_S)
+        assert await job_client.restart(job_id) is None  # no wait for the run to close
+        await wait_state(job_client, job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
         assert_exact_output(read_committed_rows(sink_path(pipeline)), expected)
     finally:
         await stop_job_quietly(job_client, job_id)

@@ -16,6 +16,8 @@ different) and keeps the part it now owns, so a rescale neither loses nor repeat
 
 from __future__ import annotations
 
+from sluice.errors import UserError
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,9 @@ class UserFunctionError(Exception):
         self.operator_id = operator_id
         self.fn_ref = fn_ref
         self.what = what
+        # A function raises sluice.errors.UserError to say that retrying cannot help: the job
+        # fails at once instead of spending its restart budget.
+        self.retryable = not isinstance(cause, UserError)
 
 
 class Operator:

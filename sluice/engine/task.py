@@ -136,7 +136,9 @@ class SubtaskRunner:
 
     def _error(self, operator_id: str, exc: BaseException, doing: str) -> TaskError:
         if _is_user_fault(exc):
-            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=True, domain="user")
+            return TaskError(
+                f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user"
+            )
         return TaskError(
             f"{self._where(operator_id)}: {doing} failed: {type(exc).__name__}: {exc}", retryable=True, domain="internal"
         )

@@ -247,5 +247,10 @@ class RunnerClient:
                     yield event
         except asyncio.TimeoutError as e:
             raise RunnerUnavailable(f"{what}: no event for {heartbeat_timeout_s} s") from e
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+            # What a killed runner process looks like from here: its connection dropped mid-stream.
+            raise RunnerUnavailable(f"{what}: connection lost (runner process exited?)") from e
+        except (aiohttp.ClientConnectionError, ConnectionError) as e:
+            raise RunnerUnavailable(f"{what}: cannot connect (runner process gone?): {e}") from e
         except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError, OSError) as e:
             raise RunnerUnavailable(f"{what}: {type(e).__name__}: {e}") from e

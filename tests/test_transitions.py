@@ -1,0 +1,97 @@
+"""Rows of the transition table that need a job held in a particular state or a fault injected."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from sluice.client import JobClient, JobFailedError
+from sluice.models import TASK_QUEUE, JobInput
+from tests.test_lifecycle import WAIT_S, _ended, _path, _search_state, _spec, _status_when
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+async def test_stop_before_scheduling(job_client: JobClient, state_dir: Path) -> None:
+    """A stop in the job's first workflow task is seen in Compiling: nothing is ever scheduled."""
+    spec = _spec(state_dir)
+    await job_client.client.start_workflow(
+        "JobWorkflow",
+        JobInput(spec=spec),
+        id=spec.job_id,
+        task_queue=TASK_QUEUE,
+        start_signal="stop",
+        start_signal_args=[{"mode": "checkpoint"}],
+    )
+    status = await _ended(job_client, spec.job_id, "Stopped")
+    assert _path(status) == ["Created", "Compiling", "Stopping", "Stopped"]
+    assert status.generation == 0 and status.runners == []
+
+
+async def test_unreachable_checkpoint_store_recovers_then_fails(job_client: JobClient, state_dir: Path) -> None:
+    # An HDFS store on a closed loopback port: every listing fails (an internal, retryable error).
+    spec = _spec(state_dir, allowed_restarts=0).model_copy(update={"checkpoint_url": "hdfs://127.0.0.1:1/ckpt"})
+    await job_client.start(spec)
+    with pytest.raises(JobFailedError, match="compile failed"):
+        await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    status = await job_client.status(spec.job_id)
+    assert _path(status) == ["Created", "Compiling", "Recovering", "Failing", "Failed"]
+    assert status.failure is not None and status.failure.domain == "internal"
+
+
+async def test_non_retryable_task_failure_fails_without_restarts(job_client: JobClient, state_dir: Path) -> None:
+    spec = _spec(state_dir, fn="tests.pipeline_functions:rejects_input")
+    await job_client.start(spec)
+    with pytest.raises(JobFailedError, match="refuses"):
+        await job_client.wait_for_state(spec.job_id, ["Stopped"], timeout_s=WAIT_S)
+    status = await job_client.status(spec.job_id)
+    assert _path(status)[-3:] == ["Running", "Failing", "Failed"]
+    assert status.restarts == 0
+    assert status.failure is not None and status.failure.domain == "user"
+    assert await _search_state(job_client, spec.job_id) == "Failed"
+
+
+async def _hold_in(job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch, state: str):
+    """A job whose final checkpoint waits behind 1.5 s batches, caught in Rescaling or Restarting."""
+    monkeypatch.setenv("SLUICE_TEST_SLOW_BATCH", "1.5")
+    spec = _spec(state_dir, fn="tests.pipeline_functions:slow_batches", rate=50.0, slots_per_runner=1)
+    await job_client.start(spec)
+    first = await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    if state == "Rescaling":
+        await job_client.rescale(spec.job_id, parallelism=2)
+    else:
+        await job_client.restart(spec.job_id)
+    await job_client.wait_for_state(spec.job_id, [state], timeout_s=WAIT_S)
+    return spec, first
+
+
+@pytest.mark.parametrize("state", ["Rescaling", "Restarting"])
+async def test_stop_during_final_checkpoint_of(
+    job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    spec, _ = await _hold_in(job_client, state_dir, monkeypatch, state)
+    await job_client.stop(spec.job_id, "force")
+    status = await _ended(job_client, spec.job_id, "Stopped")
+    assert _path(status)[-3:] == [state, "Stopping", "Stopped"]
+
+
+@pytest.mark.parametrize("state", ["Rescaling", "Restarting"])
+async def test_runner_lost_during_final_checkpoint_of(
+    job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    spec, first = await _hold_in(job_client, state_dir, monkeypatch, state)
+    os.kill(first.runners[0].pid, signal.SIGKILL)  # type: ignore[arg-type]  # a runner this job started
+    status = await _status_when(
+        job_client, spec.job_id, lambda s: s.state == "Running" and s.generation > first.generation
+    )
+    path = _path(status)
+    i = path.index(state)
+    assert path[i : i + 5] == [state, "Recovering", "Compiling", "Scheduling", "Running"]
+    assert "runner lost" in status.transitions[i].reason
+    if state == "Rescaling":  # the rescale still happens, through recovery
+        assert status.parallelism["events"] == 2
+    await job_client.stop(spec.job_id, "force")
+    await _ended(job_client, spec.job_id, "Stopped")
