@@ -393,7 +393,7 @@ async def test_malformed_signals_are_rejected_not_fatal(
     assert "mode" in reasons[1]
     assert "parallelism" in reasons[2]
     assert "'nope'" in reasons[3]
-    assert "'step'" in reasons[4] and "same parallelism" in reasons[4]
+    assert "'step'" in reasons[4] and "needs a shuffle" in reasons[4]
     assert "checkpoint_interval_s" in reasons[5]
     # A good signal after the bad ones still works.
     subprocess.run(
@@ -408,7 +408,7 @@ async def test_invalid_patch_is_rejected_by_its_validator(job_client: JobClient,
     spec = _spec(state_dir)
     await job_client.start(spec)
     await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
-    with pytest.raises(CommandRejected, match="unknown operator 'ghost'"):
+    with pytest.raises(CommandRejected, match="unknown operator.*'ghost'"):
         await job_client.rescale(spec.job_id, overrides={"ghost": 2})
     with pytest.raises(ValueError, match="unknown stop mode"):
         await job_client.stop(spec.job_id, "sideways")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -18,10 +17,9 @@ from sluice.models import (
     CheckpointInput,
     CheckpointManifest,
     CleanupInput,
-    OperatorCheckpoint,
     SubtaskSnapshot,
 )
-from sluice.storage import CheckpointStore
+from sluice.storage import CheckpointStore, manifest_from_snapshots
 
 # Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
 WAIT_POLL_S = 2.0
@@ -47,7 +45,14 @@ class CheckpointActivities:
                     progress["phase"] = "snapshots"
                     snapshots = await self._collect(clients, inp.epoch)
                     progress["phase"] = "manifest"
-                    manifest = _manifest(inp, snapshots)
+                    manifest = manifest_from_snapshots(
+                        job_id=inp.job_id,
+                        epoch=inp.epoch,
+                        generation=inp.generation,
+                        program=inp.program,
+                        snapshots=snapshots,
+                        then_stop=inp.then_stop,
+                    )
                     await asyncio.to_thread(store.write_manifest, manifest)
                 progress["phase"] = "commit"
                 committed = await asyncio.to_thread(_commit, inp, manifest)
@@ -91,25 +96,6 @@ class CheckpointActivities:
         doomed = [e for e in seen if e < oldest_kept and e not in kept]
         await asyncio.to_thread(store.delete_epochs, doomed)
         return len(doomed)
-
-
-def _manifest(inp: CheckpointInput, snapshots: list[SubtaskSnapshot]) -> CheckpointManifest:
-    operators = {
-        op_id: OperatorCheckpoint(parallelism=inp.program.parallelism[op_id])
-        for op_id in inp.program.operators
-    }
-    for snap in sorted(snapshots, key=lambda s: (s.subtask.chain, s.subtask.index)):
-        for op_id, part in snap.operators.items():
-            operators[op_id].state_files.extend(part.state_files)
-            operators[op_id].commits.extend(part.commits)
-    return CheckpointManifest(
-        job_id=inp.job_id,
-        epoch=inp.epoch,
-        generation=inp.generation,
-        created_at=datetime.now(timezone.utc),
-        then_stop=inp.then_stop,
-        operators=operators,
-    )
 
 
 def _commit(inp: CheckpointInput, manifest: CheckpointManifest) -> int:

@@ -36,15 +36,17 @@ def effective_parallelism(pipeline: PipelineSpec, config: JobConfig) -> dict[str
     unknown = sorted(set(config.overrides) - {op.id for op in pipeline.operators})
     if unknown:
         raise UserError(f"parallelism override names unknown operator(s): {', '.join(map(repr, unknown))}")
-    out: dict[str, int] = {}
-    for op in pipeline.operators:
-        if op.id in config.overrides:
-            out[op.id] = config.overrides[op.id]
-        elif config.parallelism is not None:
-            out[op.id] = config.parallelism
-        else:
-            out[op.id] = op.parallelism or pipeline.parallelism
-    return out
+    return pipeline.parallelism_for(config)
+
+
+def plan_problem(pipeline: PipelineSpec, config: JobConfig) -> str | None:
+    """Why `config`'s parallelism cannot run `pipeline` (None when it can), without importing any
+    user function: pure, so the workflow runs it to reject a bad rescale before accepting it."""
+    try:
+        _chains(pipeline, pipeline.input_ids(), effective_parallelism(pipeline, config))
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _check_functions(pipeline: PipelineSpec) -> None:

@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from sluice.workflows import constants as C
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
-    from sluice.workflows.validation import parallelism_problem
+    from sluice.engine.compiler import plan_problem
 
 JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
@@ -367,7 +367,7 @@ class JobWorkflow:
             new.parallelism, new.overrides = parallelism, {}
         if overrides:
             new.overrides = {**new.overrides, **overrides}
-        problem = parallelism_problem(self.spec.pipeline, new)
+        problem = plan_problem(self.spec.pipeline, new)
         if problem:
             raise CommandRejected(problem)
         return new
@@ -440,7 +440,7 @@ class JobWorkflow:
         new = self.config.model_copy(update=changes, deep=True)
         if "parallelism" in changes or "overrides" in changes:
             new = JobConfig.model_validate(new.model_dump())
-            problem = parallelism_problem(self.spec.pipeline, new)
+            problem = plan_problem(self.spec.pipeline, new)
             if problem:
                 raise CommandRejected(problem)
         return JobConfig.model_validate(new.model_dump())

@@ -7,24 +7,12 @@ from the same table (`python -m sluice.workflows.table > docs/states.md`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
-STATES: tuple[str, ...] = (
-    "Created",
-    "Compiling",
-    "Scheduling",
-    "Running",
-    "Rescaling",
-    "Restarting",
-    "CheckpointStopping",
-    "Stopping",
-    "Finishing",
-    "Recovering",
-    "Failing",
-    "Stopped",
-    "Finished",
-    "Failed",
-)
-TERMINAL: frozenset[str] = frozenset({"Stopped", "Finished", "Failed"})
+from sluice.models import TERMINAL_STATES, JobStateName
+
+STATES: tuple[str, ...] = get_args(JobStateName)
+TERMINAL: frozenset[str] = frozenset(TERMINAL_STATES)
 # States from which a stop request must wait: the job is already on its way out.
 STOPPING: frozenset[str] = frozenset({"CheckpointStopping", "Stopping"})
 
