@@ -22,6 +22,7 @@ from sluice.devserver import temporal_binary
 from sluice.models import JobConfig, JobResult, JobSpec, JobStatus, PipelineSpec
 from sluice.storage import CheckpointStore
 from tests.pipeline_functions import FAIL_MARKER_ENV
+from tests.processes import pid_exists
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -72,20 +73,7 @@ def _path(status: JobStatus) -> list[str]:
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        # A zombie is gone as far as the job is concerned.
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                continue
-        except OSError:
-            continue
-        alive.append(pid)
-    return alive
+    return [p for p in pids if pid_exists(p)]
 
 
 async def _eventually(check, timeout_s: float = WAIT_S, every_s: float = 0.1):

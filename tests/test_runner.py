@@ -19,6 +19,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from tests.processes import pid_exists, wait_pids_gone
+
 from sluice.auth import GENERATION_HEADER, JOB_HEADER, runner_token
 from sluice.errors import RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo
@@ -34,22 +36,6 @@ KILL_NOTICE_S = 1.5
 """A SIGKILLed runner must be noticed through its closed connection in about a second."""
 
 
-def pid_exists(pid: int) -> bool:
-    """True while `pid` is a process that is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-async def wait_pids_gone(pids: list[int], timeout_s: float = GONE_TIMEOUT_S) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in pids if pid_exists(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture

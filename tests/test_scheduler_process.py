@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.processes import pid_exists, wait_pids_gone
+
 from sluice.models import RunnerInfo
 from sluice.runner.server import write_info_file
 from sluice.schedulers import RunnerStartError
@@ -29,22 +31,6 @@ GONE_TIMEOUT_S = 5.0
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def pid_exists(pid: int) -> bool:
-    """True while `pid` is a process that is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-async def wait_pids_gone(pids: list[int], timeout_s: float = GONE_TIMEOUT_S) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [p for p in pids if pid_exists(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture
