@@ -95,3 +95,37 @@ async def test_runner_lost_during_final_checkpoint_of(
         assert status.parallelism["events"] == 2
     await job_client.stop(spec.job_id, "force")
     await _ended(job_client, spec.job_id, "Stopped")
+
+
+async def test_function_missing_on_runners_fails_while_scheduling(job_client: JobClient, state_dir: Path) -> None:
+    spec = _spec(state_dir, fn="tests.runner_import_error:identity")
+    await job_client.start(spec)
+    with pytest.raises(JobFailedError, match="geo_lookup"):
+        await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    status = await job_client.status(spec.job_id)
+    assert _path(status) == ["Created", "Compiling", "Scheduling", "Failing", "Failed"]
+    assert status.restarts == 0
+    assert status.failure is not None and status.failure.domain == "user"
+    assert "step" in status.failure.message  # names the operator
+
+
+async def test_restore_epoch_abandons_later_checkpoints(job_client: JobClient, state_dir: Path) -> None:
+    """Restoring an older checkpoint: a recovery before the next checkpoint goes back to it, never
+    to the newer checkpoints of the abandoned lineage."""
+    spec = _spec(state_dir, slots_per_runner=1)
+    await job_client.start(spec)
+    await _status_when(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 3)
+    await job_client.stop(spec.job_id, "immediate")
+    await _ended(job_client, spec.job_id, "Stopped")
+    # A new run of the same job from epoch 1, checkpointing too rarely to write a new one here.
+    config = spec.config.model_copy(update={"restore_epoch": 1, "checkpoint_interval_s": 3600.0})
+    await job_client.start(spec.model_copy(update={"config": config}))
+    first = await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    assert first.epoch == 1 and "restored epoch 1" in first.transitions[-1].reason
+    os.kill(first.runners[0].pid, signal.SIGKILL)  # type: ignore[arg-type]  # a runner this job started
+    again = await _status_when(
+        job_client, spec.job_id, lambda s: s.state == "Running" and s.generation > first.generation
+    )
+    assert again.epoch == 1 and "restored epoch 1" in again.transitions[-1].reason
+    await job_client.stop(spec.job_id, "force")
+    await _ended(job_client, spec.job_id, "Stopped")

@@ -65,13 +65,14 @@ class JobIsClosing(CommandRejected):
 
 
 class CarriedState(BaseModel):
-    """Everything a continue-as-new hands to the next run (runners keep running across it)."""
+    """The job's durable state: the workflow's attributes, handed whole to the next run by a
+    continue-as-new (runners keep running across it)."""
 
-    state: str
+    state: str = "Created"
     config: JobConfig
     generation: int = 0
-    epoch: int = 0
-    next_epoch: int = 1
+    epoch: int = 0  # last completed checkpoint: the restore point
+    next_epoch: int = 1  # epochs are never reused, also after failed attempts
     restarts: int = 0
     applied_nonce: int = 0
     program: Program | None = None
@@ -83,11 +84,10 @@ class CarriedState(BaseModel):
     started_at: datetime | None = None
     ignore_state_pending: bool = False
     compiled_once: bool = False
-    stop_mode: str | None = None
-    restart_mode: str = "safe"
-    state_floor: int = 0
-    last_error: Failure | None = None
-    checkpoints_done: int = 0
+    stop_mode: str | None = None  # the mode Stopping runs with, chosen by the state that entered it
+    restart_mode: str = "safe"  # of the restart in progress, fixed when Restarting is entered
+    state_floor: int = 0  # checkpoints below this epoch are never restored (ignore_state, restore_epoch)
+    last_error: Failure | None = None  # why the job recovers: the failure once the budget runs out
 
 
 @workflow.defn(name="JobWorkflow")
@@ -97,33 +97,31 @@ class JobWorkflow:
     @workflow.init
     def __init__(self, inp: JobInput) -> None:
         self.spec: JobSpec = inp.spec
-        c = CarriedState.model_validate(inp.carried) if inp.carried else None
         self.job_id = inp.spec.job_id
-        self.config: JobConfig = c.config if c else inp.spec.config.model_copy(deep=True)
-        self.state: str = c.state if c else "Created"
-        self.generation = c.generation if c else 0
-        self.epoch = c.epoch if c else 0
-        self.next_epoch = c.next_epoch if c else 1
-        self.restarts = c.restarts if c else 0
-        self.applied_nonce = c.applied_nonce if c else self.config.restart_nonce
-        self.program: Program | None = c.program if c else None
-        self.checkpoint_url: str | None = c.checkpoint_url if c else inp.spec.checkpoint_url
-        self.runners: list[RunnerInfo] = c.runners if c else []
-        self.failure: Failure | None = c.failure if c else None
-        self.rejected: list[RejectedCommand] = c.rejected if c else []
-        self.transitions: list[TransitionRecord] = c.transitions if c else []
-        self.started_at: datetime | None = c.started_at if c else None
-        self.ignore_state_pending = c.ignore_state_pending if c else self.config.ignore_state
-        self.compiled_once = c.compiled_once if c else False
-        # The mode Stopping runs with, chosen by the state that entered it.
-        self.stop_mode: str | None = c.stop_mode if c else None
-        # The mode of the restart in progress, fixed when Restarting is entered.
-        self.restart_mode: str = c.restart_mode if c else "safe"
-        # Checkpoints below this epoch are ignored (a restart with ignore_state).
-        self.state_floor: int = c.state_floor if c else 0
-        # Why the job is recovering: becomes the failure when the restart budget runs out.
-        self.last_error: Failure | None = c.last_error if c else None
-        self.checkpoints_done: int = c.checkpoints_done if c else 0
+        carried = (
+            CarriedState.model_validate(inp.carried)
+            if inp.carried
+            else CarriedState(
+                config=inp.spec.config.model_copy(deep=True),
+                applied_nonce=inp.spec.config.restart_nonce,
+                checkpoint_url=inp.spec.checkpoint_url,
+                ignore_state_pending=inp.spec.config.ignore_state,
+            )
+        )
+        # The durable state lives in plain attributes (typed in CarriedState).
+        self.state: str
+        self.config: JobConfig
+        self.generation: int
+        self.epoch: int
+        self.next_epoch: int
+        self.restarts: int
+        self.program: Program | None
+        self.checkpoint_url: str | None
+        self.runners: list[RunnerInfo]
+        self.failure: Failure | None
+        self.last_error: Failure | None
+        for name in CarriedState.model_fields:
+            setattr(self, name, getattr(carried, name))
         self.cleanup: workflow.ActivityHandle[Any] | None = None
         self.monitor: workflow.ActivityHandle[MonitorResult] | None = None
         self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
@@ -437,13 +435,12 @@ class JobWorkflow:
             self._check_stop(StopCommand(mode=changes["stop"]))
         if "restart_nonce" in changes and changes["restart_nonce"] != self.config.restart_nonce:
             self._check_restart()
-        new = self.config.model_copy(update=changes, deep=True)
+        new = JobConfig.model_validate({**self.config.model_dump(), **changes})
         if "parallelism" in changes or "overrides" in changes:
-            new = JobConfig.model_validate(new.model_dump())
             problem = plan_problem(self.spec.pipeline, new)
             if problem:
                 raise CommandRejected(problem)
-        return JobConfig.model_validate(new.model_dump())
+        return new
 
     def _check_patch(self, req: PatchRequest) -> JobConfig:
         """Everything `patch` would change, checked without changing anything."""
@@ -528,29 +525,7 @@ class JobWorkflow:
         await self.cancel_monitor()
         await self.finish_cleanup()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        carried = CarriedState(
-            state=self.state,
-            config=self.config,
-            generation=self.generation,
-            epoch=self.epoch,
-            next_epoch=self.next_epoch,
-            restarts=self.restarts,
-            applied_nonce=self.applied_nonce,
-            program=self.program,
-            checkpoint_url=self.checkpoint_url,
-            runners=self.runners,
-            failure=self.failure,
-            rejected=self.rejected,
-            transitions=self.transitions,
-            started_at=self.started_at,
-            ignore_state_pending=self.ignore_state_pending,
-            compiled_once=self.compiled_once,
-            stop_mode=self.stop_mode,
-            restart_mode=self.restart_mode,
-            state_floor=self.state_floor,
-            last_error=self.last_error,
-            checkpoints_done=self.checkpoints_done,
-        )
+        carried = CarriedState(**{name: getattr(self, name) for name in CarriedState.model_fields})
         workflow.continue_as_new(JobInput(spec=self.spec, carried=carried.model_dump(mode="json")))
 
 

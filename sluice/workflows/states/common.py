@@ -48,28 +48,30 @@ async def compile_program(wf: "JobWorkflow") -> bool:
             summary=f"compile {wf.spec.pipeline.name}",
         )
     except ActivityError as e:
-        if is_user_error(e):
-            wf.failure = Failure(message=cause_of(e), domain="user")
-            wf.transition("Failing", f"program invalid: {cause_of(e)}")
-        else:
-            wf.last_error = Failure(message=f"compile failed: {cause_of(e)}")
-            wf.transition("Recovering", wf.last_error.message)
+        fail_or_recover(wf, e, user="program invalid", other="compile failed")
         return False
     wf.program = res.program
     wf.checkpoint_url = res.checkpoint_url
     wf.next_epoch = max(wf.next_epoch, res.highest_epoch + 1)
-    if not wf.compiled_once:
-        wf.compiled_once = True
-        if wf.config.restore_epoch:
-            wf.epoch = wf.config.restore_epoch
-        elif wf.ignore_state_pending:
-            wf.state_floor = wf.next_epoch
-        else:
-            wf.epoch = res.latest_epoch
+    if not wf.compiled_once and wf.config.restore_epoch:
+        # Restoring an older checkpoint abandons the ones after it: never restore those later.
+        wf.epoch = wf.config.restore_epoch
+        wf.state_floor = wf.next_epoch
     elif res.latest_epoch >= wf.state_floor:
-        # A checkpoint whose activity failed after its manifest was written still counts.
+        # Also a checkpoint whose activity failed after its manifest was written counts.
         wf.epoch = max(wf.epoch, res.latest_epoch)
+    wf.compiled_once = True
     return True
+
+
+def fail_or_recover(wf: "JobWorkflow", e: BaseException, *, user: str, other: str) -> None:
+    """A failed activity: a user error fails the job (domain user), anything else recovers."""
+    if is_user_error(e):
+        wf.failure = Failure(message=cause_of(e), domain="user")
+        wf.transition("Failing", f"{user}: {cause_of(e)}")
+    else:
+        wf.last_error = Failure(message=f"{other}: {cause_of(e)}")
+        wf.transition("Recovering", wf.last_error.message)
 
 
 def start_checkpoint(wf: "JobWorkflow", then_stop: bool) -> None:
@@ -105,7 +107,6 @@ def take_checkpoint_result(wf: "JobWorkflow") -> str | None:
     except BaseException as e:  # noqa: BLE001
         return f"checkpoint failed: {cause_of(e)}"
     wf.epoch = info.epoch
-    wf.checkpoints_done += 1
     wf.start_cleanup()
     return None
 

@@ -11,7 +11,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from sluice.models import Failure, RunnerInfo, ScheduleInput, StartExecutionInput
     from sluice.workflows import constants as C
-    from sluice.workflows.states.common import cause_of, compile_program, is_user_error, stop_transition
+    from sluice.workflows.states.common import cause_of, compile_program, fail_or_recover, stop_transition
 
 if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
@@ -88,12 +88,7 @@ async def scheduling(wf: "JobWorkflow") -> None:
     try:
         handle.result()
     except BaseException as e:  # noqa: BLE001
-        if is_user_error(e):
-            wf.failure = Failure(message=cause_of(e), domain="user")
-            wf.transition("Failing", f"task failed (not retryable): {cause_of(e)}")
-        else:
-            wf.last_error = Failure(message=f"tasks did not start: {cause_of(e)}")
-            wf.transition("Recovering", wf.last_error.message)
+        fail_or_recover(wf, e, user="task failed (not retryable)", other="tasks did not start")
         return
     if wf.started_at is None:
         wf.started_at = workflow.now()
