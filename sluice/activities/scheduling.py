@@ -12,6 +12,7 @@ from sluice.connectors import sink_class
 from sluice.engine.compiler import assign, runners_needed
 from sluice.errors import RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo, ScheduleInput, StartExecutionInput, StartRequest
+from sluice.runner.client import RunnerRequestRefused
 from sluice.schedulers import RunnerStartError
 from sluice.storage import CheckpointStore
 
@@ -72,5 +73,9 @@ class SchedulingActivities:
                         for c, r in zip(clients, inp.runners)
                     )
                 )
+            except RunnerRequestRefused as e:
+                if e.domain == "user" and e.retryable is False:
+                    raise user_error(f"starting tasks failed: {e.message}") from None
+                raise ApplicationError(f"starting tasks failed: {e.message}") from None
             except (RunnerRefused, RunnerUnavailable) as e:
                 raise ApplicationError(f"starting tasks failed: {e}") from None

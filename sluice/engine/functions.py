@@ -10,7 +10,12 @@ from typing import Any
 
 
 class FunctionLoadError(Exception):
-    """A function reference could not be resolved; the message says why (exception type included)."""
+    """A function reference could not be resolved; the message says why (exception type included).
+
+    Not retryable: the same code gives the same answer on the next try.
+    """
+
+    retryable = False
 
 
 def _ensure_cwd_on_path() -> None:
