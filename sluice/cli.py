@@ -34,6 +34,8 @@ EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 STOP_ON_INTERRUPT_MODE = "checkpoint"
+# How long `sluice run` lets its worker close a run that reached a terminal state.
+CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
@@ -412,7 +414,7 @@ async def _run(
             end = await jobs.wait_for_state(spec.job_id, ["Stopped", "Finished", "Failed"], STOP_ON_INTERRUPT_TIMEOUT_S)
         except JobFailedError as exc:
             console.print(f"[red]{exc}[/]")
-            await _reap_runners(base, spec.job_id)
+            await _until_closed(jobs, spec.job_id)
             return EXIT_FAILED
         except TimeoutError:
             console.print(
@@ -421,7 +423,7 @@ async def _run(
             )
             return EXIT_FAILED
         console.print(f"job {spec.job_id} is {end.state} (last checkpoint: epoch {end.epoch})")
-        await _reap_runners(base, spec.job_id)
+        await _until_closed(jobs, spec.job_id)
         if end.state == "Failed":
             return EXIT_FAILED
         return 0
@@ -437,18 +439,11 @@ async def _run(
             loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def _reap_runners(base: Path, job_id: str) -> None:
-    """Safety net once the job is closed: no runner of it may outlive `sluice run`.
-
-    The controller tears runners down on its way to a terminal state; this only catches what a
-    failed teardown left (runners found on disk and verified by PID and command line).
-    """
+async def _until_closed(jobs: Any, job_id: str) -> None:
+    """The job reached a terminal state; let this process's worker close the run before it stops,
+    so the next `sluice run` finds a closed job to resume rather than an open one."""
     with contextlib.suppress(Exception):
-        from sluice.schedulers.process import ProcessScheduler
-
-        left = await ProcessScheduler(base).stop_runners(job_id)
-        if left:
-            typer.echo(f"stopped {left} runner process(es) the controller left behind", err=True)
+        await asyncio.wait_for(jobs.client.get_workflow_handle(job_id).result(), CLOSE_WAIT_S)
 
 
 @app.command()
