@@ -6,11 +6,9 @@ the `state_dir` fixture of conftest sweeps anything left as a second line of def
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 

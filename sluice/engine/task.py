@@ -43,6 +43,8 @@ EventCallback = Callable[[str, SubtaskRef, dict], None]
 #: longest a finished or idle source waits before looking at its control queue again even without
 #: a wake-up (a safety net: every control call also wakes the loop)
 IDLE_RECHECK_S = 1.0
+#: recent snapshots kept for the controller to collect; older epochs are long committed or abandoned
+SNAPSHOTS_KEPT = 16
 
 
 class TaskError(Exception):
@@ -292,4 +294,6 @@ class SubtaskRunner:
             operators[op_id] = OperatorSnapshot(state_files=files, commits=list(st.commits))
         snapshot = SubtaskSnapshot(subtask=self.ref, epoch=barrier.epoch, operators=operators)
         self.snapshots[barrier.epoch] = snapshot
+        for old_epoch in sorted(self.snapshots)[:-SNAPSHOTS_KEPT]:  # a job may run for months
+            del self.snapshots[old_epoch]
         self.on_event("checkpoint_done", self.ref, {"epoch": barrier.epoch, "snapshot": snapshot})

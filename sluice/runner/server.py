@@ -23,7 +23,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,6 +70,8 @@ a fresh `hello`); bounds memory instead of letting a stuck reader grow it foreve
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """A StartRequest carries the whole program and restore manifest; allow generously large ones."""
 WATCHDOG_INTERVAL_S = 1.0
+# Checkpoint request times kept (for the duration metric); older epochs are long done.
+EPOCHS_KEPT = 16
 
 _DOMAINS = ("user", "internal", "external")
 
@@ -111,7 +113,6 @@ class _Subtask:
     error: str | None = None
     failed_event: RunnerEvent | None = None  # replayed to every new event stream
     aio_task: asyncio.Task[None] | None = None
-    snapshots: dict[int, SubtaskSnapshot] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -127,14 +128,8 @@ class _Subtask:
         return str(state)
 
     def snapshot(self, epoch: int) -> SubtaskSnapshot | None:
-        snap = self.snapshots.get(epoch)
-        if snap is None:
-            raw = getattr(self.task, "snapshots", {}).get(epoch)
-            if raw is not None:
-                snap = _as_snapshot(raw)
-                if snap is not None:
-                    self.snapshots[epoch] = snap
-        return snap
+        """The engine keeps the recent snapshots; the runner reads them from there."""
+        return _as_snapshot(getattr(self.task, "snapshots", {}).get(epoch))
 
 
 def _as_snapshot(raw: Any) -> SubtaskSnapshot | None:
@@ -610,14 +605,10 @@ class RunnerServer:
 
     def _handle_engine_event(self, kind: str, ref: SubtaskRef, fields: dict[str, Any]) -> None:
         try:
-            st = self._subtasks.get(ref.label())
             if kind == "source_finished":
                 self._broadcast(self._event("source_finished", subtask=ref, tasks=self.task_states()))
             elif kind == "checkpoint_done":
                 epoch = int(fields["epoch"])
-                snap = _as_snapshot(fields.get("snapshot"))
-                if st is not None and snap is not None:
-                    st.snapshots[epoch] = snap
                 requested = self._requested_epochs.get(epoch)
                 if requested is not None:
                     self.metrics.observe_checkpoint(ref, time.monotonic() - requested)
@@ -639,6 +630,8 @@ class RunnerServer:
         if req.epoch < highest:
             return _error(409, f"epoch {req.epoch} is below epoch {highest} already requested")
         self._requested_epochs[req.epoch] = time.monotonic()
+        for old_epoch in sorted(self._requested_epochs)[:-EPOCHS_KEPT]:  # bounded over months
+            del self._requested_epochs[old_epoch]
         for st in self._subtasks.values():
             if st.is_source and st.outcome is None:
                 _safe_call(st.task.inject_barrier, req.epoch, req.then_stop, what=f"barrier {st.label}")
