@@ -16,7 +16,7 @@ here, by its own PID:
 - `running_worker`: async context manager running an in-process worker against any client
   (for the extra servers).
 - At session end (and after each test for its `state_dir`), runner processes left under the state
-  dirs are killed: through `sluice.schedulers.process.ProcessScheduler` when it exists, and by the
+  dirs are killed: through `sluice.schedulers.process.ProcessScheduler`, and by the
   PIDs in the runner info files otherwise (only if that PID is still a sluice runner).
 """
 
@@ -41,6 +41,8 @@ import pytest_asyncio
 
 from sluice.client import JobClient, connect
 from sluice.devserver import DevServer, free_port
+from sluice.schedulers.process import ProcessScheduler
+from sluice.worker import create_worker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -182,14 +184,11 @@ def kill_leftover_runners(state_dir: Path) -> list[int]:
     root = runners_dir(state_dir)
     if not root.exists():
         return []
-    with contextlib.suppress(ImportError):
-        from sluice.schedulers.process import ProcessScheduler
-
-        scheduler = ProcessScheduler(state_dir)
-        for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            job_id = unquote(job_dir.name)  # job dirs are quote()d job ids
-            with contextlib.suppress(Exception):
-                _run_coroutine_in_thread(lambda: scheduler.stop_runners(job_id))
+    scheduler = ProcessScheduler(state_dir)
+    for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        job_id = unquote(job_dir.name)  # job dirs are quote()d job ids
+        with contextlib.suppress(Exception):
+            _run_coroutine_in_thread(lambda: scheduler.stop_runners(job_id))
     killed: list[int] = []
     for pid in sorted(_pids_in_info_files(root)):
         if pid != os.getpid() and _pid_is_runner(pid):
@@ -273,18 +272,10 @@ def dev_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
 # ------------------------------------------------------------------------------ workers
 
 
-def _create_worker(client: Any, state_dir: Path) -> Any:
-    try:
-        from sluice.worker import create_worker
-    except ImportError as exc:
-        pytest.skip(f"sluice.worker is not available yet: {exc}")
-    return create_worker(client, state_dir)
-
-
 @contextlib.asynccontextmanager
 async def running_worker(client: Any, state_dir: Path) -> AsyncIterator[Any]:
     """Run `create_worker(client, state_dir)` in this event loop for the `async with` body."""
-    worker = _create_worker(client, state_dir)
+    worker = create_worker(client, state_dir)
     task = asyncio.create_task(worker.run(), name="sluice-test-worker")
     try:
         yield worker
