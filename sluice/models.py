@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 # --------------------------------------------------------------------------------------------
 # Names that are public contracts (queries, search attributes, CLI output).
@@ -58,6 +68,7 @@ class Contract(BaseModel):
 
 
 class OperatorBase(Contract):
+    kind: ClassVar[str] = "transform"
     id: str = Field(description="unique operator id within the pipeline")
     parallelism: int | None = Field(default=None, ge=1)
     inputs: list[str] | None = Field(
@@ -72,7 +83,17 @@ class OperatorBase(Contract):
         return v
 
 
-class GeneratorOperator(OperatorBase):
+class SourceBase(OperatorBase):
+    """Base of sources: where records enter, and how event time (watermarks) is tracked."""
+
+    kind: ClassVar[str] = "source"
+    out_of_orderness_ms: int = Field(
+        default=0, ge=0,
+        description="watermark = highest event time seen (per split) minus this; later records may still arrive within it",
+    )
+
+
+class GeneratorOperator(SourceBase):
     """Deterministic source: columns split, seq, key, ts, value, a pure function of (split, seq)."""
 
     type: Literal["generator"]
@@ -84,6 +105,36 @@ class GeneratorOperator(OperatorBase):
     )
     batch_size: int = Field(default=4096, ge=1, le=1_000_000)
 
+    def columns(self) -> list[str]:
+        return list(GENERATOR_COLUMNS)
+
+
+GENERATOR_COLUMNS = ("split", "seq", "key", "ts", "value")
+FileFormat = Literal["jsonl", "csv", "parquet"]
+ColumnType = Literal["int64", "float64", "string", "bool", "timestamp"]
+
+
+class FilesSourceOperator(SourceBase):
+    """Reads a directory of JSON lines, CSV or Parquet files; one split per file; offsets checkpointed."""
+
+    type: Literal["files"]
+    role: Literal["source"]  # type: ignore[misc]  # selects this class for `type: files`
+    path: str
+    format: FileFormat = "jsonl"
+    columns_: dict[str, ColumnType] | None = Field(
+        default=None, alias="schema",
+        description="column -> type; absent = inferred from the data (then key columns are checked at run time)",
+    )
+    event_time: str | None = Field(default=None, description="timestamp column that drives watermarks; absent = none")
+    follow: bool = Field(default=False, description="keep watching `path` for new files; never finishes")
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8192, ge=1, le=1_000_000)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def columns(self) -> list[str] | None:
+        return list(self.columns_) if self.columns_ is not None else None
+
 
 def _check_function_ref(v: str) -> str:
     if not _FUNCTION_REF.match(v):
@@ -94,6 +145,13 @@ def _check_function_ref(v: str) -> str:
 FunctionRef = Annotated[str, AfterValidator(_check_function_ref)]
 
 
+def _one_or_many(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+ColumnList = Annotated[list[str], BeforeValidator(_one_or_many), Field(min_length=1)]
+
+
 class MapOperator(OperatorBase):
     """Calls a Python function `module:function` on each Arrow record batch; returns a batch."""
 
@@ -102,26 +160,176 @@ class MapOperator(OperatorBase):
 
 
 class FilterOperator(OperatorBase):
-    """Calls `module:function` on each batch; it returns a boolean mask (array) of rows to keep."""
+    """Keeps the rows where `expr` (a pyarrow compute expression, e.g. "value > 500") is true, or
+    where `fn(batch)` (a Python function returning a boolean mask) is true."""
 
     type: Literal["filter"]
-    fn: FunctionRef
+    expr: str | None = None
+    fn: FunctionRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "FilterOperator":
+        if (self.expr is None) == (self.fn is None):
+            raise ValueError(f"filter {self.id!r} needs exactly one of 'expr' or 'fn'")
+        return self
 
 
-class FilesSinkOperator(OperatorBase):
+class ProjectOperator(OperatorBase):
+    """Keeps and computes columns: `columns` maps each output column to a pyarrow compute
+    expression over the input ("value * 2", "key"); a list keeps those columns as they are."""
+
+    type: Literal["project"]
+    columns: dict[str, str] | list[str] = Field(min_length=1)
+
+    def outputs(self) -> dict[str, str]:
+        return {c: c for c in self.columns} if isinstance(self.columns, list) else dict(self.columns)
+
+
+class KeyByOperator(OperatorBase):
+    """Partitions the stream by the hash of `key` columns: the next operator is keyed."""
+
+    type: Literal["key_by"]
+    key: ColumnList
+
+
+class UnionOperator(OperatorBase):
+    """Merges its inputs (which must have the same columns) into one stream; stateless."""
+
+    type: Literal["union"]
+
+
+AggregateFunction = Literal["count", "sum", "min", "max", "mean"]
+
+
+class AggregateSpec(Contract):
+    """One aggregate column: `fn` over `column` (count needs none), named `as` (default fn or fn_column)."""
+
+    fn: AggregateFunction
+    column: str | None = None
+    as_: str | None = Field(default=None, alias="as")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _column(self) -> "AggregateSpec":
+        if self.fn != "count" and self.column is None:
+            raise ValueError(f"aggregate {self.fn!r} needs a 'column'")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.as_:
+            return self.as_
+        return self.fn if self.column is None else f"{self.fn}_{self.column}"
+
+
+def _default_aggregates() -> list[AggregateSpec]:
+    return [AggregateSpec(fn="count")]
+
+
+class WindowBase(OperatorBase):
+    """Keyed event-time windows; output: key columns, window_start, window_end, one column per aggregate.
+
+    A window [start, end) is emitted once, when the watermark reaches end + allowed_lateness_ms;
+    a record for a window already emitted is late: dropped and counted (metric late_records).
+    """
+
+    time: str = Field(default="ts", description="event-time column (timestamp or int64 milliseconds)")
+    size_ms: int = Field(ge=1)
+    allowed_lateness_ms: int = Field(default=0, ge=0)
+    aggregates: list[AggregateSpec] = Field(default_factory=_default_aggregates, min_length=1)
+
+
+class TumblingWindowOperator(WindowBase):
+    type: Literal["tumbling_window"]
+
+
+class SlidingWindowOperator(WindowBase):
+    type: Literal["sliding_window"]
+    slide_ms: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _slide_divides_size(self) -> "SlidingWindowOperator":
+        if self.size_ms % self.slide_ms:
+            raise ValueError(f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})")
+        return self
+
+
+class RunningAggregateOperator(OperatorBase):
+    """Keyed running aggregate with updating output: after each batch, one row per key it touched
+    holding the key's new totals (the newest row of a key is its current value)."""
+
+    type: Literal["aggregate"]
+    aggregates: list[AggregateSpec] = Field(default_factory=_default_aggregates, min_length=1)
+
+
+class SinkBase(OperatorBase):
+    kind: ClassVar[str] = "sink"
+
+
+class FilesSinkOperator(SinkBase):
     """Exactly-once file sink: per-epoch staging files, published by the controller's commit phase."""
 
     type: Literal["files"]
+    role: Literal["sink"] = "sink"  # type: ignore[misc]
     path: str
-    format: Literal["jsonl"] = "jsonl"
+    format: Literal["jsonl", "parquet"] = "jsonl"
+
+
+class StdoutSinkOperator(SinkBase):
+    """Prints rows as JSON lines on the runner's standard output (at least once; for debugging)."""
+
+    type: Literal["stdout"]
+
+
+class NullSinkOperator(SinkBase):
+    """Discards rows (counts them in its metrics): for benchmarks and tests."""
+
+    type: Literal["null"]
+
+
+def _operator_tag(v: Any) -> str | None:
+    if isinstance(v, dict):
+        t, role = v.get("type"), v.get("role")
+    else:
+        t, role = getattr(v, "type", None), getattr(v, "role", None)
+    if t == "files":
+        return "files source" if role == "source" else "files sink"
+    return t
 
 
 OperatorSpec = Annotated[
-    Union[GeneratorOperator, MapOperator, FilterOperator, FilesSinkOperator],
-    Field(discriminator="type"),
+    Union[
+        Annotated[GeneratorOperator, Tag("generator")],
+        Annotated[FilesSourceOperator, Tag("files source")],
+        Annotated[MapOperator, Tag("map")],
+        Annotated[FilterOperator, Tag("filter")],
+        Annotated[ProjectOperator, Tag("project")],
+        Annotated[KeyByOperator, Tag("key_by")],
+        Annotated[UnionOperator, Tag("union")],
+        Annotated[TumblingWindowOperator, Tag("tumbling_window")],
+        Annotated[SlidingWindowOperator, Tag("sliding_window")],
+        Annotated[RunningAggregateOperator, Tag("aggregate")],
+        Annotated[FilesSinkOperator, Tag("files sink")],
+        Annotated[StdoutSinkOperator, Tag("stdout")],
+        Annotated[NullSinkOperator, Tag("null")],
+    ],
+    Discriminator(_operator_tag),
 ]
-SOURCE_TYPES = frozenset({"generator"})
-SINK_TYPES = frozenset({"files"})
+#: operators that need keyed input (a key_by upstream) and keep state per key
+KEYED_TYPES = frozenset({"tumbling_window", "sliding_window", "aggregate"})
+
+
+def operator_role(params: dict[str, Any]) -> Literal["source", "transform", "sink"]:
+    """Whether an operator (as dumped into Program.operators) is a source, a sink or in between."""
+    t = params.get("type")
+    if t == "files":
+        return "source" if params.get("role") == "source" else "sink"
+    if t in ("generator",):
+        return "source"
+    if t in ("stdout", "null"):
+        return "sink"
+    return "transform"
 
 
 class PipelineSpec(Contract):
@@ -144,7 +352,7 @@ class PipelineSpec(Contract):
         for i, op in enumerate(self.operators):
             if op.id in seen:
                 raise ValueError(f"operators[{i}]: duplicate operator id {op.id!r}")
-            if op.type in SOURCE_TYPES:
+            if op.kind == "source":
                 if op.inputs:
                     raise ValueError(f"operator {op.id!r}: a {op.type} source takes no inputs")
             elif i == 0 and not op.inputs:
@@ -169,7 +377,7 @@ class PipelineSpec(Contract):
         out: dict[str, list[str]] = {}
         prev: str | None = None
         for op in self.operators:
-            if op.type in SOURCE_TYPES:
+            if op.kind == "source":
                 out[op.id] = []
             else:
                 out[op.id] = list(op.inputs) if op.inputs else [prev]  # type: ignore[list-item]

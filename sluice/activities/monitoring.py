@@ -9,7 +9,7 @@ from temporalio import activity
 
 from sluice.activities.context import ControllerContext
 from sluice.errors import RunnerRefused, RunnerUnavailable
-from sluice.models import SOURCE_TYPES, MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo
+from sluice.models import MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo, operator_role
 from sluice.runner.client import RunnerClient
 
 HEARTBEAT_EVERY_S = 1.0
@@ -27,7 +27,7 @@ class JobView:
         return {
             s.label()
             for s in self.program.subtasks()
-            if self.program.operators[self.program.chains[s.chain].operators[0]]["type"] in SOURCE_TYPES
+            if operator_role(self.program.operators[self.program.chains[s.chain].operators[0]]) == "source"
         }
 
     def all_labels(self) -> set[str]:

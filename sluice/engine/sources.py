@@ -33,5 +33,11 @@ class Source(Operator):
         """Emit the next batch if one is due at monotonic time `now`."""
         raise NotImplementedError
 
+    def watermark(self) -> int | None:
+        """Event time (ms since the epoch) that no later record of this subtask will be below, if
+        it advanced since the last call; None otherwise (also for sources without event time).
+        The task asks after every batch and sends the watermark downstream, in band."""
+        return None
+
     def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         raise TypeError(f"source {self.operator_id!r} takes no input")

@@ -33,12 +33,12 @@ from pydantic import BaseModel, ValidationError
 
 from sluice.auth import GENERATION_HEADER, JOB_HEADER, tokens_equal
 from sluice.models import (
-    SOURCE_TYPES,
     RunnerEvent,
     RunnerInfo,
     StartRequest,
     SubtaskRef,
     SubtaskSnapshot,
+    operator_role,
 )
 from sluice.runner.metrics import RunnerMetrics, heartbeat_metrics
 from sluice.runner.protocol import (
@@ -518,7 +518,7 @@ class RunnerServer:
             self._subtasks[ref.label()] = _Subtask(
                 ref=ref,
                 operators=list(chain.operators),
-                is_source=head.get("type") in SOURCE_TYPES,
+                is_source=operator_role(head) == "source",
                 task=task,
             )
         self._notify()
