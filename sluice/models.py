@@ -502,17 +502,67 @@ class Chain(Contract):
     parallelism: int
 
 
+EdgeKind = Literal["pointwise", "hash", "rebalance"]
+
+
+class Edge(Contract):
+    """A connection between two chains: from the tail operator of one to the head of another.
+
+    `pointwise`: equal parallelism, subtask i sends to subtask i. `hash`: every row goes to the
+    subtask owning its key's hash (out of a `key_by`, `key` names the columns). `rebalance`: every
+    sender reaches every receiver, batches dealt round-robin. Control messages (watermarks,
+    barriers, end of stream) go to every receiver a sender is connected to.
+    """
+
+    from_op: str
+    to_op: str
+    kind: EdgeKind
+    key: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.from_op}->{self.to_op}"
+
+
 class Program(Contract):
-    """The physical program: every operator's parameters and parallelism, grouped into chains."""
+    """The physical program: every operator's parameters and parallelism, grouped into chains
+    (operators fused over forward edges), and the edges between chains."""
 
     name: str
     operators: dict[str, dict[str, Any]]  # id -> operator spec (model_dump of the pipeline's)
     inputs: dict[str, list[str]]
     parallelism: dict[str, int]
     chains: list[Chain]
+    edges: list[Edge] = Field(default_factory=list)
 
     def subtasks(self) -> list[SubtaskRef]:
         return [SubtaskRef(chain=c, index=i) for c, ch in enumerate(self.chains) for i in range(ch.parallelism)]
+
+    def chain_of(self, operator_id: str) -> int:
+        for i, ch in enumerate(self.chains):
+            if operator_id in ch.operators:
+                return i
+        raise KeyError(f"operator {operator_id!r} is in no chain")
+
+    def edges_into(self, chain: int) -> list[Edge]:
+        head = self.chains[chain].operators[0]
+        return [e for e in self.edges if e.to_op == head]
+
+    def edges_out_of(self, chain: int) -> list[Edge]:
+        tail = self.chains[chain].operators[-1]
+        return [e for e in self.edges if e.from_op == tail]
+
+    def senders(self, edge: Edge, receiver: int) -> list[int]:
+        """Subtask indexes of `edge`'s upstream that send to subtask `receiver` of its downstream."""
+        if edge.kind == "pointwise":
+            return [receiver]
+        return list(range(self.parallelism[edge.from_op]))
+
+    def receivers(self, edge: Edge, sender: int) -> list[int]:
+        """Subtask indexes of `edge`'s downstream that subtask `sender` of its upstream sends to."""
+        if edge.kind == "pointwise":
+            return [sender]
+        return list(range(self.parallelism[edge.to_op]))
 
 
 class RunnerInfo(Contract):

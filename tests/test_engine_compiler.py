@@ -41,33 +41,77 @@ def test_parallelism_precedence(fns: str) -> None:
     p = _pipeline({"id": "src", "type": "generator", "parallelism": 5}, {"id": "m", "type": "map", "fn": f"{fns}:ident", "parallelism": 5})
     assert compile_program(p, JobConfig()).parallelism == {"src": 5, "m": 5}
     assert compile_program(p, JobConfig(parallelism=3)).parallelism == {"src": 3, "m": 3}
-    with pytest.raises(UserError):
-        compile_program(p, JobConfig(parallelism=3, overrides={"m": 4}))
+    prog = compile_program(p, JobConfig(parallelism=3, overrides={"m": 4}))
+    assert prog.parallelism == {"src": 3, "m": 4}
+    assert [c.operators for c in prog.chains] == [["src"], ["m"]]
+    assert [(e.from_op, e.to_op, e.kind) for e in prog.edges] == [("src", "m", "rebalance")]
 
 
-def test_mismatched_parallelism_names_nodes(fns: str) -> None:
-    p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "map", "fn": f"{fns}:ident", "parallelism": 3})
-    with pytest.raises(UserError) as err:
-        compile_program(p, JobConfig())
-    msg = str(err.value)
-    assert "'src'" in msg and "'big'" in msg and "shuffle" in msg and "data-plane" in msg
+def _keyed_window_pipeline() -> PipelineSpec:
+    return _pipeline(
+        {"id": "a", "type": "generator"},
+        {"id": "b", "type": "generator", "parallelism": 3},
+        {"id": "both", "type": "union", "inputs": ["a", "b"]},
+        {"id": "big", "type": "filter", "expr": "value > 10"},
+        {"id": "by_key", "type": "key_by", "key": "key"},
+        {"id": "w", "type": "tumbling_window", "size_ms": 100},
+        {"id": "out", "type": "files", "path": "out"},
+        {"id": "copy", "type": "null", "inputs": ["w"]},
+    )
 
 
-def test_fan_out_and_fan_in_refused(fns: str) -> None:
+def test_graph_chains_and_edges() -> None:
+    prog = compile_program(_keyed_window_pipeline(), JobConfig())
+    assert [c.operators for c in prog.chains] == [["a"], ["b"], ["both", "big", "by_key"], ["w"], ["out"], ["copy"]]
+    assert [(e.from_op, e.to_op, e.kind, e.key) for e in prog.edges] == [
+        ("a", "both", "pointwise", None),
+        ("b", "both", "rebalance", None),
+        ("by_key", "w", "hash", ["key"]),
+        ("w", "out", "pointwise", None),
+        ("w", "copy", "pointwise", None),
+    ]
+    assert prog.operators["w"]["key"] == ["key"]
+    chain_w = prog.chain_of("w")
+    assert [e.from_op for e in prog.edges_into(chain_w)] == ["by_key"]
+    assert [e.to_op for e in prog.edges_out_of(chain_w)] == ["out", "copy"]
+    hash_edge = prog.edges[2]
+    assert prog.senders(hash_edge, 1) == [0, 1] and prog.receivers(prog.edges[0], 1) == [1]
+
+
+def test_graph_refusals_name_the_node(fns: str) -> None:
+    cases = [
+        ([{"id": "a", "type": "generator"}, {"id": "w", "type": "tumbling_window", "size_ms": 10}],
+         "operator 'w' (tumbling_window) keeps state per key: its input 'a' must be a 'key_by' operator"),
+        ([{"id": "a", "type": "generator"}, {"id": "k", "type": "key_by", "key": ["nope"]}],
+         "operator 'k': key column(s) 'nope' not in the input's columns (split, seq, key, ts, value)"),
+        ([{"id": "a", "type": "generator"}, {"id": "k", "type": "key_by", "key": "key"},
+          {"id": "w", "type": "tumbling_window", "size_ms": 10, "time": "when"}],
+         "operator 'w': time column 'when' not in the input's columns"),
+        ([{"id": "a", "type": "generator"}, {"id": "k", "type": "key_by", "key": "key"},
+          {"id": "w", "type": "aggregate", "aggregates": [{"fn": "sum", "column": "amount"}]}],
+         "operator 'w': aggregate column(s) 'amount' not in the input's columns"),
+        ([{"id": "a", "type": "generator"}, {"id": "b", "type": "generator"},
+          {"id": "m", "type": "map", "fn": f"{fns}:ident", "inputs": ["a", "b"]}],
+         "operator 'm' has several inputs ('a', 'b'); merge them with a 'union' operator first"),
+        ([{"id": "a", "type": "generator"}, {"id": "p", "type": "project", "columns": {"v": "value * 2"}},
+          {"id": "k", "type": "key_by", "key": "key"}],
+         "operator 'k': key column(s) 'key' not in the input's columns (v)"),
+    ]
+    for ops, message in cases:
+        with pytest.raises(UserError) as err:
+            compile_program(_pipeline(*ops), JobConfig())
+        assert message in str(err.value)
+
+
+def test_fan_out_ends_the_chain(fns: str) -> None:
     p = _pipeline(
         {"id": "a", "type": "generator"},
         {"id": "m1", "type": "map", "fn": f"{fns}:ident", "inputs": ["a"]},
         {"id": "m2", "type": "map", "fn": f"{fns}:ident", "inputs": ["a"]},
     )
-    with pytest.raises(UserError, match="'a' feeds several operators"):
-        compile_program(p, JobConfig())
-    p = _pipeline(
-        {"id": "a", "type": "generator"},
-        {"id": "b", "type": "generator"},
-        {"id": "m", "type": "map", "fn": f"{fns}:ident", "inputs": ["a", "b"]},
-    )
-    with pytest.raises(UserError, match="'m' has several inputs"):
-        compile_program(p, JobConfig())
+    prog = compile_program(p, JobConfig())
+    assert [c.operators for c in prog.chains] == [["a"], ["m1"], ["m2"]]
+    assert [e.kind for e in prog.edges] == ["pointwise", "pointwise"]
 
 
 def test_unknown_override_named() -> None:

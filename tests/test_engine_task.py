@@ -62,7 +62,7 @@ class Run:
                                            then_stop=then_stop)
         self.store.write_manifest(manifest)
         for op_id, op in manifest.operators.items():
-            sink = sink_class(self.program.operators[op_id]["type"])
+            sink = sink_class(self.program.operators[op_id])
             if sink is not None:
                 sink.commit(self.program.operators[op_id], op.commits)
         return manifest
@@ -105,7 +105,7 @@ def fns(tmp_path: Path) -> str:
 
 def _recover(program: Program, manifest: CheckpointManifest | None) -> None:
     for op_id, params in program.operators.items():
-        sink = sink_class(params["type"])
+        sink = sink_class(params)
         if sink is not None:
             sink.recover(params, manifest)
 

@@ -102,7 +102,7 @@ def _commit(inp: CheckpointInput, manifest: CheckpointManifest) -> int:
     """The commit phase of two-phase-commit sinks; idempotent, so retries are safe."""
     published = 0
     for op_id, params in inp.program.operators.items():
-        sink = sink_class(params["type"])
+        sink = sink_class(params)
         part = manifest.operators.get(op_id)
         if sink is not None and part is not None and part.commits:
             published += sink.commit(params, part.commits)

@@ -49,7 +49,7 @@ class SchedulingActivities:
         # Finish the restore point's commit phase and drop output of epochs that never completed,
         # before any task can write new output.
         for op_id, params in inp.program.operators.items():
-            sink = sink_class(params["type"])
+            sink = sink_class(params)
             if sink is not None:
                 await asyncio.to_thread(sink.recover, params, manifest)
         assignments = assign(inp.program, inp.runners)

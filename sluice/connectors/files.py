@@ -1,20 +1,25 @@
-"""The ``files`` sink: exactly-once files through two-phase commit.
+"""The ``files`` sink: exactly-once files through two-phase commit, as JSON Lines or Parquet.
 
-Layout under the sink's ``path`` (a local directory; the compiler makes it absolute):
+Layout under the sink's ``path`` (a local directory; the compiler makes it absolute), where
+``{ext}`` is the format (``jsonl`` or ``parquet``):
 
-* ``.staging/inprogress-sub-{i:04d}-gen-{G}-{n}.jsonl`` rows received since the last barrier;
-* ``.staging/epoch-{E:010d}-sub-{i:04d}-gen-{G}.jsonl`` at barrier E the in-progress file is
-  flushed, fsynced, closed and renamed to this name (pre-commit), and reported in the snapshot as
-  ``{"staged": <that path>, "final": "{path}/part-{E:010d}-{i:04d}.jsonl"}``; an epoch in which the
+* ``.staging/inprogress-sub-{i:04d}-gen-{G}-{n}.{ext}`` rows received since the last barrier;
+* ``.staging/epoch-{E:010d}-sub-{i:04d}-gen-{G}.{ext}`` at barrier E the in-progress file is
+  completed (Parquet footer written), flushed, fsynced, closed and renamed to this name
+  (pre-commit), and reported in the snapshot as
+  ``{"staged": <that path>, "final": "{path}/part-{E:010d}-{i:04d}.{ext}"}``; an epoch in which the
   subtask received no row stages nothing;
-* ``part-{E:010d}-{i:04d}.jsonl`` committed output: the controller renames staged -> final after the
-  manifest of epoch E is written (:meth:`FilesSink.commit`).
+* ``part-{E:010d}-{i:04d}.{ext}`` committed output: the controller renames staged -> final after
+  the manifest of epoch E is written (:meth:`FilesSink.commit`).
 
 Committed output is every file under ``path`` whose name does not start with ``.`` or ``_``.
-Rows are JSON Lines as encoded by :mod:`sluice.connectors.jsonl` (timestamps as ISO-8601 UTC).
+``jsonl`` rows are JSON Lines as encoded by :mod:`sluice.connectors.jsonl` (timestamps as ISO-8601
+UTC); ``parquet`` files hold the Arrow batches as they arrived (schema of the epoch's first batch;
+later batches of the same epoch are cast to it), in row groups of up to :data:`PARQUET_ROW_GROUP_ROWS`.
 
 Rows received after the last barrier (graceful stop, failure) stay in staging and are discarded by
 :meth:`FilesSink.recover` before the next run, which replays them from the restored source offsets.
+Both formats share this one code path; only the :class:`StagingWriter` differs.
 """
 
 from __future__ import annotations
@@ -24,26 +29,34 @@ import uuid
 from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sluice.connectors.jsonl import encode_batch
 from sluice.engine.operators import OperatorContext, OperatorState
 from sluice.engine.sinks import Sink
-from sluice.models import CheckpointManifest
+from sluice.models import CheckpointManifest, FilesSinkOperator
 
 STAGING_DIR = ".staging"
 WRITE_BUFFER_BYTES = 1 << 20
+#: a Parquet row group is written when this many rows (or PARQUET_ROW_GROUP_BYTES) are buffered, so
+#: that small input batches do not become tiny row groups
+PARQUET_ROW_GROUP_ROWS = 128 * 1024
+PARQUET_ROW_GROUP_BYTES = 64 << 20
 
 
 def staging_dir(path: str) -> str:
+    """The sink's pre-commit directory under its output directory `path`."""
     return os.path.join(path, STAGING_DIR)
 
 
-def staged_name(path: str, epoch: int, subtask: int, generation: int) -> str:
-    return os.path.join(staging_dir(path), f"epoch-{epoch:010d}-sub-{subtask:04d}-gen-{generation}.jsonl")
+def staged_name(path: str, epoch: int, subtask: int, generation: int, ext: str = "jsonl") -> str:
+    """Where a subtask's output of `epoch` waits for the commit phase."""
+    return os.path.join(staging_dir(path), f"epoch-{epoch:010d}-sub-{subtask:04d}-gen-{generation}.{ext}")
 
 
-def final_name(path: str, epoch: int, subtask: int) -> str:
-    return os.path.join(path, f"part-{epoch:010d}-{subtask:04d}.jsonl")
+def final_name(path: str, epoch: int, subtask: int, ext: str = "jsonl") -> str:
+    """The committed name of a subtask's output of `epoch` (the same whatever the generation)."""
+    return os.path.join(path, f"part-{epoch:010d}-{subtask:04d}.{ext}")
 
 
 def committed_files(path: str) -> list[str]:
@@ -63,19 +76,141 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+# ---------------------------------------------------------------- writers, one per format
+
+
+class StagingWriter:
+    """Writes one in-progress file of one format. ``seal`` makes it complete and durable."""
+
+    #: file name extension of this format (also of the committed files)
+    ext: str = ""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: BinaryIO = open(path, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 - open until seal/abort
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Append the rows of a non-empty batch."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Push buffered bytes to the OS (best effort; no durability promised)."""
+        self._file.flush()
+
+    def seal(self) -> None:
+        """Complete the file, fsync and close it; afterwards it may be renamed and published."""
+        self._finish()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def _finish(self) -> None:
+        """Write whatever the format keeps buffered or needs at the end (e.g. a footer)."""
+
+    def abort(self) -> None:
+        """Close without completing (the file is left for ``recover`` to delete); never raises."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+class JsonlWriter(StagingWriter):
+    """JSON Lines, encoded by :func:`sluice.connectors.jsonl.encode_batch`."""
+
+    ext = "jsonl"
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._file.write(encode_batch(batch))
+
+
+class ParquetWriter(StagingWriter):
+    """One Parquet file; its schema is that of the first batch, later batches are cast to it."""
+
+    ext = "parquet"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._schema is None:
+            self._schema = batch.schema
+        elif not batch.schema.equals(self._schema):
+            if sorted(batch.schema.names) != sorted(self._schema.names):
+                raise ValueError(
+                    f"parquet output {self.path}: a batch with columns ({_schema_text(batch.schema)}) in an "
+                    f"epoch whose file has columns ({_schema_text(self._schema)}); one file holds one schema"
+                )
+            try:
+                batch = pa.Table.from_batches([batch]).select(self._schema.names).cast(self._schema).to_batches()[0]
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, IndexError) as exc:
+                raise ValueError(
+                    f"parquet output {self.path}: a batch with schema ({_schema_text(batch.schema)}) does not "
+                    f"fit the file's schema ({_schema_text(self._schema)}): {exc}"
+                ) from exc
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self._pending_bytes += batch.nbytes
+        if self._pending_rows >= PARQUET_ROW_GROUP_ROWS or self._pending_bytes >= PARQUET_ROW_GROUP_BYTES:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        assert self._schema is not None
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._file, self._schema)
+        self._writer.write_table(pa.Table.from_batches(self._pending, schema=self._schema),
+                                 row_group_size=PARQUET_ROW_GROUP_ROWS)
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+
+    def flush(self) -> None:
+        # Buffered rows become a row group only at the threshold or at seal: a Parquet file is not
+        # readable before its footer anyway.
+        self._file.flush()
+
+    def _finish(self) -> None:
+        self._write_pending()
+        if self._writer is not None:
+            self._writer.close()  # writes the footer; does not close self._file (we own it)
+            self._writer = None
+
+    def abort(self) -> None:
+        self._pending = []
+        super().abort()
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+WRITERS: dict[str, type[StagingWriter]] = {"jsonl": JsonlWriter, "parquet": ParquetWriter}
+
+
+# ---------------------------------------------------------------- the sink
+
+
 class FilesSink(Sink):
-    """Runner side: writes one staging file per epoch and subtask; pre-commits at each barrier."""
+    """Runner side: writes one staging file per epoch and subtask; pre-commits at each barrier.
+
+    Guarantees (with the controller's commit/recover): every row reaches exactly one committed file
+    once the checkpoint covering it completes; nothing of an incomplete epoch is ever visible.
+    """
 
     type_name = "files"
 
     def __init__(self, operator_id: str, params: dict[str, Any]) -> None:
         super().__init__(operator_id, params)
-        self.path = os.path.abspath(params["path"])
-        self.format = params.get("format", "jsonl")
-        if self.format != "jsonl":
-            raise ValueError(f"files sink {operator_id!r}: unsupported format {self.format!r}")
-        self._file: BinaryIO | None = None
-        self._in_progress: str | None = None
+        self.spec = FilesSinkOperator.model_validate(params)
+        self.path = os.path.abspath(self.spec.path)
+        self.format = self.spec.format
+        self._writer_class = WRITERS[self.format]
+        self._writer: StagingWriter | None = None
         self._rows = 0
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
@@ -85,43 +220,38 @@ class FilesSink(Sink):
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
             return
-        if self._file is None:
+        if self._writer is None:
             assert self.ctx is not None, "sink used before open()"
-            name = f"inprogress-sub-{self.ctx.subtask_index:04d}-gen-{self.ctx.generation}-{uuid.uuid4().hex[:8]}.jsonl"
-            self._in_progress = os.path.join(staging_dir(self.path), name)
-            self._file = open(self._in_progress, "wb", buffering=WRITE_BUFFER_BYTES)
-        self._file.write(encode_batch(batch))
+            name = (f"inprogress-sub-{self.ctx.subtask_index:04d}-gen-{self.ctx.generation}-"
+                    f"{uuid.uuid4().hex[:8]}.{self._writer_class.ext}")
+            self._writer = self._writer_class(os.path.join(staging_dir(self.path), name))
+        self._writer.write(batch)
         self._rows += batch.num_rows
 
     def snapshot(self, epoch: int) -> OperatorState:
-        if self._file is None or self._in_progress is None:
+        if self._writer is None:
             return OperatorState()  # nothing arrived in this epoch: nothing to commit
         assert self.ctx is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        staged = staged_name(self.path, epoch, self.ctx.subtask_index, self.ctx.generation)
-        os.replace(self._in_progress, staged)
+        writer, self._writer = self._writer, None
+        writer.seal()
+        ext = writer.ext
+        staged = staged_name(self.path, epoch, self.ctx.subtask_index, self.ctx.generation, ext)
+        os.replace(writer.path, staged)
         _fsync_dir(staging_dir(self.path))
-        self._in_progress = None
         self._rows = 0
-        return OperatorState(commits=[{"staged": staged, "final": final_name(self.path, epoch, self.ctx.subtask_index)}])
+        return OperatorState(commits=[{"staged": staged, "final": final_name(self.path, epoch, self.ctx.subtask_index, ext)}])
 
     def on_end(self) -> list[pa.RecordBatch]:
         # Nothing to flush downstream; the open staging file is sealed by the next barrier (a
         # bounded job's final checkpoint) or discarded by recover().
-        if self._file is not None:
-            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
         return []
 
     def close(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
 
     # ------------------------------------------------------------ controller side
 

@@ -26,6 +26,12 @@ Splits are owned by subtasks as ``split s -> subtask s % parallelism``. The stat
 of every owned split (table ``split: int64, offset: int64``); on restore a subtask reads the tables
 of every previous subtask and keeps the offsets of the splits it now owns, so a rescale neither
 loses nor repeats a row.
+
+Event time is column ``ts``. Each owned split that still has rows to produce is tracked by a
+:class:`~sluice.engine.watermarks.WatermarkTracker` with the operator's ``out_of_orderness_ms``
+(the generator itself is in order per split, so 0 is exact); a split that has not emitted yet since
+the subtask opened holds the watermark back and a finished split (``limit`` reached) no longer does.
+:meth:`GeneratorSource.watermark` reports the watermark when it advances.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import pyarrow.compute as pc
 
 from sluice.engine.operators import OperatorContext, OperatorState
 from sluice.engine.sources import FINISHED, Poll, Source
+from sluice.engine.watermarks import WatermarkTracker
 from sluice.models import GeneratorOperator
 
 SPLIT_STRIDE = 0x9E3779B97F4A7C15
@@ -124,6 +131,7 @@ class GeneratorSource(Source):
         self._next = 0  # round-robin position in _active
         self._t0: float | None = None  # rate pacing starts at the first poll
         self._emitted: dict[int, int] = {}  # rows per split since _t0
+        self._watermarks = WatermarkTracker(self.spec.out_of_orderness_ms)
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
@@ -141,6 +149,9 @@ class GeneratorSource(Source):
                     self.offsets[split] = offset
         self._active = [s for s in owned if not self._done(s)]
         self._emitted = {s: 0 for s in owned}
+        self._watermarks = WatermarkTracker(self.spec.out_of_orderness_ms)
+        for split in self._active:
+            self._watermarks.add_split(split)
 
     def _done(self, split: int) -> bool:
         return self.spec.limit is not None and self.offsets[split] >= self.spec.limit
@@ -174,13 +185,22 @@ class GeneratorSource(Source):
             batch = generator_rows(self.spec, split, start, start + n)
             self.offsets[split] = start + n
             self._emitted[split] += n
+            if n > 0:
+                self._watermarks.observe(split, TS_BASE_MS + (start + n - 1) * TS_STEP_MS)
             if self._done(split):
+                self._watermarks.finish(split)
                 del self._active[i]
                 self._next = i % len(self._active) if self._active else 0
             else:
                 self._next = (i + 1) % len(self._active)
             return Poll(batch=batch)
         return Poll(idle_s=max(idle, 1e-4))
+
+    def watermark(self) -> int | None:
+        """Event time (ms) below which no later row of this subtask falls, when it advanced: the
+        lowest ``ts`` reached by the unfinished owned splits minus ``out_of_orderness_ms``; None
+        until every unfinished split has emitted, and when it did not move."""
+        return self._watermarks.advance()
 
     def snapshot(self, epoch: int) -> OperatorState:
         splits = sorted(self.offsets)

@@ -11,14 +11,15 @@ from sluice.engine.transforms import FilterOperator, MapOperator
 TRANSFORMS: dict[str, type[Operator]] = {"map": MapOperator, "filter": FilterOperator}
 
 
-def operator_class(type_name: str) -> type[Operator]:
-    """The class implementing `type_name`; KeyError when no operator has that type."""
-    cls = TRANSFORMS.get(type_name) or connectors.source_class(type_name) or connectors.sink_class(type_name)
+def operator_class(params: dict[str, Any]) -> type[Operator]:
+    """The class implementing an operator's `type` (and `role`, for a type that is both a source
+    and a sink); KeyError when no operator has that type."""
+    cls = TRANSFORMS.get(params["type"]) or connectors.connector_class(params)
     if cls is None:
-        raise KeyError(f"no operator type {type_name!r}")
+        raise KeyError(f"no operator type {params['type']!r}")
     return cls
 
 
 def build_operator(operator_id: str, params: dict[str, Any]) -> Operator:
     """A fresh, unopened operator instance for one subtask."""
-    return operator_class(params["type"])(operator_id, params)
+    return operator_class(params)(operator_id, params)

@@ -1,14 +1,21 @@
 """Execution of one subtask (one parallel instance of a chain) inside a runner's event loop.
 
-A :class:`SubtaskRunner` owns its operators for one generation. The runner process calls, in order,
+A :class:`SubtaskRunner` owns its operators for one generation. The runner process builds its
+channels (an :class:`~sluice.engine.routing.InputGate` in front unless the chain starts with a
+source, one :class:`~sluice.engine.routing.Output` per outgoing edge behind), then calls, in order,
 ``await open()`` (build operators, restore state), then ``await run()`` in a task of its own, and
-meanwhile, from the same event loop, ``inject_barrier(epoch, then_stop)`` and ``stop(mode)``.
+meanwhile, from the same event loop, ``inject_barrier(epoch, then_stop)`` (sources only: other
+subtasks get barriers in band from their inputs) and ``stop(mode)``.
 
 Guarantees:
 
 * Barriers are handled in band: everything the source emitted before the barrier has passed the
   whole chain (and reached the sink's staging file) when the chain snapshots, and nothing emitted
-  after it has. So a checkpoint's source offsets and sink commits describe the same records.
+  after it has; a subtask with inputs snapshots once the barrier arrived on all of them (aligned),
+  and forwards it downstream. So a checkpoint's source offsets, keyed state and sink commits
+  describe the same records.
+* Watermarks follow the data: a source's after each batch, an input gate's when the lowest of its
+  channels advances; operators may release rows for them (closed windows) before they go on.
 * ``run()`` yields to the event loop between batches and while rate limited or idle, so the same
   process keeps serving HTTP and heartbeats.
 * A failure inside an operator becomes a :class:`TaskError` naming operator and subtask; user code
@@ -29,11 +36,13 @@ import pyarrow as pa
 
 from sluice.engine.chain import OperatorChain, OperatorFailed
 from sluice.engine.functions import FunctionLoadError
-from sluice.engine.messages import Barrier
+from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState, UserFunctionError
 from sluice.engine.registry import build_operator
+from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
-from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot
+from sluice.errors import UserError
+from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
 from sluice.storage import CheckpointStore
 
 TaskState = Literal["starting", "running", "source_finished", "finished", "failed"]
@@ -62,7 +71,8 @@ def _is_user_fault(exc: BaseException) -> bool:
 
 
 class SubtaskRunner:
-    """Runs one subtask of `program`: its chain's operators, fed by the chain's head source."""
+    """Runs one subtask of `program`: its chain's operators, fed by the chain's head source or by
+    its input gate, with the tail's output sent over `outputs`."""
 
     def __init__(
         self,
@@ -74,6 +84,8 @@ class SubtaskRunner:
         store: CheckpointStore,
         restore: CheckpointManifest | None,
         on_event: EventCallback,
+        inputs: list[InputChannel] | None = None,
+        outputs: list[Output] | None = None,
     ) -> None:
         if not 0 <= ref.chain < len(program.chains):
             raise ValueError(f"subtask {ref.label()}: program has {len(program.chains)} chains")
@@ -88,6 +100,13 @@ class SubtaskRunner:
         self.restore = restore
         self.on_event = on_event
         self.operator_ids: list[str] = list(chain.operators)
+        self.is_source = operator_role(program.operators[self.operator_ids[0]]) == "source"
+        if self.is_source and inputs:
+            raise ValueError(f"subtask {ref.label()}: a source chain takes no inputs")
+        if not self.is_source and not inputs:
+            raise ValueError(f"subtask {ref.label()}: chain starting with {self.operator_ids[0]!r} needs inputs")
+        self.outputs: list[Output] = list(outputs or [])
+        self._gate = InputGate(inputs) if inputs else None
         self.state: TaskState = "starting"
         self.snapshots: dict[int, SubtaskSnapshot] = {}
         self._chain: OperatorChain | None = None
@@ -99,36 +118,50 @@ class SubtaskRunner:
         self._ended = False  # end-of-stream has gone through the chain
         self._closed = False
         self._snapshotting: asyncio.Future[dict[str, OperatorState]] | None = None
+        self._union_schema: pa.Schema | None = None
 
     # ------------------------------------------------------------------ control (same event loop)
 
     def inject_barrier(self, epoch: int, then_stop: bool) -> None:
         """Queue barrier `epoch` for the source loop. A repeated epoch, or one after the task ended,
-        is ignored, so the controller may retry freely."""
-        if epoch in self._epochs_seen or self.state in ("finished", "failed"):
+        is ignored, so the controller may retry freely. Subtasks with inputs ignore it: their
+        barriers come in band."""
+        if not self.is_source or epoch in self._epochs_seen or self.state in ("finished", "failed"):
             return
         self._epochs_seen.add(epoch)
         self._barriers.append(Barrier(epoch, then_stop))
         self._wakeup.set()
 
     def stop(self, mode: str) -> None:
-        """``graceful``: the source stops, end-of-stream runs through the chain, run() returns.
-        ``immediate``: run() returns as soon as the current batch is done, flushing nothing."""
+        """``graceful``: sources stop and end-of-stream runs through the chain and downstream; a
+        subtask with inputs ends once all of them ended. ``immediate``: run() returns as soon as
+        the current batch is done, flushing nothing."""
         if mode not in ("graceful", "immediate"):
             raise ValueError(f"stop mode must be 'graceful' or 'immediate', not {mode!r}")
         if self._stop_mode != "immediate":  # immediate wins over graceful, never the reverse
             self._stop_mode = mode  # type: ignore[assignment]
+        if mode == "immediate" and self._gate is not None:
+            self._gate.interrupt()
         self._wakeup.set()
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Rows in and out per operator of this subtask, as ``records_in.<op>`` / ``records_out.<op>``."""
+        """Per operator of this subtask: ``records_in.<op>``, ``records_out.<op>``, and whatever
+        the operator reports itself (e.g. ``late_records.<op>`` of a window)."""
         if self._chain is None:
             return {}
         out: dict[str, float] = {}
-        for op_id in self.operator_ids:
+        for op in self._chain.operators:
+            op_id = op.operator_id
             out[f"records_in.{op_id}"] = self._chain.rows_in[op_id]
             out[f"records_out.{op_id}"] = self._chain.rows_out[op_id]
+            own = getattr(op, "metrics", None)
+            if callable(own):
+                try:
+                    for name, value in own().items():
+                        out[f"{name}.{op_id}"] = float(value)
+                except Exception:  # noqa: BLE001 - metrics must never fail the task
+                    pass
         return out
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,6 +174,8 @@ class SubtaskRunner:
             return TaskError(
                 f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user"
             )
+        if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
+            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user")
         return TaskError(
             f"{self._where(operator_id)}: {doing} failed: {type(exc).__name__}: {exc}", retryable=True, domain="internal"
         )
@@ -183,20 +218,25 @@ class SubtaskRunner:
                     pass
             raise self._error(current, exc, "open") from exc
         head = operators[0]
-        if not isinstance(head, Source):
-            # Chains fed over the network come with the shuffle work; the compiler refuses them now.
-            self.state = "failed"
-            raise TaskError(f"{self._where(head.operator_id)}: chain does not start with a source")
-        self._source = head
-        self._chain = OperatorChain(operators, head_is_source=True)
+        if self.is_source:
+            if not isinstance(head, Source):
+                self.state = "failed"
+                raise TaskError(f"{self._where(head.operator_id)}: {type(head).__name__} is not a source")
+            self._source = head
+        self._chain = OperatorChain(operators, head_is_source=self.is_source)
         self.state = "running"
 
     async def run(self) -> None:
-        """Drive the source and chain until a then-stop barrier, a stop, or cancellation."""
-        if self._chain is None or self._source is None:
+        """Drive the chain until a then-stop barrier, a stop, the end of every input, or
+        cancellation; the outputs are closed whichever way it ends."""
+        if self._chain is None:
             raise TaskError(f"subtask {self.ref.label()}: run() before a successful open()")
         try:
-            await self._loop()
+            if self._gate is not None:
+                self._gate.start()
+                await self._input_loop()
+            else:
+                await self._source_loop()
             self.state = "finished"
         except asyncio.CancelledError:
             self.state = "finished"
@@ -204,6 +244,9 @@ class SubtaskRunner:
         except OperatorFailed as exc:
             self.state = "failed"
             raise self._error(exc.operator_id, exc.cause, "processing") from exc.cause
+        except InputClosed as exc:
+            self.state = "failed"
+            raise TaskError(f"subtask {self.ref.label()} ({self.operator_ids[0]!r}): {exc}") from exc
         except TaskError:
             self.state = "failed"
             raise
@@ -211,6 +254,10 @@ class SubtaskRunner:
             self.state = "failed"
             raise TaskError(f"subtask {self.ref.label()}: {type(exc).__name__}: {exc}") from exc
         finally:
+            if self._gate is not None:
+                await self._gate.close()
+            for out in self.outputs:
+                await out.close()
             self._close()
 
     def _close(self) -> None:
@@ -224,7 +271,37 @@ class SubtaskRunner:
         else:
             chain.close()
 
-    async def _loop(self) -> None:
+    # ------------------------------------------------------------------ data flow
+
+    async def _emit(self, batches: list[pa.RecordBatch]) -> None:
+        """Send the chain tail's output over every outgoing edge (waits while receivers are full)."""
+        if not batches or not self.outputs:
+            return
+        tail = self.operator_ids[-1]
+        for batch in batches:
+            for out in self.outputs:
+                try:
+                    await out.emit(batch)
+                except (KeyError, TypeError, pa.ArrowException) as exc:  # e.g. a key column missing
+                    raise OperatorFailed(tail, exc) from exc
+
+    async def _broadcast(self, msg: Message) -> None:
+        for out in self.outputs:
+            await out.broadcast(msg)
+
+    async def _watermark(self, wm: Watermark) -> None:
+        assert self._chain is not None
+        await self._emit(self._chain.watermark(wm))
+        await self._broadcast(wm)
+
+    async def _end_of_stream(self) -> None:
+        if not self._ended:
+            self._ended = True
+            assert self._chain is not None
+            await self._emit(self._chain.end())
+            await self._broadcast(EndOfStream())
+
+    async def _source_loop(self) -> None:
         assert self._chain is not None and self._source is not None
         source, chain = self._source, self._chain
         while True:
@@ -239,30 +316,65 @@ class SubtaskRunner:
                 if self._stop_mode == "immediate":
                     return
             if self._stop_mode == "graceful":
-                self._end_of_stream()
+                await self._end_of_stream()
                 return
             if self._ended:
                 await self._wait(IDLE_RECHECK_S)
                 continue
             try:
                 poll = source.poll(time.monotonic())
+                wm = source.watermark() if poll.batch is not None or poll.finished else None
             except Exception as exc:
                 raise OperatorFailed(source.operator_id, exc) from exc
             if poll.batch is not None:
-                chain.source_emitted(source.operator_id, poll.batch)
+                await self._emit(chain.source_emitted(source.operator_id, poll.batch))
+                if wm is not None:
+                    await self._watermark(Watermark(wm))
                 await asyncio.sleep(0)  # let HTTP handlers and other subtasks run
             elif poll.finished:
-                self._end_of_stream()
+                await self._end_of_stream()
                 self.state = "source_finished"
                 self.on_event("source_finished", self.ref, {})
             else:
                 await self._wait(min(poll.idle_s, IDLE_RECHECK_S))
 
-    def _end_of_stream(self) -> None:
-        if not self._ended:
-            self._ended = True
-            assert self._chain is not None
-            self._chain.end()
+    def _check_union(self, batch: pa.RecordBatch) -> None:
+        """Rows reaching a union must all have one schema: the first one seen sets it."""
+        if self._union_schema is None:
+            self._union_schema = batch.schema
+        elif not batch.schema.equals(self._union_schema):
+            head = self.operator_ids[0]
+            want = ", ".join(f"{f.name}: {f.type}" for f in self._union_schema)
+            got = ", ".join(f"{f.name}: {f.type}" for f in batch.schema)
+            raise OperatorFailed(head, UserError(f"inputs have different schemas: ({want}) vs ({got})"))
+
+    async def _input_loop(self) -> None:
+        assert self._chain is not None and self._gate is not None
+        chain, gate = self._chain, self._gate
+        union = self.program.operators[self.operator_ids[0]].get("type") == "union"
+        while True:
+            if self._stop_mode == "immediate":
+                return
+            msg = await gate.next()
+            if msg is None:  # every input closed (after its end of stream), or an immediate stop
+                if not self._ended and self._stop_mode != "immediate":
+                    await self._end_of_stream()
+                return
+            if isinstance(msg, pa.RecordBatch):
+                if union:
+                    self._check_union(msg)
+                await self._emit(chain.process(msg))
+            elif isinstance(msg, Watermark):
+                await self._watermark(msg)
+            elif isinstance(msg, Barrier):
+                await self._checkpoint(msg)
+                if msg.then_stop:
+                    return
+            elif isinstance(msg, EndOfStream):
+                await self._end_of_stream()
+                if self._stop_mode == "graceful":
+                    return
+            await asyncio.sleep(0)
 
     async def _wait(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking early for a barrier or a stop."""
@@ -277,6 +389,8 @@ class SubtaskRunner:
 
     async def _checkpoint(self, barrier: Barrier) -> None:
         assert self._chain is not None
+        # Downstream starts aligning while this subtask snapshots: nothing is emitted in between.
+        await self._broadcast(barrier)
         # Operators are not touched by anything else while this task awaits, so snapshotting
         # (which may fsync) can run off the event loop.
         self._snapshotting = asyncio.ensure_future(asyncio.to_thread(self._chain.snapshot, barrier.epoch))

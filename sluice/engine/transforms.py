@@ -1,4 +1,5 @@
-"""Stateless transforms that call user functions on whole record batches: ``map`` and ``filter``."""
+"""Stateless transforms on whole record batches: ``map`` (a user function) and ``filter`` (an
+expression of :mod:`sluice.engine.expressions`, or a user function returning a mask)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sluice.engine.expressions import CompiledExpression, ExpressionError, compile_for
 from sluice.engine.functions import load_function
 from sluice.engine.operators import Operator, OperatorContext, UserFunctionError
 
@@ -49,16 +51,67 @@ class MapOperator(_UserFunctionOperator):
         )
 
 
-class FilterOperator(_UserFunctionOperator):
-    """``fn(batch) -> mask`` (pyarrow array, numpy array or list of bools); keeps rows where true.
+class FilterOperator(Operator):
+    """Keeps the rows where ``params['expr']`` is true, or where ``fn(batch) -> mask`` (pyarrow
+    array, numpy array or list of bools) is true. A null (in the expression's value or the mask)
+    drops its row.
 
-    A null in the mask drops its row.
+    A bad expression fails open() with a non-retryable ExpressionError naming the operator and the
+    expression; evaluation failures (missing column, type mismatch, invalid value) raise
+    MissingColumnError / ExpressionError naming the operator, the expression and the culprit.
     """
 
     type_name = "filter"
 
+    def __init__(self, operator_id: str, params: dict[str, Any]) -> None:
+        super().__init__(operator_id, params)
+        self.expr_text: str | None = params.get("expr")
+        self.fn_ref: str | None = params.get("fn")
+        if (self.expr_text is None) == (self.fn_ref is None):
+            raise ValueError(f"filter {operator_id!r} needs exactly one of 'expr' or 'fn'")
+        self.fn: Callable[[pa.RecordBatch], Any] | None = None
+        self.expr: CompiledExpression | None = None
+
+    def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
+        super().open(ctx, restored)
+        if self.expr_text is not None:
+            self.expr = compile_for("filter", self.operator_id, self.expr_text)
+        else:
+            assert self.fn_ref is not None
+            self.fn = load_function(self.fn_ref)
+
     def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
-        raw = self._call(batch)
+        mask = self._expr_mask(batch) if self.expr is not None else self._fn_mask(batch)
+        if mask is None:
+            return []
+        if isinstance(mask, pa.ChunkedArray):
+            mask = mask.combine_chunks()
+        selected = mask.true_count
+        if selected == batch.num_rows:
+            return [batch]  # common for selective-but-not-here filters; skips the copy
+        if selected == 0:
+            return []
+        return [batch.filter(mask)]
+
+    def _expr_mask(self, batch: pa.RecordBatch) -> pa.Array | pa.ChunkedArray | None:
+        assert self.expr is not None
+        value = self.expr.evaluate(batch, "filter", self.operator_id)
+        if isinstance(value, pa.Scalar):
+            if value.type != pa.bool_():
+                raise ExpressionError("filter", self.operator_id, self.expr.text,
+                                      f"is a {value.type} value, not a condition (true/false)", retryable=False)
+            return pa.repeat(value, batch.num_rows) if value.as_py() is True else None
+        if value.type != pa.bool_():
+            raise ExpressionError("filter", self.operator_id, self.expr.text,
+                                  f"gives {value.type} values, not conditions (true/false)")
+        return value
+
+    def _fn_mask(self, batch: pa.RecordBatch) -> pa.Array:
+        assert self.fn is not None and self.fn_ref is not None, "operator used before open()"
+        try:
+            raw = self.fn(batch)
+        except Exception as exc:
+            raise UserFunctionError(self.operator_id, self.fn_ref, exc) from exc
         try:
             if isinstance(raw, pa.ChunkedArray):
                 raw = raw.combine_chunks()
@@ -72,5 +125,4 @@ class FilterOperator(_UserFunctionOperator):
                 self.operator_id, self.fn_ref,
                 f"mask has {len(mask)} values for a batch of {batch.num_rows} rows",
             )
-        out = batch.filter(mask)
-        return [out] if out.num_rows else []
+        return mask

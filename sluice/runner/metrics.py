@@ -2,7 +2,7 @@
 
 Record counts are owned by the engine's subtasks; this module reads them at scrape time (a custom
 collector) instead of asking the engine to call into Prometheus on its hot path. A subtask exposes
-them as `SubtaskRunner.metrics`: `{"records_in.<operator>": n, "records_out.<operator>": n}`; a
+them as `SubtaskRunner.metrics`: `{"records_in.<operator>": n, "records_out.<operator>": n, ...}`; a
 subtask without that attribute simply contributes nothing.
 """
 
@@ -19,7 +19,13 @@ from sluice.models import SubtaskRef
 
 # Buckets for checkpoint durations: from a quick local barrier to a slow remote store.
 CHECKPOINT_BUCKETS_S: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-RECORD_COUNTERS: tuple[str, ...] = ("records_in", "records_out")
+#: per-operator counters a subtask may expose, with their help text
+COUNTER_HELP: dict[str, str] = {
+    "records_in": "Records received per operator subtask",
+    "records_out": "Records emitted per operator subtask",
+    "late_records": "Records dropped by an event-time operator because their window had already been emitted",
+}
+RECORD_COUNTERS: tuple[str, ...] = tuple(COUNTER_HELP)
 
 
 def subtask_counters(task: Any) -> dict[str, dict[str, float]]:
@@ -57,11 +63,7 @@ class _TaskCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         base = list(self._labels)
         families = {
-            name: CounterMetricFamily(
-                f"sluice_{name}",
-                f"Records {'received' if name == 'records_in' else 'emitted'} per operator subtask",
-                labels=[*base, "operator", "subtask"],
-            )
+            name: CounterMetricFamily(f"sluice_{name}", COUNTER_HELP[name], labels=[*base, "operator", "subtask"])
             for name in RECORD_COUNTERS
         }
         states = GaugeMetricFamily(

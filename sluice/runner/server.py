@@ -199,6 +199,7 @@ class RunnerServer:
         self._shutdown = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._app_runner: web.AppRunner | None = None
+        self._data_server: Any = None  # sluice.engine.channels.DataServer once started
         self._background: set[asyncio.Task[Any]] = set()
         self.metrics = RunnerMetrics(
             job_id=job_id,
@@ -236,12 +237,17 @@ class RunnerServer:
         )
         await self._app_runner.setup()
         await web.SockSite(self._app_runner, sock).start()
+        from sluice.engine.channels import DataServer, token_authorizer
+
+        # Peers' subtasks connect here to send records to ours (same interface as the control API).
+        self._data_server = DataServer(token_authorizer(self.job_id, self.generation, self._token))
+        await self._data_server.start(self.host, 0)
         self.info = RunnerInfo(
             runner_id=self.runner_id,
             generation=self.generation,
             host=self.advertise_host,
             control_port=bound_port,
-            data_port=None,
+            data_port=self._data_server.port,
             pid=os.getpid(),
             slots=self.slots,
         )
@@ -283,6 +289,8 @@ class RunnerServer:
             sub.push(None)
         for t in list(self._background):
             t.cancel()
+        if self._data_server is not None:
+            await self._data_server.close()
         if self._app_runner is not None:
             await self._app_runner.cleanup()
         if self.info_file is not None:
@@ -494,9 +502,11 @@ class RunnerServer:
         """Build every assigned subtask and open them concurrently; raise StartFailure on any error."""
         try:
             from sluice.engine.task import SubtaskRunner
+            from sluice.runner.wiring import Wiring
             from sluice.storage import CheckpointStore
 
             store = CheckpointStore(req.checkpoint_url, req.job_id)
+            wiring = Wiring(req, self.runner_id, self._data_server, self._token)
         except Exception as e:
             raise StartFailure(f"runner cannot load the engine: {type(e).__name__}: {e}") from e
 
@@ -504,6 +514,7 @@ class RunnerServer:
             chain = req.program.chains[ref.chain]
             head = req.program.operators.get(chain.operators[0], {}) if chain.operators else {}
             try:
+                channels = await wiring.channels_of(ref)
                 task = SubtaskRunner(
                     ref=ref,
                     program=req.program,
@@ -512,8 +523,11 @@ class RunnerServer:
                     store=store,
                     restore=req.restore,
                     on_event=self._on_engine_event,
+                    inputs=channels.inputs,
+                    outputs=channels.outputs,
                 )
             except Exception as e:
+                await wiring.close()
                 raise _start_failure(e, ref, chain.operators) from e
             self._subtasks[ref.label()] = _Subtask(
                 ref=ref,
