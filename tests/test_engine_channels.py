@@ -301,6 +301,13 @@ async def test_local_cancelled_waiters_do_not_lose_wakeups() -> None:
     await asyncio.sleep(0)
     await ch.send(Watermark(9))
     assert await asyncio.wait_for(r2, T) == Watermark(9)
+    # Woken and cancelled before running: the wake-up passes to the next waiter.
+    r3 = asyncio.create_task(ch.receive())
+    r4 = asyncio.create_task(ch.receive())
+    await asyncio.sleep(0)
+    await ch.send(Watermark(10))  # wakes r3
+    r3.cancel()
+    assert await asyncio.wait_for(r4, T) == Watermark(10)
 
 
 # ============================================================================ TCP

@@ -47,6 +47,8 @@ from sluice.engine.stateless import check_key_columns, spec_params
 from sluice.models import AggregateSpec
 from sluice.models import RunningAggregateOperator as RunningAggregateSpec
 
+#: merges at a call site that could not use dense group ids go to Acero for this many calls
+ACERO_PROBE_INTERVAL = 16
 #: how each kind of partial merges (a pyarrow hash aggregation)
 _MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
 
@@ -90,6 +92,8 @@ class Aggregates:
         self.parts: list[Part] = [p for ps in self.parts_of for p in ps]
         self.part_names = [p.name for p in self.parts]
         self.input_columns = sorted({s.column for s in self.specs if s.column is not None})
+        self._calls: dict[str, int] = {}
+        self._acero_until: dict[str, int] = {}
 
     def check_names(self, reserved: Sequence[str]) -> None:
         """Raise ValueError when an output or partial column would collide with `reserved` names
@@ -145,9 +149,28 @@ class Aggregates:
                 out.append(pc.cast(pc.is_valid(col), pa.int64()))
         return out
 
-    def merge(self, table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    def merge(self, table: pa.Table, keys: Sequence[str], steps: dict[str, int] | None = None,
+              site: str = "") -> pa.Table:
         """Merge the partials of `table` (columns `keys` + the parts) into one row per distinct key;
-        returns the key columns followed by the parts."""
+        returns the key columns followed by the parts.
+
+        `steps` may say that an integer key column only holds multiples of a step (window panes):
+        such a column is grouped by arithmetic instead of hashing. `site` names the caller, whose
+        previous merges choose the method. Rows come out in no particular order.
+        """
+        n = table.num_rows
+        numeric = all(_numpy_kind(table.schema.field(p.name).type) for p in self.parts)
+        calls = self._calls[site] = self._calls.get(site, 0) + 1
+        if n and numeric and calls >= self._acero_until.get(site, 0):
+            merged, dense = self._merge_numpy(table, keys, steps or {})
+            if not dense:
+                # Group ids needed a second hashing pass (many keys times many panes): Acero's
+                # single pass is cheaper. Use it for a while, then probe again.
+                self._acero_until[site] = calls + ACERO_PROBE_INTERVAL
+            return merged
+        return self._merge_acero(table, keys)
+
+    def _merge_acero(self, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         temp = [f"__p{i}" for i in range(len(self.parts))]
         work = pa.Table.from_arrays([table.column(k) for k in keys] + [table.column(p) for p in self.part_names],
                                     names=[*keys, *temp])
@@ -155,6 +178,18 @@ class Aggregates:
         merged = work.group_by(list(keys), use_threads=False).aggregate(aggs)
         cols = [merged.column(k) for k in keys] + [merged.column(f"{t}_{fn}") for t, fn in aggs]
         return pa.Table.from_arrays(cols, names=[*keys, *self.part_names])
+
+    def _merge_numpy(self, table: pa.Table, keys: Sequence[str], steps: dict[str, int]) -> tuple[pa.Table, bool]:
+        # Acero's group_by costs a fixed ~0.1 ms per call and hashes composite keys slowly; with
+        # numeric partials, dense group ids + numpy reductions do the same work several times faster.
+        gid, groups, dense = group_ids([table.column(k) for k in keys], [steps.get(k) for k in keys])
+        rep = np.empty(groups, dtype=np.int64)
+        rep[gid] = np.arange(len(gid), dtype=np.int64)  # any row of a group carries its key
+        rep_arr = pa.array(rep)
+        cols: list[pa.Array | pa.ChunkedArray] = [table.column(k).take(rep_arr) for k in keys]
+        for p in self.parts:
+            cols.append(_reduce(table.column(p.name), p.kind, gid, groups))
+        return pa.Table.from_arrays(cols, names=[*keys, *self.part_names]), dense
 
     def finalize(self, parts: pa.Table | pa.RecordBatch) -> list[pa.Array | pa.ChunkedArray]:
         """The aggregate values (one array per spec, `output_names` order) from merged parts."""
@@ -166,6 +201,119 @@ class Aggregates:
             else:
                 out.append(parts.column(ps[0].name))
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Vectorised grouping
+
+
+def _numpy_kind(t: pa.DataType) -> bool:
+    """Whether partials of type `t` reduce in numpy (numbers, booleans, temporal types)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t)
+
+
+def _as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _densify(code: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes 0..n-1 (in order of first appearance) for arbitrary int64 codes."""
+    enc = pc.dictionary_encode(pa.array(code))
+    return np.asarray(enc.indices).astype(np.int64, copy=False), len(enc.dictionary)
+
+
+def _column_codes(col: pa.Array | pa.ChunkedArray, step: int | None, n: int) -> tuple[np.ndarray, int]:
+    """Codes in [0, radix) for one key column, equal exactly for equal values (nulls included)."""
+    if step and pa.types.is_integer(col.type) and col.null_count == 0:
+        v = np.asarray(_as_array(col)).astype(np.int64, copy=False)
+        lo = int(v.min())
+        c, rem = np.divmod(v - lo, step)
+        radix = int(c.max()) + 1
+        if radix <= 8 * n + 1024 and not rem.any():
+            return c, radix
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    enc = pc.dictionary_encode(col, null_encoding="encode")
+    if isinstance(enc, pa.ChunkedArray):
+        dicts = {len(c.dictionary) for c in enc.chunks}
+        if len(dicts) > 1:  # chunks encoded against different dictionaries: encode once, whole
+            enc = pc.dictionary_encode(_as_array(col), null_encoding="encode")
+    if isinstance(enc, pa.ChunkedArray):
+        if enc.num_chunks == 0:
+            return np.zeros(0, dtype=np.int64), 1
+        indices = np.concatenate([np.asarray(c.indices) for c in enc.chunks]).astype(np.int64, copy=False)
+        return indices, len(enc.chunk(0).dictionary)
+    return np.asarray(enc.indices).astype(np.int64, copy=False), len(enc.dictionary)
+
+
+def group_ids(columns: Sequence[pa.Array | pa.ChunkedArray], steps: Sequence[int | None]) -> tuple[np.ndarray, int, bool]:
+    """Group id (0..groups-1) of every row for the combination of `columns`' values, the number of
+    groups, and whether the ids came from a dense table of column codes (else from hashing the
+    combined codes once more). A column with a step (see :meth:`Aggregates.merge`) is coded
+    arithmetically; dense ids are ordered by the columns' codes, first column first."""
+    n = len(columns[0])
+    code: np.ndarray | None = None
+    radix = 1
+    dense = True
+    for col, step in zip(columns, steps):
+        c, r = _column_codes(col, step, n)
+        if code is None:
+            code, radix = c, r
+            continue
+        if radix * r > 1 << 62:
+            code, radix = _densify(code)
+            dense = False
+        code, radix = code * r + c, radix * r
+    assert code is not None
+    if radix <= 8 * n + 1024:
+        seen = np.zeros(radix, dtype=bool)
+        seen[code] = True
+        ids = np.cumsum(seen) - 1
+        return ids[code], int(ids[-1]) + 1 if radix else 0, dense
+    gid, groups = _densify(code)
+    return gid, groups, False
+
+
+def _reduce(col: pa.Array | pa.ChunkedArray, kind: str, gid: np.ndarray, groups: int) -> pa.Array:
+    """One partial column merged per group with numpy (see :func:`_numpy_kind` for the types)."""
+    arr = _as_array(col)
+    t = arr.type
+    if pa.types.is_temporal(t):
+        storage: pa.DataType = pa.int32() if t.bit_width == 32 else pa.int64()
+        arr = arr.view(storage)
+    elif pa.types.is_boolean(t):
+        storage = pa.uint8()
+        arr = arr.cast(storage)
+    else:
+        storage = t
+    if arr.null_count:
+        valid = np.asarray(arr.is_valid())
+        values = np.asarray(arr.fill_null(pa.scalar(0, storage)))[valid]
+        g = gid[valid]
+        has = np.zeros(groups, dtype=bool)
+        has[g] = True
+    else:
+        values, g, has = np.asarray(arr), gid, None
+    dtype = values.dtype
+    if kind in ("count", "sum"):
+        if pa.types.is_floating(storage):
+            out = np.bincount(g, weights=values, minlength=groups).astype(dtype, copy=False)
+        else:
+            out = np.zeros(groups, dtype=dtype)
+            np.add.at(out, g, values)
+    elif pa.types.is_floating(storage):
+        out = np.full(groups, np.nan, dtype=dtype)  # fmin/fmax skip NaN unless all are, like Arrow
+        (np.fmin if kind == "min" else np.fmax).at(out, g, values)
+    else:
+        info = np.iinfo(dtype)
+        out = np.full(groups, info.max if kind == "min" else info.min, dtype=dtype)
+        (np.minimum if kind == "min" else np.maximum).at(out, g, values)
+    result = pa.array(out, type=storage, mask=None if has is None or has.all() else ~has)
+    if storage != t:
+        result = result.cast(t) if pa.types.is_boolean(t) else result.view(t)
+    return result
 
 
 def state_schema_problem(table: pa.Table, expected: Sequence[str]) -> str | None:

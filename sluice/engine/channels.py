@@ -212,10 +212,13 @@ class _MessageQueue:
         waiters.append(fut)
         try:
             await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Woken, but cancelled before acting on it: pass the wake-up on, or another
+                # waiter would sleep with a message (or free slot) available.
+                _MessageQueue._wake(waiters)
+            raise
         finally:
-            # A cancelled waiter must not keep (or swallow) a wake-up meant for another.
-            if not fut.done():
-                fut.cancel()
             try:
                 waiters.remove(fut)
             except ValueError:

@@ -42,6 +42,7 @@ class Sender(Protocol):
 
 class Receiver(Protocol):
     async def receive(self) -> Message: ...
+    async def close(self) -> None: ...
 
 
 class InputClosed(Exception):
@@ -98,6 +99,8 @@ class InputGate:
         self._has_mail.set()
 
     async def close(self) -> None:
+        """Stop reading and close every receiving end, so a sender still writing to this subtask
+        fails at once instead of waiting on a full channel."""
         for t in self._readers:
             t.cancel()
         for t in self._readers:
@@ -105,6 +108,13 @@ class InputGate:
                 await t
             except BaseException:  # noqa: BLE001 - cancelled or already failed; nothing to report
                 pass
+        for ch in self.channels:
+            close = getattr(ch.receiver, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
 
     async def _put(self, item: tuple[int, Message | _Closed]) -> None:
         while len(self._mail) >= GATE_MAILBOX:

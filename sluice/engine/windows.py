@@ -130,13 +130,15 @@ class WindowOperator(Operator):
         self._rows = 0
         self._compacted_rows = 0
         self._checked: pa.Schema | None = None
-        self._group = [*self.key, self.pane_column]
+        # the pane first: merged partials then come out ordered by it
+        self._group = [self.pane_column, *self.key]
+        self._steps = {self.pane_column: self.slide_ms, "window_start": self.slide_ms}
 
     # -------------------------------------------------------------- lifecycle
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
-        columns = [*self.key, self.pane_column, *self.aggs.part_names]
+        columns = [*self._group, *self.aggs.part_names]
         owned: list[pa.Table] = []
         watermarks: list[int | None] = []
         for table in restored:
@@ -178,7 +180,7 @@ class WindowOperator(Operator):
                     batch = batch.filter(pa.array(keep))
                     panes = panes[keep]
         raw = pa.Table.from_arrays(
-            [batch.column(k) for k in self.key] + [pa.array(panes)] + self.aggs.raw_partials(batch),
+            [pa.array(panes)] + [batch.column(k) for k in self.key] + self.aggs.raw_partials(batch),
             names=[*self._group, *self.aggs.part_names],
         )
         self._add(_segment(raw, panes))
@@ -203,7 +205,7 @@ class WindowOperator(Operator):
     def snapshot(self, epoch: int) -> OperatorState:
         self._compact()
         if self._segments:
-            state = self._segments[0].table
+            state = self._segments[0].table.select([*self.key, self.pane_column, *self.aggs.part_names])
             hashes = pa.array(key_hashes(state, self.key), type=pa.uint64())
             table = pa.Table.from_arrays([hashes] + state.columns, names=[KEY_HASH_COLUMN, *state.column_names])
         else:
@@ -262,7 +264,7 @@ class WindowOperator(Operator):
         if len(self._segments) == 1 and self._segments[0].merged:
             self._compacted_rows = self._rows
             return
-        merged = self.aggs.merge(pa.concat_tables([s.table for s in self._segments]), self._group)
+        merged = self.aggs.merge(pa.concat_tables([s.table for s in self._segments]), self._group, self._steps, "compact")
         self._segments, self._rows = [], 0
         if merged.num_rows:
             merged = merged.combine_chunks()
@@ -300,9 +302,9 @@ class WindowOperator(Operator):
         if not self._segments or min(s.lo for s in self._segments) > threshold:
             return []
         ready = self._take_ready(threshold)
-        panes = self.aggs.merge(pa.concat_tables(ready), self._group)
+        panes = self.aggs.merge(pa.concat_tables(ready), self._group, self._steps, "emit")
         if self.slide_ms == self.size_ms:
-            windows = panes.rename_columns([*self.key, "window_start", *self.aggs.part_names])
+            windows = panes.rename_columns(["window_start", *self.key, *self.aggs.part_names])
         else:
             windows = self._slide(panes, previous, wm)
         if self._compacted_rows > self._rows:
@@ -330,11 +332,8 @@ class WindowOperator(Operator):
             rows = rows.set_column(rows.schema.get_field_index(self.pane_column), "window_start", pa.array(s[mask]))
             pieces.append(rows)
         if not pieces:
-            return pa.Table.from_arrays(
-                [panes.column(k).slice(0, 0) for k in self.key] + [pa.array([], type=pa.int64())]
-                + [panes.column(p).slice(0, 0) for p in self.aggs.part_names],
-                names=[*self.key, "window_start", *self.aggs.part_names])
-        return self.aggs.merge(pa.concat_tables(pieces), [*self.key, "window_start"])
+            return panes.slice(0, 0).rename_columns(["window_start", *self.key, *self.aggs.part_names])
+        return self.aggs.merge(pa.concat_tables(pieces), ["window_start", *self.key], self._steps, "slide")
 
     def _output(self, windows: pa.Table) -> list[pa.RecordBatch]:
         if windows.num_rows == 0:
