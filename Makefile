@@ -26,10 +26,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
 
+# The bench extra (bytewax, for the data-plane comparison) is installed on first use.
+# Options for the data-plane benchmark: make bench DATAPLANE_ARGS=--quick
 bench: $(STAMP)
-	@if ls bench/*.py >/dev/null 2>&1; then \
-	  for b in bench/*.py; do echo "== $$b"; PYTHONPATH=. $(VENV)/bin/python $$b || exit 1; done; \
-	else echo "no benchmarks in bench/"; fi
+	@$(VENV)/bin/python -c 'import bytewax' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[test,bench]'
+	@echo "== bench/lifecycle.py"
+	PYTHONPATH=. $(VENV)/bin/python bench/lifecycle.py
+	@echo "== bench/dataplane.py"
+	PYTHONPATH=. $(VENV)/bin/python bench/dataplane.py $(DATAPLANE_ARGS)
 
 clean:
 	rm -rf .sluice out .pytest_cache

@@ -17,7 +17,10 @@ An :class:`~sluice.models.AggregateSpec` list is evaluated in two steps:
   ==========  ==========================  ==========  =====================================
 
   A row is itself a partial (count 1, sum/min/max its value), so raw rows and merged partials mix
-  freely; merging is one vectorised ``pyarrow.Table.group_by(...).aggregate(...)``.
+  freely. Merging is vectorised (:meth:`Aggregates.merge`): dense group ids from Arrow's
+  dictionary encoding plus numpy reductions when the partials are numeric or temporal and the
+  groups fit a dense table, else ``pyarrow.Table.group_by(...).aggregate(...)``; both give the
+  same rows.
 * *final values*: computed from the merged partials when a result is emitted.
 
 Nulls follow SQL: a null in the aggregated column is ignored (sum/min/max/mean of only nulls is
@@ -150,25 +153,34 @@ class Aggregates:
         return out
 
     def merge(self, table: pa.Table, keys: Sequence[str], steps: dict[str, int] | None = None,
-              site: str = "") -> pa.Table:
+              site: str = "", codes: dict[str, tuple[np.ndarray, int]] | None = None) -> pa.Table:
         """Merge the partials of `table` (columns `keys` + the parts) into one row per distinct key;
         returns the key columns followed by the parts.
 
         `steps` may say that an integer key column only holds multiples of a step (window panes):
-        such a column is grouped by arithmetic instead of hashing. `site` names the caller, whose
-        previous merges choose the method. Rows come out in no particular order.
+        such a column is grouped by arithmetic instead of hashing; `codes` may even give a column's
+        codes (values 0..radix-1, equal exactly for equal values) and radix. `site` names the
+        caller, whose previous merges choose the method. Rows come out in no particular order.
         """
         n = table.num_rows
-        numeric = all(_numpy_kind(table.schema.field(p.name).type) for p in self.parts)
+        numeric = self.numeric(table.schema)
         calls = self._calls[site] = self._calls.get(site, 0) + 1
         if n and numeric and calls >= self._acero_until.get(site, 0):
-            merged, dense = self._merge_numpy(table, keys, steps or {})
+            merged, dense = self._merge_numpy(table, keys, steps or {}, codes or {})
             if not dense:
                 # Group ids needed a second hashing pass (many keys times many panes): Acero's
                 # single pass is cheaper. Use it for a while, then probe again.
                 self._acero_until[site] = calls + ACERO_PROBE_INTERVAL
             return merged
         return self._merge_acero(table, keys)
+
+    def numeric(self, schema: pa.Schema) -> bool:
+        """Whether the partial columns of `schema` can be merged by :meth:`reduce_by_ids`."""
+        return all(_numpy_kind(schema.field(p.name).type) for p in self.parts)
+
+    def reduce_by_ids(self, table: pa.Table, gid: np.ndarray, groups: int) -> list[pa.Array]:
+        """The parts of `table` merged per group id (see :meth:`numeric` for when this works)."""
+        return [_reduce(table.column(p.name), p.kind, gid, groups) for p in self.parts]
 
     def _merge_acero(self, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         temp = [f"__p{i}" for i in range(len(self.parts))]
@@ -179,16 +191,17 @@ class Aggregates:
         cols = [merged.column(k) for k in keys] + [merged.column(f"{t}_{fn}") for t, fn in aggs]
         return pa.Table.from_arrays(cols, names=[*keys, *self.part_names])
 
-    def _merge_numpy(self, table: pa.Table, keys: Sequence[str], steps: dict[str, int]) -> tuple[pa.Table, bool]:
+    def _merge_numpy(self, table: pa.Table, keys: Sequence[str], steps: dict[str, int],
+                     codes: dict[str, tuple[np.ndarray, int]]) -> tuple[pa.Table, bool]:
         # Acero's group_by costs a fixed ~0.1 ms per call and hashes composite keys slowly; with
         # numeric partials, dense group ids + numpy reductions do the same work several times faster.
-        gid, groups, dense = group_ids([table.column(k) for k in keys], [steps.get(k) for k in keys])
+        gid, groups, dense = group_ids([table.column(k) for k in keys], [steps.get(k) for k in keys],
+                                       [codes.get(k) for k in keys])
         rep = np.empty(groups, dtype=np.int64)
         rep[gid] = np.arange(len(gid), dtype=np.int64)  # any row of a group carries its key
         rep_arr = pa.array(rep)
         cols: list[pa.Array | pa.ChunkedArray] = [table.column(k).take(rep_arr) for k in keys]
-        for p in self.parts:
-            cols.append(_reduce(table.column(p.name), p.kind, gid, groups))
+        cols.extend(self.reduce_by_ids(table, gid, groups))
         return pa.Table.from_arrays(cols, names=[*keys, *self.part_names]), dense
 
     def finalize(self, parts: pa.Table | pa.RecordBatch) -> list[pa.Array | pa.ChunkedArray]:
@@ -207,9 +220,14 @@ class Aggregates:
 # Vectorised grouping
 
 
+def _fixed_temporal(t: pa.DataType) -> bool:
+    """Timestamps, dates, times and durations: temporal types stored as one 32/64-bit integer."""
+    return pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t) or pa.types.is_duration(t)
+
+
 def _numpy_kind(t: pa.DataType) -> bool:
-    """Whether partials of type `t` reduce in numpy (numbers, booleans, temporal types)."""
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_temporal(t)
+    """Whether partials of type `t` reduce in numpy (numbers, booleans, integer-stored temporal types)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or _fixed_temporal(t)
 
 
 def _as_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -224,6 +242,10 @@ def _densify(code: np.ndarray) -> tuple[np.ndarray, int]:
     return np.asarray(enc.indices).astype(np.int64, copy=False), len(enc.dictionary)
 
 
+def _dictionary_identity(dictionary: pa.Array) -> tuple[int, ...]:
+    return (len(dictionary), dictionary.offset, *(b.address if b is not None else 0 for b in dictionary.buffers()))
+
+
 def _column_codes(col: pa.Array | pa.ChunkedArray, step: int | None, n: int) -> tuple[np.ndarray, int]:
     """Codes in [0, radix) for one key column, equal exactly for equal values (nulls included)."""
     if step and pa.types.is_integer(col.type) and col.null_count == 0:
@@ -236,29 +258,37 @@ def _column_codes(col: pa.Array | pa.ChunkedArray, step: int | None, n: int) -> 
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     enc = pc.dictionary_encode(col, null_encoding="encode")
-    if isinstance(enc, pa.ChunkedArray):
-        dicts = {len(c.dictionary) for c in enc.chunks}
-        if len(dicts) > 1:  # chunks encoded against different dictionaries: encode once, whole
+    if isinstance(enc, pa.ChunkedArray) and enc.num_chunks > 1:
+        # Arrow encodes the chunks of one array against one shared dictionary; should a version
+        # not, the indices of different chunks would not compare: encode the whole column at once.
+        shared = {_dictionary_identity(c.dictionary) for c in enc.chunks}
+        if len(shared) > 1:
             enc = pc.dictionary_encode(_as_array(col), null_encoding="encode")
     if isinstance(enc, pa.ChunkedArray):
         if enc.num_chunks == 0:
             return np.zeros(0, dtype=np.int64), 1
-        indices = np.concatenate([np.asarray(c.indices) for c in enc.chunks]).astype(np.int64, copy=False)
+        if enc.num_chunks == 1:
+            indices = np.asarray(enc.chunk(0).indices).astype(np.int64)
+        else:
+            indices = np.concatenate([np.asarray(c.indices) for c in enc.chunks]).astype(np.int64, copy=False)
         return indices, len(enc.chunk(0).dictionary)
     return np.asarray(enc.indices).astype(np.int64, copy=False), len(enc.dictionary)
 
 
-def group_ids(columns: Sequence[pa.Array | pa.ChunkedArray], steps: Sequence[int | None]) -> tuple[np.ndarray, int, bool]:
+def group_ids(columns: Sequence[pa.Array | pa.ChunkedArray], steps: Sequence[int | None],
+              precoded: Sequence[tuple[np.ndarray, int] | None] | None = None) -> tuple[np.ndarray, int, bool]:
     """Group id (0..groups-1) of every row for the combination of `columns`' values, the number of
     groups, and whether the ids came from a dense table of column codes (else from hashing the
     combined codes once more). A column with a step (see :meth:`Aggregates.merge`) is coded
-    arithmetically; dense ids are ordered by the columns' codes, first column first."""
+    arithmetically, a column with `precoded` (codes, radix) not at all; dense ids are ordered by
+    the columns' codes, first column first."""
     n = len(columns[0])
     code: np.ndarray | None = None
     radix = 1
     dense = True
-    for col, step in zip(columns, steps):
-        c, r = _column_codes(col, step, n)
+    for i, (col, step) in enumerate(zip(columns, steps)):
+        given = precoded[i] if precoded is not None else None
+        c, r = given if given is not None else _column_codes(col, step, n)
         if code is None:
             code, radix = c, r
             continue
@@ -267,11 +297,18 @@ def group_ids(columns: Sequence[pa.Array | pa.ChunkedArray], steps: Sequence[int
             dense = False
         code, radix = code * r + c, radix * r
     assert code is not None
-    if radix <= 8 * n + 1024:
+    gid, groups, compact = dense_ids(code, radix)
+    return gid, groups, dense and compact
+
+
+def dense_ids(code: np.ndarray, radix: int) -> tuple[np.ndarray, int, bool]:
+    """Ids 0..groups-1 for codes in [0, radix), the number of groups, and whether they came from a
+    dense table (ordered by code; else hashed, in order of first appearance)."""
+    if radix <= 8 * len(code) + 1024:
         seen = np.zeros(radix, dtype=bool)
         seen[code] = True
         ids = np.cumsum(seen) - 1
-        return ids[code], int(ids[-1]) + 1 if radix else 0, dense
+        return ids[code], (int(ids[-1]) + 1 if radix else 0), True
     gid, groups = _densify(code)
     return gid, groups, False
 
@@ -280,7 +317,7 @@ def _reduce(col: pa.Array | pa.ChunkedArray, kind: str, gid: np.ndarray, groups:
     """One partial column merged per group with numpy (see :func:`_numpy_kind` for the types)."""
     arr = _as_array(col)
     t = arr.type
-    if pa.types.is_temporal(t):
+    if _fixed_temporal(t):
         storage: pa.DataType = pa.int32() if t.bit_width == 32 else pa.int64()
         arr = arr.view(storage)
     elif pa.types.is_boolean(t):
@@ -316,6 +353,20 @@ def _reduce(col: pa.Array | pa.ChunkedArray, kind: str, gid: np.ndarray, groups:
     return result
 
 
+#: rows hashed per call of key_hashes when snapshotting
+HASH_SLICE_ROWS = 1 << 16
+
+
+def hash_keys(table: pa.Table, key: Sequence[str]) -> np.ndarray:
+    """:func:`sluice.engine.keys.key_hashes` of `table`, computed slice by slice: the string hash
+    precomputes powers for the whole string buffer it is given and never copies chunks together,
+    so bounded slices keep its time and memory proportional to the rows."""
+    n = table.num_rows
+    if n <= HASH_SLICE_ROWS:
+        return key_hashes(table, list(key))
+    return np.concatenate([key_hashes(table.slice(i, HASH_SLICE_ROWS), list(key)) for i in range(0, n, HASH_SLICE_ROWS)])
+
+
 def state_schema_problem(table: pa.Table, expected: Sequence[str]) -> str | None:
     """Why a restored state table lacks columns an operator needs (None when it has them all)."""
     missing = [c for c in expected if table.schema.get_field_index(c) < 0]
@@ -340,7 +391,7 @@ class _NumpyColumn:
             self.fill: Any = 0
         elif pa.types.is_boolean(arrow_type):
             self.storage, self.fill = arrow_type, False
-        elif pa.types.is_temporal(arrow_type):
+        elif _fixed_temporal(arrow_type):
             self.storage = pa.int32() if arrow_type.bit_width == 32 else pa.int64()
             self.fill = 0
         else:
@@ -515,7 +566,7 @@ class RunningAggregateOperator(Operator):
         self._key_chunks = [keys]  # compacting the chunk list changes nothing observable
         parts = self._parts_at(slice(0, n))
         table = pa.Table.from_arrays(
-            [pa.array(key_hashes(keys, self.key), type=pa.uint64())] + keys.columns + parts.columns,
+            [pa.array(hash_keys(keys, self.key), type=pa.uint64())] + keys.columns + parts.columns,
             names=[KEY_HASH_COLUMN, *self.key, *self.aggs.part_names],
         )
         return OperatorState(table=table)
@@ -532,4 +583,4 @@ def _where(cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["Aggregates", "Part", "RunningAggregateOperator", "state_schema_problem"]
+__all__ = ["Aggregates", "Part", "RunningAggregateOperator", "dense_ids", "group_ids", "hash_keys", "state_schema_problem"]

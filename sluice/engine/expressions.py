@@ -9,8 +9,9 @@ Grammar
     * column references: bare identifiers (``value``), or ``col("name with spaces")``;
     * literals: int, float, str, ``True``/``False``, ``None``;
     * arithmetic ``+ - * / % **`` and unary ``-``/``+``. They follow Arrow, not Python, for
-      integers: ``/`` of two integers is an integer division, and overflow wraps around. ``%``
-      is Python's modulo (the result has the sign of the divisor);
+      integers: ``/`` of two integers is an integer division truncating toward zero (write
+      ``cast(x, "float64") / y`` for a fraction), and overflow wraps around. ``%`` is Python's
+      modulo (the result has the sign of the divisor);
     * comparisons ``== != < <= > >=``, chained ones (``0 < x <= 10``), ``x in [1, 2]``,
       ``x not in (..)`` (literal lists only), ``x is None`` / ``x is not None``;
     * logic ``and or not`` and the same as ``& | ~`` (always logical, never bitwise). Logic is
@@ -37,7 +38,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.engine.operators import UserFunctionError
-from sluice.errors import UserError
 
 #: longest expression text accepted (a guard against pathological input, not a real limit)
 MAX_EXPRESSION_CHARS = 10_000

@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from sluice import connectors
+from sluice.engine.aggregates import RunningAggregateOperator
 from sluice.engine.operators import Operator
+from sluice.engine.stateless import KeyByOperator, ProjectOperator, UnionOperator
 from sluice.engine.transforms import FilterOperator, MapOperator
+from sluice.engine.windows import SlidingWindowOperator, TumblingWindowOperator
 
-TRANSFORMS: dict[str, type[Operator]] = {"map": MapOperator, "filter": FilterOperator}
+TRANSFORMS: dict[str, type[Operator]] = {
+    "map": MapOperator,
+    "filter": FilterOperator,
+    "project": ProjectOperator,
+    "key_by": KeyByOperator,
+    "union": UnionOperator,
+    "tumbling_window": TumblingWindowOperator,
+    "sliding_window": SlidingWindowOperator,
+    "aggregate": RunningAggregateOperator,
+}
 
 
 def operator_class(params: dict[str, Any]) -> type[Operator]:

@@ -14,7 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from sluice.engine.expressions import CompiledExpression, MissingColumnError, as_array, compile_for
+from sluice.engine.expressions import (
+    CompiledExpression,
+    MissingColumnError,
+    as_array,
+    compile_for,
+)
 from sluice.engine.operators import Operator, OperatorContext
 from sluice.models import KeyByOperator as KeyBySpec
 from sluice.models import ProjectOperator as ProjectSpec

@@ -28,19 +28,24 @@ How it works (vectorised: no Python work per row)
     The state is made of *panes*: tumbling windows of size D (D = S for tumbling windows). Each
     batch becomes a segment of per-row partial aggregates (key columns, pane start, partials),
     appended as is. When the watermark makes panes ready, the ready rows of every segment are
-    cut out (a zero-copy slice when the segment is ordered by time, the usual case), merged with
-    one ``group_by`` per emission and turned into windows; segments are merged into one
-    ("compacted") when they hold more than twice the rows of the last compaction, so memory stays
-    proportional to the number of open (key, pane) pairs. A sliding window is the merge of its
-    S / D panes; panes stay in the state until their last window was emitted.
+    cut out (a zero-copy slice when the segment is ordered by time, the usual case), merged once
+    per emission (:meth:`sluice.engine.aggregates.Aggregates.merge`: dense group ids and numpy
+    reductions, or Arrow's hash aggregation) and turned into windows. Segments are merged into one
+    ("compacted") when they hold more than max(COMPACT_MIN_ROWS, twice the rows of the last
+    compaction), so memory stays proportional to the number of open (key, pane) pairs. A sliding
+    window is the merge of its S / D panes; panes stay in the state until their last window was
+    emitted.
 
 Keyed state
-    ``snapshot`` returns the compacted panes as a table: KEY_HASH_COLUMN (uint64), the key
-    columns, the pane start (``window_start`` for tumbling windows, ``pane_start`` for sliding
-    ones; int64 milliseconds) and the partial columns, with the operator's watermark in the schema
-    metadata (``sluice.watermark_ms``; absent before the first watermark). ``open`` receives the
-    tables of every subtask of the previous run, keeps the rows this subtask owns now
-    (:func:`sluice.engine.keys.filter_owned`) and restores the lowest of their watermarks.
+    ``snapshot`` returns the pane partials as a table: KEY_HASH_COLUMN (uint64), the key columns,
+    the pane start (``window_start`` for tumbling windows, ``pane_start`` for sliding ones; int64
+    milliseconds) and the partial columns, with the operator's watermark in the schema metadata
+    (``sluice.watermark_ms``; absent before the first watermark). A small state is compacted first
+    (one row per key and pane); a large one is written as held, a compacted part plus the partials
+    appended since, so a (key, pane) may have a few rows, which merge on restore. ``open``
+    receives the tables of every subtask of the previous run, keeps the rows this subtask owns now
+    (:func:`sluice.engine.keys.filter_owned`), merges them and restores the lowest of their
+    watermarks.
 """
 
 from __future__ import annotations
@@ -52,9 +57,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.engine.aggregates import Aggregates, state_schema_problem
+from sluice.engine.aggregates import (
+    Aggregates,
+    dense_ids,
+    group_ids,
+    hash_keys,
+    state_schema_problem,
+)
 from sluice.engine.expressions import MissingColumnError
-from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned, key_hashes
+from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned
 from sluice.engine.messages import Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState
 from sluice.engine.stateless import check_key_columns, spec_params
@@ -68,34 +79,29 @@ WATERMARK_METADATA = b"sluice.watermark_ms"
 END_OF_TIME_MS = 1 << 62
 #: pending rows below which segments are never compacted (compaction cost is then negligible)
 COMPACT_MIN_ROWS = 1 << 20
+#: a snapshot compacts the state first when it holds at most this many rows (cheap: < ~50 ms)
+SNAPSHOT_COMPACT_MAX_ROWS = 1 << 18
 
 _UNIT_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
 
 
 @dataclass(frozen=True)
 class _Segment:
-    """Partials of some rows: key columns, pane start (int64 ms), parts. `lo`/`hi` bound the pane
-    starts; `ordered` says the rows are sorted by pane start (so a split is a slice); `merged`
-    that it holds one row per (key, pane)."""
+    """Partials of some rows: pane start (int64 ms), key columns, parts. `panes` holds the pane
+    column as numpy, `lo`/`hi` its bounds; `ordered` says the rows are sorted by pane start (so a
+    split is a slice); `merged` that it holds one row per (key, pane)."""
 
     table: pa.Table
+    panes: np.ndarray
     lo: int
     hi: int
     ordered: bool
     merged: bool = False
 
-    def panes(self, column: str) -> np.ndarray:
-        col = self.table.column(column)
-        if col.num_chunks != 1:
-            col = col.combine_chunks()
-        else:
-            col = col.chunk(0)
-        return np.asarray(col)
-
 
 def _segment(table: pa.Table, panes: np.ndarray, *, merged: bool = False) -> _Segment:
     ordered = bool(len(panes) < 2 or np.all(panes[1:] >= panes[:-1]))
-    return _Segment(table, int(panes.min()), int(panes.max()), ordered, merged)
+    return _Segment(table, panes, int(panes.min()), int(panes.max()), ordered, merged)
 
 
 class WindowOperator(Operator):
@@ -117,7 +123,7 @@ class WindowOperator(Operator):
         self.lateness_ms: int = self.spec.allowed_lateness_ms
         self.aggs = Aggregates(self.type_name, operator_id, self.spec.aggregates)
         reserved = [*self.key, self.pane_column, "window_start", "window_end"]
-        dupes = sorted({k for k in self.key if self.key.count(k) > 1} | {k for k in self.key if k in ("window_start", "window_end")})
+        dupes = sorted({k for k in self.key if self.key.count(k) > 1 or k in ("window_start", "window_end")})
         if dupes:
             raise ValueError(f"{self.type_name} {operator_id!r}: key column(s) {', '.join(map(repr, dupes))} "
                              "repeat or collide with window_start/window_end")
@@ -158,7 +164,11 @@ class WindowOperator(Operator):
             self.watermark = None if any(w is None for w in watermarks) else min(w for w in watermarks if w is not None)
         if owned:
             state = pa.concat_tables(owned)
-            self._add(_segment(state, _column_numpy(state, self.pane_column)))
+            panes = _column_numpy(state, self.pane_column)
+            if np.any(np.mod(panes, self.slide_ms)):
+                raise ValueError(f"{self.type_name} {self.operator_id!r}: restored state has panes that are not "
+                                 f"multiples of {self.slide_ms} ms: it was written with another window size or slide")
+            self._add(_segment(state, panes))
             self._compact()
 
     def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
@@ -203,10 +213,15 @@ class WindowOperator(Operator):
         return self._emit(previous, END_OF_TIME_MS)
 
     def snapshot(self, epoch: int) -> OperatorState:
-        self._compact()
+        if self._rows <= SNAPSHOT_COMPACT_MAX_ROWS:
+            self._compact()
+        # A large state is written as held: its compacted part plus the partials appended since
+        # (at most max(COMPACT_MIN_ROWS, 2x) the compacted rows). Compacting it here would hash
+        # every key string again, about 0.5 s per million rows, while the barrier waits.
         if self._segments:
-            state = self._segments[0].table.select([*self.key, self.pane_column, *self.aggs.part_names])
-            hashes = pa.array(key_hashes(state, self.key), type=pa.uint64())
+            columns = [*self.key, self.pane_column, *self.aggs.part_names]
+            state = pa.concat_tables([s.table.select(columns) for s in self._segments])
+            hashes = pa.array(np.concatenate([hash_keys(s.table, self.key) for s in self._segments]), type=pa.uint64())
             table = pa.Table.from_arrays([hashes] + state.columns, names=[KEY_HASH_COLUMN, *state.column_names])
         else:
             table = pa.Table.from_arrays([pa.array([], type=pa.uint64())], names=[KEY_HASH_COLUMN])
@@ -264,36 +279,53 @@ class WindowOperator(Operator):
         if len(self._segments) == 1 and self._segments[0].merged:
             self._compacted_rows = self._rows
             return
-        merged = self.aggs.merge(pa.concat_tables([s.table for s in self._segments]), self._group, self._steps, "compact")
+        merged = self._merge_segments([s.table for s in self._segments], [s.panes for s in self._segments], "compact")
         self._segments, self._rows = [], 0
         if merged.num_rows:
             merged = merged.combine_chunks()
             self._add(_segment(merged, _column_numpy(merged, self.pane_column), merged=True))
         self._compacted_rows = self._rows
 
-    def _take_ready(self, threshold: int) -> list[pa.Table]:
+    def _merge_segments(self, tables: list[pa.Table], panes: list[np.ndarray], site: str) -> pa.Table:
+        """Merge partials by (pane, key); pane codes come from the segments' numpy panes (every
+        pane is a multiple of the slide, so arithmetic codes them exactly)."""
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        values = panes[0] if len(panes) == 1 else np.concatenate(panes)
+        codes: dict[str, tuple[np.ndarray, int]] = {}
+        if len(values):
+            lo = int(values.min())
+            radix = (int(values.max()) - lo) // self.slide_ms + 1
+            if radix <= 8 * len(values) + 1024:
+                codes[self.pane_column] = ((values - lo) // self.slide_ms, radix)
+        return self.aggs.merge(table, self._group, self._steps, site, codes)
+
+    def _take_ready(self, threshold: int) -> tuple[list[pa.Table], list[np.ndarray]]:
         """Cut the rows with pane start <= threshold out of every segment."""
         ready: list[pa.Table] = []
+        ready_panes: list[np.ndarray] = []
         kept: list[_Segment] = []
         for seg in self._segments:
             if seg.lo > threshold:
                 kept.append(seg)
             elif seg.hi <= threshold:
                 ready.append(seg.table)
+                ready_panes.append(seg.panes)
             else:
-                panes = seg.panes(self.pane_column)
+                panes = seg.panes
                 if seg.ordered:
                     cut = int(np.searchsorted(panes, threshold, side="right"))
                     ready.append(seg.table.slice(0, cut))
+                    ready_panes.append(panes[:cut])
                     rest, rest_panes = seg.table.slice(cut), panes[cut:]
                 else:
                     mask = panes <= threshold
                     ready.append(seg.table.filter(pa.array(mask)))
+                    ready_panes.append(panes[mask])
                     rest, rest_panes = seg.table.filter(pa.array(~mask)), panes[~mask]
-                kept.append(_Segment(rest, int(rest_panes.min()), seg.hi, seg.ordered, seg.merged))
+                kept.append(_Segment(rest, rest_panes, int(rest_panes.min()), seg.hi, seg.ordered, seg.merged))
         self._segments = kept
         self._rows = sum(s.table.num_rows for s in kept)
-        return ready
+        return ready, ready_panes
 
     # -------------------------------------------------------------- output
 
@@ -301,14 +333,14 @@ class WindowOperator(Operator):
         threshold = wm - self.slide_ms - self.lateness_ms  # panes up to here are complete
         if not self._segments or min(s.lo for s in self._segments) > threshold:
             return []
-        ready = self._take_ready(threshold)
-        panes = self.aggs.merge(pa.concat_tables(ready), self._group, self._steps, "emit")
+        ready, ready_panes = self._take_ready(threshold)
+        panes = self._merge_segments(ready, ready_panes, "emit")
         if self.slide_ms == self.size_ms:
             windows = panes.rename_columns(["window_start", *self.key, *self.aggs.part_names])
         else:
             windows = self._slide(panes, previous, wm)
-        if self._compacted_rows > self._rows:
-            self._compacted_rows = self._rows  # the state shrank: compact again relative to it
+        # the state shrank: the next compaction is due relative to its new size
+        self._compacted_rows = min(self._compacted_rows, self._rows)
         return self._output(windows)
 
     def _slide(self, panes: pa.Table, previous: int | None, wm: int) -> pa.Table:
@@ -319,21 +351,39 @@ class WindowOperator(Operator):
         if still_open.any():
             back = panes.filter(pa.array(still_open))
             self._add(_segment(back, starts[still_open], merged=True))
-        pieces: list[pa.Table] = []
         # window s contains pane p for s in (p - S, p]; emitted when s + S + L <= wm
         low = -END_OF_TIME_MS if previous is None else previous
+        rows_parts: list[np.ndarray] = []
+        start_parts: list[np.ndarray] = []
         for k in range(self.size_ms // self.slide_ms):
             s = starts - k * self.slide_ms
             end = s + (self.size_ms + self.lateness_ms)
-            mask = (end > low) & (end <= wm)
-            if not mask.any():
-                continue
-            rows = panes.filter(pa.array(mask)) if not mask.all() else panes
-            rows = rows.set_column(rows.schema.get_field_index(self.pane_column), "window_start", pa.array(s[mask]))
-            pieces.append(rows)
-        if not pieces:
-            return panes.slice(0, 0).rename_columns(["window_start", *self.key, *self.aggs.part_names])
-        return self.aggs.merge(pa.concat_tables(pieces), ["window_start", *self.key], self._steps, "slide")
+            idx = np.flatnonzero((end > low) & (end <= wm))
+            if len(idx):
+                rows_parts.append(idx)
+                start_parts.append(s[idx])
+        names = ["window_start", *self.key, *self.aggs.part_names]
+        if not rows_parts:
+            return panes.slice(0, 0).rename_columns(names)
+        rows, window_starts = np.concatenate(rows_parts), np.concatenate(start_parts)
+        if not self.aggs.numeric(panes.schema):
+            copies = panes.take(pa.array(rows))
+            copies = copies.set_column(copies.schema.get_field_index(self.pane_column), "window_start", pa.array(window_starts))
+            return self.aggs.merge(copies, ["window_start", *self.key], self._steps, "slide")
+        # Each pane feeds S/D windows: code the keys of the (fewer) panes once, then group the
+        # copies by arithmetic on (window, key code) instead of hashing every copy's key again.
+        key_ids, n_keys, _ = group_ids([panes.column(k) for k in self.key], [None] * len(self.key))
+        window_code = (window_starts - int(window_starts.min())) // self.slide_ms
+        gid, groups, _ = dense_ids(window_code * n_keys + key_ids[rows], (int(window_code.max()) + 1) * n_keys)
+        rep = np.empty(groups, dtype=np.int64)
+        rep[gid] = np.arange(len(gid), dtype=np.int64)
+        firsts = pa.array(rows[rep])
+        copies = panes.select(self.aggs.part_names).take(pa.array(rows))
+        return pa.Table.from_arrays(
+            [pa.array(window_starts[rep])] + [panes.column(k).take(firsts) for k in self.key]
+            + self.aggs.reduce_by_ids(copies, gid, groups),
+            names=names,
+        )
 
     def _output(self, windows: pa.Table) -> list[pa.RecordBatch]:
         if windows.num_rows == 0:
@@ -344,13 +394,12 @@ class WindowOperator(Operator):
             windows = windows.take(pa.array(order))
             starts = starts[order]
         ts = pa.timestamp("ms")
-        out = pa.Table.from_arrays(
-            [windows.column(k) for k in self.key]
-            + [pa.array(starts).cast(ts), pa.array(starts + self.size_ms).cast(ts)]
-            + self.aggs.finalize(windows),
-            names=[*self.key, "window_start", "window_end", *self.aggs.output_names],
-        )
-        return [b for b in out.combine_chunks().to_batches() if b.num_rows]
+        columns = ([windows.column(k) for k in self.key]
+                   + [pa.array(starts, type=ts), pa.array(starts + self.size_ms, type=ts)]
+                   + self.aggs.finalize(windows))
+        names = [*self.key, "window_start", "window_end", *self.aggs.output_names]
+        arrays = [_single(c) for c in columns]
+        return [pa.RecordBatch.from_arrays(arrays, names=names)]
 
 
 class TumblingWindowOperator(WindowOperator):
@@ -367,6 +416,12 @@ class SlidingWindowOperator(WindowOperator):
     type_name = "sliding_window"
     spec_class = SlidingWindowSpec
     pane_column = "pane_start"
+
+
+def _single(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
