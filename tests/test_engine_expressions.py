@@ -173,6 +173,7 @@ def test_filter_runtime_errors_name_operator_expression_and_culprit() -> None:
     assert str(missing.value) == ("filter 'f': column 'missing' (read by expression \"missing > 1\") is not in the "
                                   "input (columns: key, value, x, flag, ts, my col)")
     assert isinstance(missing.value, KeyError)
+    assert missing.value.retryable is False  # a restart would replay the same input
     op = open_op({"id": "f", "type": "filter", "expr": "value > 0 and key > 3"})
     with pytest.raises(ExpressionError, match=r"filter 'f': expression \"value > 0 and key > 3\": 'key > 3' cannot be "
                                               r"computed for column 'key' \(string\), 3 \(int64\)"):

@@ -230,8 +230,8 @@ def test_running_aggregate_snapshot_restores_totals() -> None:
 
 
 def test_many_keys_snapshot_and_restore() -> None:
-    """200k keys of window state survive a snapshot and a restore into 3 subtasks."""
-    n = 200_000
+    """100k keys of window state survive a snapshot and a restore into 3 subtasks."""
+    n = 100_000
     op = open_all("tumbling_window", 1, [])[0]
     keys = pa.array([f"user-{i}" for i in range(n)])
     op.process(pa.RecordBatch.from_arrays([keys, pa.array(np.arange(n) % 40, pa.int64()),

@@ -156,7 +156,7 @@ def scenarios(draw: st.DrawFn) -> tuple[int, int, int, list[Event]]:
     return size, slide, lateness, events
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_windows_match_the_model(scenario: tuple[int, int, int, list[Event]]) -> None:
     """Every emission (which rows, at which watermark) and the late count agree with the model,
@@ -282,6 +282,16 @@ def test_null_event_time_is_an_error_naming_operator_and_column() -> None:
         op.process(batch([("a", 1, 1), ("a", None, 1)]))  # type: ignore[list-item]
 
 
+def test_columns_of_the_wrong_type_are_named() -> None:
+    op = make_window(10, aggregates=[{"fn": "sum", "column": "name"}])
+    b = pa.RecordBatch.from_arrays([pa.array(["a"]), pa.array([1], pa.int64()), pa.array(["x"])], names=["k", "t", "name"])
+    with pytest.raises(TypeError, match=r"tumbling_window 'w': sum of column 'name' needs numbers, but the column is string"):
+        op.process(b)
+    op = make_window(10, time="name")
+    with pytest.raises(TypeError, match=r"event-time column 'name' is string; it must be a timestamp or integer"):
+        op.process(b)
+
+
 def test_missing_columns_are_named() -> None:
     op = make_window(10)
     b = pa.RecordBatch.from_arrays([pa.array(["a"]), pa.array([1])], names=["k", "value"])
@@ -318,3 +328,27 @@ def test_many_batches_compact_without_changing_results(monkeypatch: pytest.Monke
     for slide in (10, 5):
         op = make_window(10, None if slide == 10 else slide)
         assert run(op, events) == model(events, 10, slide, 0)[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", None]), st.integers(0, 3),
+                          st.one_of(st.none(), st.integers(-5, 5)),
+                          st.one_of(st.none(), st.floats(-2, 2), st.just(float("nan")))), min_size=1, max_size=40))
+def test_both_merge_methods_give_the_same_rows(data: list[tuple]) -> None:
+    """Partials merge the same through numpy (dense group ids) and through Arrow's hash aggregation."""
+    from sluice.engine.aggregates import Aggregates
+    from sluice.models import AggregateSpec
+
+    specs = [AggregateSpec(fn="count"), AggregateSpec(fn="sum", column="i"), AggregateSpec(fn="min", column="f"),
+             AggregateSpec(fn="max", column="f"), AggregateSpec(fn="mean", column="i"), AggregateSpec(fn="max", column="i")]
+    aggs = Aggregates("test", "t", specs)
+    table = pa.table({"k": [r[0] for r in data], "p": pa.array([r[1] for r in data], pa.int64()),
+                      "i": pa.array([r[2] for r in data], pa.int64()), "f": pa.array([r[3] for r in data], pa.float64())})
+    raw = pa.Table.from_arrays([table.column("k"), table.column("p"), *aggs.raw_partials(table)],
+                               names=["k", "p", *aggs.part_names])
+
+    def canonical(t: pa.Table) -> list[str]:
+        return sorted(repr(r) for r in t.to_pylist())
+
+    via_numpy, _ = aggs._merge_numpy(raw, ["k", "p"], {"p": 1}, {})
+    assert canonical(via_numpy) == canonical(aggs._merge_acero(raw, ["k", "p"]))

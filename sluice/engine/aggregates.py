@@ -37,13 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.engine.expressions import MissingColumnError
+from sluice.engine.expressions import BadInputTypeError, MissingColumnError
 from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned, key_hashes
 from sluice.engine.operators import Operator, OperatorContext, OperatorState
 from sluice.engine.stateless import check_key_columns, spec_params
@@ -107,7 +108,8 @@ class Aggregates:
                              "collide with key or window columns (rename them with 'as')")
 
     def check_input(self, schema: pa.Schema) -> None:
-        """Raise MissingColumnError / TypeError when `schema` cannot feed the aggregates."""
+        """Raise MissingColumnError / BadInputTypeError (a TypeError) when `schema` cannot feed the
+        aggregates."""
         for s in self.specs:
             if s.column is None:
                 continue
@@ -121,8 +123,8 @@ class Aggregates:
             ok = _is_numeric(t) if s.fn in ("sum", "mean") else _orderable(t) if s.fn in ("min", "max") else True
             if not ok:
                 need = "numbers" if s.fn in ("sum", "mean") else "values that can be ordered"
-                raise TypeError(f"{self.operator} {self.operator_id!r}: {s.fn} of column {s.column!r} needs {need}, "
-                                f"but the column is {schema.field(idx).type}")
+                raise BadInputTypeError(self.operator_id, f"{self.operator} {self.operator_id!r}: {s.fn} of column "
+                                        f"{s.column!r} needs {need}, but the column is {schema.field(idx).type}")
 
     def raw_partials(self, batch: pa.RecordBatch | pa.Table) -> list[pa.Array | pa.ChunkedArray]:
         """Per-row partials of `batch` (one array per part, in `parts` order); call check_input first."""
@@ -492,13 +494,13 @@ class RunningAggregateOperator(Operator):
             self._init_columns(merged)
         assert self._columns is not None
         keys = _key_list(merged, self.key)
-        get = self._index.get
-        slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        # map/zip keep the per-key work in C: the only Python-level cost is hashing the keys
+        slots = np.fromiter(map(self._index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         new_rows = np.flatnonzero(slots < 0)
         if len(new_rows):
             first = len(self._index)
-            for offset, row in enumerate(new_rows.tolist()):
-                self._index[keys[row]] = first + offset
+            new_keys = keys if len(new_rows) == len(keys) else [keys[r] for r in new_rows.tolist()]
+            self._index.update(zip(new_keys, range(first, first + len(new_rows))))
             slots[new_rows] = np.arange(first, first + len(new_rows))
             self._key_chunks.append(merged.select(self.key).take(pa.array(new_rows)))
             self._grow(len(self._index))

@@ -163,10 +163,10 @@ class InvalidExpression(ValueError):
 
 class ExpressionError(UserFunctionError):
     """An expression of an operator failed: it does not parse, or evaluating it on a batch failed
-    (a column is missing, a type does not fit, a value is invalid). The job's failure domain is
-    `user`; a parse error is not retryable."""
+    (a type does not fit, a value is invalid). The job's failure domain is `user`; not retryable
+    by default, since an expression is a pure function of its input, which a restart replays."""
 
-    def __init__(self, operator: str, operator_id: str, text: str, problem: str, *, retryable: bool = True) -> None:
+    def __init__(self, operator: str, operator_id: str, text: str, problem: str, *, retryable: bool = False) -> None:
         message = f'{operator} {operator_id!r}: expression "{text}": {problem}'
         Exception.__init__(self, message)
         self.operator_id = operator_id
@@ -185,7 +185,7 @@ class ExpressionError(UserFunctionError):
 
 class MissingColumnError(UserFunctionError, KeyError):
     """An operator needs a column its input batch does not have (a KeyError for callers that test
-    for one, with a readable message)."""
+    for one, with a readable message). Failure domain `user`, not retryable (bad input data)."""
 
     def __init__(self, operator: str, operator_id: str, column: str, available: Sequence[str], *, role: str = "column",
                  context: str = "") -> None:
@@ -195,7 +195,7 @@ class MissingColumnError(UserFunctionError, KeyError):
         self.operator_id = operator_id
         self.fn_ref = column
         self.what = message
-        self.retryable = True
+        self.retryable = False
         self.column = column
         self.message = message
         self._args = (operator, operator_id, column, tuple(available))
@@ -211,6 +211,30 @@ class MissingColumnError(UserFunctionError, KeyError):
 def _missing_column(operator: str, operator_id: str, column: str, available: Sequence[str], role: str,
                     context: str) -> MissingColumnError:
     return MissingColumnError(operator, operator_id, column, available, role=role, context=context)
+
+
+class BadInputError(UserFunctionError, ValueError):
+    """The input data does not fit what the pipeline says of it (a null event time, a column of
+    the wrong type): a ValueError whose failure domain is `user`, not retryable (a restart replays
+    the same data). `message` names the operator."""
+
+    def __init__(self, operator_id: str, message: str) -> None:
+        Exception.__init__(self, message)
+        self.operator_id = operator_id
+        self.fn_ref = operator_id
+        self.what = message
+        self.retryable = False
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.operator_id, self.message))
+
+
+class BadInputTypeError(BadInputError, TypeError):
+    """A :class:`BadInputError` about a column's type (also a TypeError)."""
 
 
 class _EvalFailure(Exception):
@@ -588,12 +612,12 @@ def compile_expression(text: str) -> CompiledExpression:
 
 
 def compile_for(operator: str, operator_id: str, text: str) -> CompiledExpression:
-    """:func:`compile_expression` for an operator's open(): a bad expression raises a
-    non-retryable ExpressionError naming the operator and the expression."""
+    """:func:`compile_expression` for an operator's open(): a bad expression raises an
+    ExpressionError naming the operator and the expression."""
     try:
         return compile_expression(text)
     except InvalidExpression as exc:
-        raise ExpressionError(operator, operator_id, text, exc.problem, retryable=False) from exc
+        raise ExpressionError(operator, operator_id, text, exc.problem) from exc
 
 
 def as_array(value: Value, num_rows: int) -> pa.Array | pa.ChunkedArray:
@@ -605,6 +629,8 @@ def as_array(value: Value, num_rows: int) -> pa.Array | pa.ChunkedArray:
 
 __all__ = [
     "FUNCTIONS",
+    "BadInputError",
+    "BadInputTypeError",
     "CompiledExpression",
     "ExpressionError",
     "Function",

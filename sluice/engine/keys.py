@@ -40,31 +40,55 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 class _Powers:
     """``base ** k`` and ``base ** -k`` modulo 2**64 for k < n, grown on demand (base is odd, so it
-    has an inverse): hashing a string by prefix sums needs both."""
+    has an inverse): hashing a string by prefix sums needs both. Snapshots hash keys in worker
+    threads while the event loop hashes batches, so both tables are swapped in as one tuple."""
 
     def __init__(self) -> None:
-        self.up = np.ones(1, dtype=np.uint64)
-        self.down = np.ones(1, dtype=np.uint64)
+        self._tables = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.up) < n:
-            size = max(n, 2 * len(self.up), 1 << 16)
+        up, down = self._tables
+        if len(up) < n:
+            size = max(n, 2 * len(up), 1 << 16)
             inverse = np.uint64(pow(int(_BYTE_BASE), -1, 1 << 64))
-            self.up = _powers(_BYTE_BASE, size)
-            self.down = _powers(inverse, size)
-        return self.up[:n], self.down[:n]
+            up, down = _powers(_BYTE_BASE, size), _powers(inverse, size)
+            self._tables = (up, down)
+        return up[:n], down[:n]
 
 
 def _powers(base: np.uint64, n: int) -> np.ndarray:
-    out = np.full(n, base, dtype=np.uint64)
-    out[0] = 1
-    return np.cumprod(out)  # uint64 products wrap modulo 2**64, which is the arithmetic wanted
+    """base**k for k < n (mod 2**64): a short cumulative product per block of 4096, times the
+    block's base**(4096*j); a single cumulative product over millions of entries is far slower."""
+    block_len = 4096
+    block = np.full(block_len, base, dtype=np.uint64)
+    block[0] = 1
+    block = np.cumprod(block)  # uint64 products wrap modulo 2**64, which is the arithmetic wanted
+    with np.errstate(over="ignore"):
+        step = block[-1] * base
+    blocks = np.full(-(-n // block_len), step, dtype=np.uint64)
+    blocks[0] = 1
+    blocks = np.cumprod(blocks)
+    with np.errstate(over="ignore"):
+        return np.multiply.outer(blocks, block).ravel()[:n]
 
 
 _POWERS = _Powers()
 
 
+#: rows hashed at a time: keeps the power tables (8 bytes per key byte, twice) small
+HASH_SLICE_ROWS = 65536
+
+
 def _hash_binary(arr: pa.Array) -> np.ndarray:
+    """Hash of each value's bytes, a slice of rows at a time."""
+    if len(arr) <= HASH_SLICE_ROWS:
+        return _hash_binary_slice(arr)
+    return np.concatenate([
+        _hash_binary_slice(arr.slice(i, HASH_SLICE_ROWS)) for i in range(0, len(arr), HASH_SLICE_ROWS)
+    ])
+
+
+def _hash_binary_slice(arr: pa.Array) -> np.ndarray:
     """Polynomial hash of each value's bytes (sum of byte * base**position), then mixed with its
     length. Computed for all values at once: prefix sums of byte * base**global_position, the
     difference over a value's span, shifted back to position 0 by base**-start."""

@@ -27,6 +27,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +65,17 @@ class TaskError(Exception):
         self.message = message
         self.retryable = retryable
         self.domain = domain
+
+
+def _origin(exc: BaseException) -> str:
+    """Where an internal error was raised (innermost frame), for the failure message."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f" (at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name})"
 
 
 def _is_user_fault(exc: BaseException) -> bool:
@@ -177,7 +189,8 @@ class SubtaskRunner:
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
             return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user")
         return TaskError(
-            f"{self._where(operator_id)}: {doing} failed: {type(exc).__name__}: {exc}", retryable=True, domain="internal"
+            f"{self._where(operator_id)}: {doing} failed: {type(exc).__name__}: {exc}{_origin(exc)}",
+            retryable=True, domain="internal",
         )
 
     def _restored_tables(self, operator_id: str) -> list[pa.Table]:

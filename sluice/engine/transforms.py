@@ -56,9 +56,10 @@ class FilterOperator(Operator):
     array, numpy array or list of bools) is true. A null (in the expression's value or the mask)
     drops its row.
 
-    A bad expression fails open() with a non-retryable ExpressionError naming the operator and the
-    expression; evaluation failures (missing column, type mismatch, invalid value) raise
-    MissingColumnError / ExpressionError naming the operator, the expression and the culprit.
+    A bad expression fails open() with an ExpressionError naming the operator and the expression;
+    evaluation failures (missing column, type mismatch, invalid value) raise MissingColumnError /
+    ExpressionError naming the operator, the expression and the culprit. All are failures of
+    domain `user`, not retryable.
     """
 
     type_name = "filter"
@@ -99,7 +100,7 @@ class FilterOperator(Operator):
         if isinstance(value, pa.Scalar):
             if value.type != pa.bool_():
                 raise ExpressionError("filter", self.operator_id, self.expr.text,
-                                      f"is a {value.type} value, not a condition (true/false)", retryable=False)
+                                      f"is a {value.type} value, not a condition (true/false)")
             return pa.repeat(value, batch.num_rows) if value.as_py() is True else None
         if value.type != pa.bool_():
             raise ExpressionError("filter", self.operator_id, self.expr.text,

@@ -64,7 +64,11 @@ from sluice.engine.aggregates import (
     hash_keys,
     state_schema_problem,
 )
-from sluice.engine.expressions import MissingColumnError
+from sluice.engine.expressions import (
+    BadInputError,
+    BadInputTypeError,
+    MissingColumnError,
+)
 from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned
 from sluice.engine.messages import Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState
@@ -246,16 +250,16 @@ class WindowOperator(Operator):
             raise MissingColumnError(self.type_name, self.operator_id, self.spec.time, schema.names, role="event-time column")
         t = schema.field(idx).type
         if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)):
-            raise TypeError(f"{self.type_name} {self.operator_id!r}: event-time column {self.spec.time!r} is {t}; "
-                            "it must be a timestamp or integer milliseconds")
+            raise BadInputTypeError(self.operator_id, f"{self.type_name} {self.operator_id!r}: event-time column "
+                                    f"{self.spec.time!r} is {t}; it must be a timestamp or integer milliseconds")
         self.aggs.check_input(schema)
 
     def _event_times(self, batch: pa.RecordBatch) -> np.ndarray:
         col = batch.column(self.spec.time)
         if col.null_count:
             row = int(pc.index(col.is_null(), True).as_py())
-            raise ValueError(f"{self.type_name} {self.operator_id!r}: event-time column {self.spec.time!r} "
-                             f"is null (row {row} of the batch)")
+            raise BadInputError(self.operator_id, f"{self.type_name} {self.operator_id!r}: event-time column "
+                                f"{self.spec.time!r} is null (row {row} of the batch)")
         if pa.types.is_timestamp(col.type):
             mul, div = _UNIT_MS[col.type.unit]
             t = np.asarray(col.view(pa.int64()))

@@ -133,6 +133,8 @@ class _Subtask:
 
 
 def _as_snapshot(raw: Any) -> SubtaskSnapshot | None:
+    if raw is None:  # not taken yet
+        return None
     if isinstance(raw, SubtaskSnapshot):
         return raw
     try:
