@@ -267,3 +267,42 @@ async def test_rebalance_and_fan_out_deliver_every_row_once(job_client: JobClien
     finally:
         await stop_job_quietly(job_client, spec.job_id)
     assert_exact_output(read_committed_rows(state_dir / "out"), expected_rows(pipeline))
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ('{"key": "a", "value": 1}\n{"key": "b", "value": 2}\n{"key": "c", "value": oops}\n',
+         ["line 3", "oops"]),
+        ('{"key": "a", "value": 1}\n{"key": "b", "value": "abc"}\n',
+         ["line 2", "'value'", "abc", "int64"]),
+    ],
+    ids=["malformed-line", "schema-mismatch"],
+)
+async def test_bad_input_fails_the_job_naming_operator_subtask_and_value(
+    job_client: JobClient, state_dir: Path, content: str, fragments: list[str]
+) -> None:
+    src = state_dir / "in"
+    src.mkdir()
+    (src / "part-1.jsonl").write_text(content)
+    out = state_dir / "out"
+    pipeline = PipelineSpec.model_validate({
+        "name": "bad-input",
+        "operators": [
+            {"id": "events", "type": "files", "role": "source", "path": str(src),
+             "schema": {"key": "string", "value": "int64"}},
+            {"id": "out", "type": "files", "path": str(out)},
+        ],
+    })
+    spec = job_spec(pipeline, state_dir)
+    await job_client.start(spec)
+    try:
+        failed = await wait_state(job_client, spec.job_id, "Failed", timeout_s=FINISH_TIMEOUT_S)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    assert failed.failure is not None and failed.failure.domain == "user", describe_status(failed)
+    message = failed.failure.message
+    for fragment in ["operator 'events' subtask 0", "part-1.jsonl", *fragments]:
+        assert fragment in message, message
+    assert failed.restarts == 0, "bad data is not retried: a restart would read the same line"
+    assert read_committed_rows(out, check_ts=False) == [], "no partial output is committed"

@@ -93,6 +93,8 @@ def test_graph_refusals_name_the_node(fns: str) -> None:
         ([{"id": "a", "type": "generator"}, {"id": "b", "type": "generator"},
           {"id": "m", "type": "map", "fn": f"{fns}:ident", "inputs": ["a", "b"]}],
          "operator 'm' has several inputs ('a', 'b'); merge them with a 'union' operator first"),
+        ([{"id": "a", "type": "files", "role": "source", "path": "in", "schema": {"t": "int64"}, "event_time": "t"}],
+         "operator 'a': event_time column 't' must be declared in 'schema' as a timestamp"),
         ([{"id": "a", "type": "generator"}, {"id": "p", "type": "project", "columns": {"v": "value * 2"}},
           {"id": "k", "type": "key_by", "key": "key"}],
          "operator 'k': key column(s) 'key' not in the input's columns (v)"),

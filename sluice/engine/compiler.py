@@ -150,6 +150,12 @@ def _plan(
                 if cols[u] is not None and known and sorted(cols[u]) != sorted(known[0]):  # type: ignore[arg-type]
                     raise UserError(f"operator {op.id!r}: inputs have different columns: {ups[0]!r} has "
                                     f"{', '.join(known[0])}; {u!r} has {', '.join(cols[u])}")  # type: ignore[arg-type]
+        event_time = getattr(op, "event_time", None)
+        if op.kind == "source" and event_time is not None:
+            declared = getattr(op, "columns_", None)
+            if declared is not None and declared.get(event_time) != "timestamp":
+                raise UserError(f"operator {op.id!r}: event_time column {event_time!r} must be declared in "
+                                f"'schema' as a timestamp (schema: {declared})")
         if op.type == "key_by":
             _require(op.id, "key column(s)", op.key, cols[ups[0]])  # type: ignore[union-attr]
         if expressions and op.type == "filter" and getattr(op, "expr", None):
