@@ -42,6 +42,7 @@ from sluice.engine.operators import Operator, OperatorContext, OperatorState, Us
 from sluice.engine.registry import build_operator
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
+from sluice.engine.stateless import check_same_schema
 from sluice.errors import UserError
 from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
 from sluice.storage import CheckpointStore
@@ -355,11 +356,12 @@ class SubtaskRunner:
         """Rows reaching a union must all have one schema: the first one seen sets it."""
         if self._union_schema is None:
             self._union_schema = batch.schema
-        elif not batch.schema.equals(self._union_schema):
-            head = self.operator_ids[0]
-            want = ", ".join(f"{f.name}: {f.type}" for f in self._union_schema)
-            got = ", ".join(f"{f.name}: {f.type}" for f in batch.schema)
-            raise OperatorFailed(head, UserError(f"inputs have different schemas: ({want}) vs ({got})"))
+            return
+        head = self.operator_ids[0]
+        try:
+            check_same_schema(head, self._union_schema, batch.schema)
+        except ValueError as exc:
+            raise OperatorFailed(head, UserError(str(exc))) from exc
 
     async def _input_loop(self) -> None:
         assert self._chain is not None and self._gate is not None
