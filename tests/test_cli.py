@@ -118,9 +118,15 @@ def test_pipeline_error_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) 
 def test_example_pipeline_is_valid() -> None:
     from sluice.pipeline_files import load_pipeline
 
+    from sluice.engine.compiler import compile_program
+    from sluice.models import JobConfig
+
     spec = load_pipeline(PROJECT_ROOT / "examples" / "clicks.yaml")
     assert spec.name == "clicks"
-    assert [op.type for op in spec.operators] == ["generator", "filter", "files"]
+    assert [op.type for op in spec.operators] == ["generator", "filter", "key_by", "tumbling_window", "files"]
+    windows = load_pipeline(PROJECT_ROOT / "examples" / "windows.yaml")
+    for pipeline in (spec, windows):
+        compile_program(pipeline, JobConfig())  # the examples pass every compile check
 
 
 # ------------------------------------------------------------------------------ usage errors
