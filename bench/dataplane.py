@@ -168,6 +168,14 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def machine_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def machine() -> dict[str, Any]:
     import numpy
     import pyarrow
@@ -1029,8 +1037,12 @@ def markdown(res: dict[str, Any], command: str, m: dict[str, Any], total_s: floa
              f"`nproc` = {m['nproc']}, {mem} MB memory (`free -m`), {m['platform']}; Python {m['python']}, pyarrow "
              f"{m['pyarrow']}, numpy {m['numpy']}, temporalio {m['temporalio']}, bytewax {m['bytewax']}. Load average "
              f"{', '.join(f'{x:.1f}' for x in m['loadavg_start'])} at the start, "
-             f"{', '.join(f'{x:.1f}' for x in m['loadavg_end'])} at the end. Code: commit {m['git_commit']}"
-             f"{' plus uncommitted changes in the working tree' if m['git_dirty'] else ''}.")
+             f"{', '.join(f'{x:.1f}' for x in m['loadavg_end'])} at the end (other sessions' test suites share "
+             f"this machine). Code: commit {m['git_commit']}"
+             f"{' plus uncommitted changes in the working tree' if m['git_dirty'] else ''}"
+             + ("" if m.get("git_commit_end") in (None, m["git_commit"]) else
+                f" at the start, {m['git_commit_end']} at the end (the engine changed during the run; each job "
+                f"ran the code of its start)") + ".")
     L.append("")
     L.append("```")
     L.append(command)
@@ -1071,9 +1083,7 @@ def markdown(res: dict[str, Any], command: str, m: dict[str, Any], total_s: floa
                  f"({_x(ck['full_runner_s']['median'], 3)} s at the runner, {_x(ck['full_controller_s']['median'], 3)} s "
                  f"for the controller; median of {ck['full_runner_s']['n']}).")
     L.append("")
-    L.append("Other facts from the same runs (medians): (a) reaches "
-             + ", ".join(f"{_pct(s['framework_share'])} (keys={int(k):,})" for k, s in res["summary"].items())
-             + " of the baseline's speed (the rest is the runner: task loop, channel, chain bookkeeping); the filter kept "
+    L.append("Other facts from the same runs (medians): the filter kept "
              + ", ".join(f"{_x(s['kept_fraction'])}" for k, s in res["summary"].items())
              + " of the rows; the window emitted "
              + ", ".join(f"{_x(s['window_out_per_event'], 3)} rows per generated event (keys={int(k):,})"
@@ -1195,6 +1205,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     res = build_results(runs, ckpt, profile, args)
     res["py_spy"] = spied
     m["loadavg_end"] = os.getloadavg()
+    m["git_commit_end"] = machine_commit()
     res["machine"] = m
     res["total_s"] = time.perf_counter() - t_begin
     return res
