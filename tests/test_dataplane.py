@@ -306,3 +306,30 @@ async def test_bad_input_fails_the_job_naming_operator_subtask_and_value(
         assert fragment in message, message
     assert failed.restarts == 0, "bad data is not retried: a restart would read the same line"
     assert read_committed_rows(out, check_ts=False) == [], "no partial output is committed"
+
+
+async def test_immediate_stop_of_a_shuffling_job_is_clean(job_client: JobClient, client: Any, state_dir: Path) -> None:
+    # Runners get the stop one after the other: subtasks whose upstream stopped first must not
+    # report failures (the stop activity would fail and be retried).
+    pipeline = _window_pipeline(state_dir / "out", limit=1_000_000, rate=2000)
+    spec = job_spec(pipeline, state_dir, slots_per_runner=4)
+    await job_client.start(spec)
+    try:
+        await wait_state(job_client, spec.job_id, "Running", timeout_s=START_TIMEOUT_S)
+        await asyncio.sleep(1.0)
+        await job_client.stop(spec.job_id, "immediate")
+        stopped = await wait_state(job_client, spec.job_id, "Stopped", timeout_s=FINISH_TIMEOUT_S)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    assert ("Stopping", "Stopped") in [(t.from_state, t.to_state) for t in stopped.transitions]
+    history = await client.get_workflow_handle(spec.job_id).fetch_history()
+    scheduled: dict[int, str] = {}
+    attempts: dict[str, list[int]] = {}
+    for event in history.events:
+        attrs = event.activity_task_scheduled_event_attributes
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            scheduled[event.event_id] = attrs.activity_type.name
+        if event.HasField("activity_task_started_event_attributes"):
+            started = event.activity_task_started_event_attributes
+            attempts.setdefault(scheduled[started.scheduled_event_id], []).append(started.attempt)
+    assert attempts.get("stop_runners") == [1], f"stop_runners attempts: {attempts}"

@@ -36,6 +36,7 @@ from typing import Literal
 import pyarrow as pa
 
 from sluice.engine.chain import OperatorChain, OperatorFailed
+from sluice.engine.channels import ChannelClosed
 from sluice.engine.functions import FunctionLoadError
 from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState, UserFunctionError
@@ -56,6 +57,9 @@ EventCallback = Callable[[str, SubtaskRef, dict], None]
 IDLE_RECHECK_S = 1.0
 #: recent snapshots kept for the controller to collect; older epochs are long committed or abandoned
 SNAPSHOTS_KEPT = 16
+#: a channel closed by a neighbour is a failure unless this subtask is told to stop within this
+#: (the controller stops every runner at once, but they get the request one after the other)
+PEER_STOP_GRACE_S = 2.0
 
 
 class TaskError(Exception):
@@ -246,11 +250,17 @@ class SubtaskRunner:
         if self._chain is None:
             raise TaskError(f"subtask {self.ref.label()}: run() before a successful open()")
         try:
-            if self._gate is not None:
-                self._gate.start()
-                await self._input_loop()
-            else:
-                await self._source_loop()
+            try:
+                if self._gate is not None:
+                    self._gate.start()
+                    await self._input_loop()
+                else:
+                    await self._source_loop()
+            except (InputClosed, ChannelClosed):
+                # A stop reaches the runners one by one: a neighbour that stopped first closes its
+                # channels. That is the stop, not a failure, if our own stop follows shortly.
+                if not await self._stop_follows(PEER_STOP_GRACE_S):
+                    raise
             self.state = "finished"
         except asyncio.CancelledError:
             self.state = "finished"
@@ -258,7 +268,7 @@ class SubtaskRunner:
         except OperatorFailed as exc:
             self.state = "failed"
             raise self._error(exc.operator_id, exc.cause, "processing") from exc.cause
-        except InputClosed as exc:
+        except (InputClosed, ChannelClosed) as exc:
             self.state = "failed"
             raise TaskError(f"subtask {self.ref.label()} ({self.operator_ids[0]!r}): {exc}") from exc
         except TaskError:
@@ -390,6 +400,21 @@ class SubtaskRunner:
                 if self._stop_mode == "graceful":
                     return
             await asyncio.sleep(0)
+
+    async def _stop_follows(self, timeout_s: float) -> bool:
+        """True when a stop is (or within `timeout_s` becomes) requested for this subtask."""
+        deadline = time.monotonic() + timeout_s
+        while self._stop_mode is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+        return True
 
     async def _wait(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking early for a barrier or a stop."""
