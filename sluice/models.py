@@ -349,6 +349,7 @@ class PipelineSpec(Contract):
     @model_validator(mode="after")
     def _graph(self) -> "PipelineSpec":
         seen: set[str] = set()
+        all_ids = {op.id for op in self.operators}
         for i, op in enumerate(self.operators):
             if op.id in seen:
                 raise ValueError(f"operators[{i}]: duplicate operator id {op.id!r}")
@@ -358,9 +359,12 @@ class PipelineSpec(Contract):
             elif i == 0 and not op.inputs:
                 raise ValueError(f"operator {op.id!r}: the first operator must be a source")
             for up in op.inputs or []:
+                if up not in all_ids:
+                    raise ValueError(f"operator {op.id!r}: input {up!r} is not an operator of this pipeline")
                 if up not in seen:
                     raise ValueError(
-                        f"operator {op.id!r}: input {up!r} is not an operator defined before it"
+                        f"operator {op.id!r}: input {up!r} is defined after it (operators are listed "
+                        f"inputs first, so a graph has no cycles)"
                     )
             seen.add(op.id)
         return self

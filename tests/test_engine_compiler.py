@@ -155,3 +155,20 @@ def test_runners_needed_and_assign() -> None:
     assert [[s.index for s in a.subtasks] for a in out] == [[0, 2, 4], [1, 3]]
     with pytest.raises(ValueError):
         assign(prog, _runners(2, 2))
+
+
+def test_unknown_input_cycle_and_parallelism_are_named() -> None:
+    from pydantic import ValidationError
+
+    cases = [
+        ([{"id": "a", "type": "generator"}, {"id": "b", "type": "filter", "expr": "x > 1", "inputs": ["zzz"]}],
+         "operator 'b': input 'zzz' is not an operator of this pipeline"),
+        ([{"id": "a", "type": "generator"}, {"id": "b", "type": "union", "inputs": ["a", "c"]},
+          {"id": "c", "type": "filter", "expr": "x > 1", "inputs": ["b"]}],
+         "operator 'b': input 'c' is defined after it (operators are listed inputs first, so a graph has no cycles)"),
+        ([{"id": "a", "type": "generator", "parallelism": 0}], "operators.0.generator.parallelism"),
+    ]
+    for ops, message in cases:
+        with pytest.raises(ValidationError) as err:
+            _pipeline(*ops)
+        assert message in str(err.value)

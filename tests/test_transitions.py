@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from temporalio.client import WorkflowFailureError
 
 from sluice.client import JobClient, JobFailedError
 from sluice.models import TASK_QUEUE, JobInput
@@ -129,3 +131,18 @@ async def test_restore_epoch_abandons_later_checkpoints(job_client: JobClient, s
     assert again.epoch == 1 and "restored epoch 1" in again.transitions[-1].reason
     await job_client.stop(spec.job_id, "force")
     await _ended(job_client, spec.job_id, "Stopped")
+
+
+async def test_malformed_start_input_fails_the_job_naming_the_field(job_client: JobClient) -> None:
+    """A start that bypasses the client (temporal CLI, raw JSON) with an invalid pipeline fails the
+    job as a user error naming the field, instead of retrying a workflow task forever."""
+    job_id = f"raw-invalid-{os.getpid()}-{os.urandom(3).hex()}"
+    bad = {"spec": {"job_id": job_id, "pipeline": {"name": "p", "operators": [
+        {"id": "a", "type": "generator", "parallelism": 0}]}}}
+    handle = await job_client.client.start_workflow("JobWorkflow", bad, id=job_id, task_queue=TASK_QUEUE)
+    with pytest.raises(WorkflowFailureError) as err:
+        await asyncio.wait_for(handle.result(), WAIT_S)
+    assert "spec.pipeline.operators.0.generator.parallelism" in str(err.value.cause)
+    status = await job_client.status(job_id)
+    assert _path(status) == ["Created", "Compiling", "Failing", "Failed"]
+    assert status.failure is not None and status.failure.domain == "user"

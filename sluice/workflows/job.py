@@ -95,7 +95,10 @@ class JobWorkflow:
     """A streaming job. Signals/updates change the desired config; states converge to it."""
 
     @workflow.init
-    def __init__(self, inp: JobInput) -> None:
+    def __init__(self, raw: dict[str, Any]) -> None:
+        # Validated here, not by the data converter: a malformed start (e.g. from the temporal
+        # CLI) must fail the job with a message naming the field, not retry a workflow task forever.
+        inp, self.input_problem = _parse_job_input(raw, workflow.info().workflow_id)
         self.spec: JobSpec = inp.spec
         self.job_id = inp.spec.job_id
         carried = (
@@ -131,7 +134,7 @@ class JobWorkflow:
     # ------------------------------------------------------------------ main loop
 
     @workflow.run
-    async def run(self, inp: JobInput) -> JobResult:
+    async def run(self, raw: dict[str, Any]) -> JobResult:
         from sluice.workflows.states import STEPS  # one module per state group
 
         self._upsert_search_attributes()
@@ -527,6 +530,27 @@ class JobWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         carried = CarriedState(**{name: getattr(self, name) for name in CarriedState.model_fields})
         workflow.continue_as_new(JobInput(spec=self.spec, carried=carried.model_dump(mode="json")))
+
+
+#: the job a malformed input stands for: enough to answer queries while it fails
+_INVALID_PIPELINE = {"name": "invalid", "operators": [{"id": "invalid", "type": "generator", "limit": 0}]}
+
+
+def _parse_job_input(raw: Any, workflow_id: str) -> tuple[JobInput, str | None]:
+    """The job input, or a stand-in and the problem (naming every offending field)."""
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expects one JSON object {{\"spec\": {{...}}}}, got {type(raw).__name__}")
+        return JobInput.model_validate(raw), None
+    except (ValidationError, TypeError) as e:
+        if isinstance(e, ValidationError):
+            problem = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}" for err in e.errors()
+            )
+        else:
+            problem = str(e)
+        spec = JobSpec(job_id=workflow_id, pipeline=_INVALID_PIPELINE)  # type: ignore[arg-type]
+        return JobInput(spec=spec), f"invalid job input: {problem}"
 
 
 def _rejection(e: CommandRejected) -> ApplicationError:

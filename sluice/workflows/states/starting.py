@@ -22,6 +22,10 @@ async def created(wf: "JobWorkflow") -> None:
 
 
 async def compiling(wf: "JobWorkflow") -> None:
+    if wf.input_problem is not None:
+        wf.failure = Failure(message=wf.input_problem, domain="user")
+        wf.transition("Failing", f"program invalid: {wf.input_problem}")
+        return
     if wf.stop_requested():
         stop_transition(wf, f"stop {wf.config.stop} requested before scheduling", running=False)
         return
