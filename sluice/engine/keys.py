@@ -11,7 +11,7 @@ of the hash's top 32 bits. Ranges of P subtasks tile the whole space, so a key a
 one owner, and a rescale moves whole sub-ranges between subtasks.
 
 Hashing is vectorised with numpy: integers, booleans and timestamps are mixed directly; strings
-and binaries get a polynomial hash of their bytes computed over the Arrow buffers (no Python
+and binaries are absorbed a 64-bit word at a time straight from the Arrow buffers (no Python
 object per row). Nulls hash to a fixed value. Several key columns are combined in order.
 """
 
@@ -26,7 +26,6 @@ KEY_HASH_COLUMN = "_key_hash"
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_BYTE_BASE = np.uint64(0x100000001B3)  # FNV prime, as the polynomial base for bytes
 _NULL_HASH = np.uint64(0x6A09E667F3BCC908)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 
@@ -38,45 +37,10 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> _S31)
 
 
-class _Powers:
-    """``base ** k`` and ``base ** -k`` modulo 2**64 for k < n, grown on demand (base is odd, so it
-    has an inverse): hashing a string by prefix sums needs both. Snapshots hash keys in worker
-    threads while the event loop hashes batches, so both tables are swapped in as one tuple."""
-
-    def __init__(self) -> None:
-        self._tables = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
-
-    def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        up, down = self._tables
-        if len(up) < n:
-            size = max(n, 2 * len(up), 1 << 16)
-            inverse = np.uint64(pow(int(_BYTE_BASE), -1, 1 << 64))
-            up, down = _powers(_BYTE_BASE, size), _powers(inverse, size)
-            self._tables = (up, down)
-        return up[:n], down[:n]
-
-
-def _powers(base: np.uint64, n: int) -> np.ndarray:
-    """base**k for k < n (mod 2**64): a short cumulative product per block of 4096, times the
-    block's base**(4096*j); a single cumulative product over millions of entries is far slower."""
-    block_len = 4096
-    block = np.full(block_len, base, dtype=np.uint64)
-    block[0] = 1
-    block = np.cumprod(block)  # uint64 products wrap modulo 2**64, which is the arithmetic wanted
-    with np.errstate(over="ignore"):
-        step = block[-1] * base
-    blocks = np.full(-(-n // block_len), step, dtype=np.uint64)
-    blocks[0] = 1
-    blocks = np.cumprod(blocks)
-    with np.errstate(over="ignore"):
-        return np.multiply.outer(blocks, block).ravel()[:n]
-
-
-_POWERS = _Powers()
-
-
-#: rows hashed at a time: keeps the power tables (8 bytes per key byte, twice) small
+#: rows hashed at a time: bounds the temporary arrays
 HASH_SLICE_ROWS = 65536
+#: MASKS[k] keeps the low k bytes of a little-endian 64-bit word (k = 0..8)
+_MASKS = np.array([0] + [(1 << (8 * k)) - 1 for k in range(1, 8)] + [(1 << 64) - 1], dtype=np.uint64)
 
 
 def _hash_binary(arr: pa.Array) -> np.ndarray:
@@ -89,9 +53,12 @@ def _hash_binary(arr: pa.Array) -> np.ndarray:
 
 
 def _hash_binary_slice(arr: pa.Array) -> np.ndarray:
-    """Polynomial hash of each value's bytes (sum of byte * base**position), then mixed with its
-    length. Computed for all values at once: prefix sums of byte * base**global_position, the
-    difference over a value's span, shifted back to position 0 by base**-start."""
+    """Each value's bytes, zero-padded to whole little-endian 64-bit words w0, w1, ... (at least
+    one), absorbed in order: ``h = mix(len * G + G)``, then ``h = mix(h ^ w)`` per word.
+
+    Vectorised over rows: the words are read straight from the Arrow data buffer through an
+    overlapping 64-bit view (one per byte position) and masked to the value's length; rows with
+    more words take further passes, over fewer rows each."""
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     offsets_type = np.int64 if large else np.int32
     arr = arr.cast(pa.large_binary() if large else pa.binary())
@@ -100,15 +67,29 @@ def _hash_binary_slice(arr: pa.Array) -> np.ndarray:
     offsets = np.frombuffer(bufs[1], dtype=offsets_type, count=n + 1,
                             offset=arr.offset * np.dtype(offsets_type).itemsize).astype(np.int64)
     start, end = int(offsets[0]), int(offsets[-1])
-    rel = offsets - start
-    data = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None else np.empty(0, np.uint8)
-    up, down = _POWERS.get(len(data) + 1)
-    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-    np.cumsum(data * up[: len(data)], out=prefix[1:])
-    lengths = np.diff(rel)
+    padded = np.zeros(end - start + 8, dtype=np.uint8)  # 8 spare bytes: the last word never overruns
+    if bufs[2] is not None and end > start:
+        padded[: end - start] = np.frombuffer(bufs[2], dtype=np.uint8)[start:end]
+    words = np.ndarray((end - start + 1,), dtype="<u8", buffer=padded, strides=(1,))
+    pos = offsets[:-1] - start
+    left = np.diff(offsets)
     with np.errstate(over="ignore"):
-        h = (prefix[rel[1:]] - prefix[rel[:-1]]) * down[rel[:-1]]
-        return _splitmix(h + lengths.astype(np.uint64) * _GOLDEN + _GOLDEN)
+        h = _splitmix(left.astype(np.uint64) * _GOLDEN + _GOLDEN)
+        h = _splitmix(h ^ (words[pos] & _MASKS[np.minimum(left, 8)]))
+        rows: np.ndarray | None = None  # None: every row is still going
+        pos, left = pos + 8, left - 8
+        while True:
+            more = left > 0
+            if not more.any():
+                return h
+            if rows is None and more.all():
+                h = _splitmix(h ^ (words[pos] & _MASKS[np.minimum(left, 8)]))
+            else:
+                if rows is None:
+                    rows = np.arange(n)
+                rows, pos, left = rows[more], pos[more], left[more]
+                h[rows] = _splitmix(h[rows] ^ (words[pos] & _MASKS[np.minimum(left, 8)]))
+            pos, left = pos + 8, left - 8
 
 
 def _hash_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:

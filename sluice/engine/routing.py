@@ -89,6 +89,16 @@ class InputGate:
         self._readers: list[asyncio.Task[None]] = []
         self._interrupted = False
 
+    def backlog(self) -> int:
+        """Messages waiting for the chain: in the mailbox and buffered in the channels."""
+        n = len(self._mail)
+        for ch in self.channels:
+            try:
+                n += len(ch.receiver)  # type: ignore[arg-type]
+            except TypeError:  # a receiver that cannot tell
+                pass
+        return n
+
     def start(self) -> None:
         """Start reading every channel (from the running event loop)."""
         self._readers = [asyncio.ensure_future(self._read(i)) for i in range(len(self.channels))]

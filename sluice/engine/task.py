@@ -60,6 +60,12 @@ SNAPSHOTS_KEPT = 16
 #: a channel closed by a neighbour is a failure unless this subtask is told to stop within this
 #: (the controller stops every runner at once, but they get the request one after the other)
 PEER_STOP_GRACE_S = 2.0
+#: a source holds its next batch while the other subtasks of its runner have more messages than
+#: this waiting: one source batch is many times the work of one message downstream, and a runner
+#: that keeps producing while its consumers lag stalls its peers, which wait on those consumers
+SOURCE_YIELD_BACKLOG = 4
+#: how long a held source sleeps between looks, after a few plain yields
+SOURCE_HOLD_SLEEP_S = 0.0005
 
 
 class TaskError(Exception):
@@ -136,6 +142,7 @@ class SubtaskRunner:
         self._closed = False
         self._snapshotting: asyncio.Future[dict[str, OperatorState]] | None = None
         self._union_schema: pa.Schema | None = None
+        self._neighbours_backlog: Callable[[], int] | None = None
 
     # ------------------------------------------------------------------ control (same event loop)
 
@@ -180,6 +187,15 @@ class SubtaskRunner:
                 except Exception:  # noqa: BLE001 - metrics must never fail the task
                     pass
         return out
+
+    def backlog(self) -> int:
+        """Messages waiting at this subtask's inputs (0 for a source)."""
+        return self._gate.backlog() if self._gate is not None else 0
+
+    def yield_to(self, neighbours_backlog: Callable[[], int]) -> None:
+        """For a source: hold each next batch while `neighbours_backlog()` (the messages waiting
+        at the other subtasks of this runner) exceeds SOURCE_YIELD_BACKLOG."""
+        self._neighbours_backlog = neighbours_backlog
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -345,6 +361,8 @@ class SubtaskRunner:
             if self._ended:
                 await self._wait(IDLE_RECHECK_S)
                 continue
+            if await self._hold_for_neighbours():
+                continue  # a barrier or a stop arrived while holding
             try:
                 poll = source.poll(time.monotonic())
                 wm = source.watermark() if poll.batch is not None or poll.finished else None
@@ -400,6 +418,20 @@ class SubtaskRunner:
                 if self._stop_mode == "graceful":
                     return
             await asyncio.sleep(0)
+
+    async def _hold_for_neighbours(self) -> bool:
+        """Let this runner's consumers catch up before the next batch; True if interrupted by a
+        barrier or a stop (barriers are never held: alignment downstream may wait for them)."""
+        backlog = self._neighbours_backlog
+        if backlog is None:
+            return False
+        spins = 0
+        while backlog() > SOURCE_YIELD_BACKLOG:
+            if self._barriers or self._stop_mode is not None:
+                return True
+            await asyncio.sleep(0 if spins < 8 else SOURCE_HOLD_SLEEP_S)
+            spins += 1
+        return False
 
     async def _stop_follows(self, timeout_s: float) -> bool:
         """True when a stop is (or within `timeout_s` becomes) requested for this subtask."""

@@ -560,6 +560,10 @@ class RunnerServer:
                 domain=failures[0].domain,
                 retryable=all(f.retryable for f in failures),
             )
+        consumers = [st.task for st in subtasks if not st.is_source]
+        for st in subtasks:
+            if st.is_source and consumers:
+                st.task.yield_to(lambda: sum(t.backlog() for t in consumers))
         for st in subtasks:
             st.aio_task = asyncio.ensure_future(self._run_one(st))
             self._broadcast(self._event("task_started", subtask=st.ref, tasks=self.task_states()))
