@@ -92,6 +92,7 @@ async def test_fan_in_keyed_window_over_three_runners(job_client: JobClient, sta
     assert_same_windows(read_window_rows(state_dir / "out"), _expected(pipeline, limit))
 
 
+@pytest.mark.slow
 async def test_runner_sigkill_mid_window_is_exactly_once(job_client: JobClient, state_dir: Path) -> None:
     limit = 3000
     # 400 rows/s per split: ~7 s of Running, windows of 100 ms event time close every 0.25 s.
@@ -116,6 +117,7 @@ async def test_runner_sigkill_mid_window_is_exactly_once(job_client: JobClient, 
     assert_same_windows(read_window_rows(state_dir / "out"), _expected(pipeline, limit))
 
 
+@pytest.mark.slow
 async def test_rescale_window_2_5_1_is_exactly_once(job_client: JobClient, state_dir: Path) -> None:
     limit = 3000
     pipeline = _window_pipeline(state_dir / "out", limit=limit, rate=300, parallelism=2)
