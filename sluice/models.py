@@ -316,6 +316,12 @@ OperatorSpec = Annotated[
     ],
     Discriminator(_operator_tag),
 ]
+#: the tags of OperatorSpec's members (pydantic names them in error paths), and the types users write
+OPERATOR_TAGS: tuple[str, ...] = (
+    "generator", "files source", "map", "filter", "project", "key_by", "union", "tumbling_window",
+    "sliding_window", "aggregate", "files sink", "stdout", "null",
+)
+OPERATOR_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t.split()[0] for t in OPERATOR_TAGS))
 #: operators that need keyed input (a key_by upstream) and keep state per key
 KEYED_TYPES = frozenset({"tumbling_window", "sliding_window", "aggregate"})
 

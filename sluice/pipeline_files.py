@@ -14,11 +14,10 @@ import yaml
 from pydantic import ValidationError
 
 from sluice.errors import UserError
-from sluice.models import JobConfig, JobSpec, PipelineSpec
+from sluice.models import OPERATOR_TAGS, OPERATOR_TYPES, JobConfig, JobSpec, PipelineSpec
 
 JSON_SUFFIXES = frozenset({".json"})
 _VALUE_ERROR_PREFIX = "Value error, "
-_OPERATOR_TYPES: tuple[str, ...] = ("generator", "map", "filter", "files")
 
 
 class PipelineFileError(UserError):
@@ -30,23 +29,35 @@ def _loc(loc: tuple[Any, ...]) -> str:
     # (operators.1.filter.fn); the user wrote operators.1.fn, so drop it.
     parts: list[str] = []
     for i, item in enumerate(loc):
-        if isinstance(item, str) and i > 0 and isinstance(loc[i - 1], int) and item in _OPERATOR_TYPES:
+        if isinstance(item, str) and i > 0 and isinstance(loc[i - 1], int) and item in OPERATOR_TAGS:
             continue
         parts.append(str(item))
     return ".".join(parts)
 
 
-def _message(err: Any) -> str:
+def _operator_named(data: Any, loc: tuple[Any, ...]) -> str:
+    """" (operator 'x')" when `loc` points into the operator with id x, so the node is named."""
+    if len(loc) >= 2 and loc[0] == "operators" and isinstance(loc[1], int):
+        ops = data.get("operators") if isinstance(data, dict) else None
+        if isinstance(ops, list) and 0 <= loc[1] < len(ops) and isinstance(ops[loc[1]], dict):
+            op_id = ops[loc[1]].get("id")
+            if isinstance(op_id, str):
+                return f" (operator {op_id!r})"
+    return ""
+
+
+def _message(err: Any, data: Any = None) -> str:
     kind = err.get("type", "")
-    loc = _loc(tuple(err.get("loc", ())))
-    msg = str(err.get("msg", ""))
+    raw_loc = tuple(err.get("loc", ()))
+    loc = _loc(raw_loc)
+    msg = str(err.get("msg", "")) + _operator_named(data, raw_loc)
     if kind == "union_tag_invalid":
         tag = (err.get("ctx") or {}).get("tag")
-        return f"{loc}.type: unknown operator type {tag!r}; expected one of {', '.join(_OPERATOR_TYPES)}"
+        return f"{loc}.type: unknown operator type {tag!r}; expected one of {', '.join(OPERATOR_TYPES)}"
     if kind == "union_tag_not_found":
-        return f"{loc}.type: missing; every operator needs a type ({', '.join(_OPERATOR_TYPES)})"
+        return f"{loc}.type: missing; every operator needs a type ({', '.join(OPERATOR_TYPES)})"
     if kind == "extra_forbidden":
-        msg = "unknown field"
+        msg = "unknown field" + _operator_named(data, raw_loc)
     elif msg.startswith(_VALUE_ERROR_PREFIX):
         msg = msg[len(_VALUE_ERROR_PREFIX) :]
     return f"{loc}: {msg}" if loc else msg
@@ -59,7 +70,7 @@ def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        lines = [_message(e) for e in exc.errors()]
+        lines = [_message(e, data) for e in exc.errors()]
         raise PipelineFileError(f"{source}: " + "; ".join(lines)) from None
 
 

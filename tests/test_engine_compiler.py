@@ -172,3 +172,20 @@ def test_unknown_input_cycle_and_parallelism_are_named() -> None:
         with pytest.raises(ValidationError) as err:
             _pipeline(*ops)
         assert message in str(err.value)
+
+
+def test_pipeline_file_errors_name_the_operator() -> None:
+    from sluice.pipeline_files import PipelineFileError, parse_pipeline
+
+    cases = [
+        ([{"id": "a", "type": "generator", "parallelism": 0}],
+         "x.yaml: operators.0.parallelism: Input should be greater than or equal to 1 (operator 'a')"),
+        ([{"id": "a", "type": "generator"}, {"id": "w", "type": "tumbling_window"}],
+         "x.yaml: operators.1.size_ms: Field required (operator 'w')"),
+        ([{"id": "a", "type": "generator", "colour": "red"}], "x.yaml: operators.0.colour: unknown field (operator 'a')"),
+        ([{"id": "a", "type": "nope"}], "unknown operator type 'nope'; expected one of generator, files, map"),
+    ]
+    for ops, message in cases:
+        with pytest.raises(PipelineFileError) as err:
+            parse_pipeline({"name": "p", "operators": ops}, "x.yaml")
+        assert message in str(err.value)
