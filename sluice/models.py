@@ -364,6 +364,9 @@ class PipelineSpec(Contract):
                     raise ValueError(f"operator {op.id!r}: a {op.type} source takes no inputs")
             elif i == 0 and not op.inputs:
                 raise ValueError(f"operator {op.id!r}: the first operator must be a source")
+            dup = sorted({u for u in op.inputs or [] if (op.inputs or []).count(u) > 1})
+            if dup:
+                raise ValueError(f"operator {op.id!r}: input {dup[0]!r} is listed twice")
             for up in op.inputs or []:
                 if up not in all_ids:
                     raise ValueError(f"operator {op.id!r}: input {up!r} is not an operator of this pipeline")

@@ -95,6 +95,10 @@ def test_graph_refusals_name_the_node(fns: str) -> None:
          "operator 'm' has several inputs ('a', 'b'); merge them with a 'union' operator first"),
         ([{"id": "a", "type": "files", "role": "source", "path": "in", "schema": {"t": "int64"}, "event_time": "t"}],
          "operator 'a': event_time column 't' must be declared in 'schema' as a timestamp"),
+        ([{"id": "a", "type": "generator"}, {"id": "p", "type": "project", "inputs": ["a"],
+          "columns": ["value", "key", "ts", "seq", "split"]},
+          {"id": "u", "type": "union", "inputs": ["a", "p"]}],
+         "operator 'u': inputs have different columns"),
         ([{"id": "a", "type": "generator"}, {"id": "p", "type": "project", "columns": {"v": "value * 2"}},
           {"id": "k", "type": "key_by", "key": "key"}],
          "operator 'k': key column(s) 'key' not in the input's columns (v)"),
@@ -167,6 +171,8 @@ def test_unknown_input_cycle_and_parallelism_are_named() -> None:
           {"id": "c", "type": "filter", "expr": "x > 1", "inputs": ["b"]}],
          "operator 'b': input 'c' is defined after it (operators are listed inputs first, so a graph has no cycles)"),
         ([{"id": "a", "type": "generator", "parallelism": 0}], "operators.0.generator.parallelism"),
+        ([{"id": "a", "type": "generator"}, {"id": "u", "type": "union", "inputs": ["a", "a"]}],
+         "operator 'u': input 'a' is listed twice"),
     ]
     for ops, message in cases:
         with pytest.raises(ValidationError) as err:

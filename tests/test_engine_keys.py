@@ -113,3 +113,23 @@ def _reference_string_hash(value: str) -> int:
 @given(st.lists(st.text(max_size=40), min_size=1, max_size=200))
 def test_string_hash_matches_the_documented_function(values: list[str]) -> None:
     assert _hash(values) == [_reference_string_hash(v) for v in values]
+
+
+def test_nulls_dates_and_unhashable_types() -> None:
+    from sluice.engine.keys import KeyTypeError
+    from sluice.errors import UserError
+
+    plain = _hash(["x", None, "y"])
+    dictionary = key_hashes(pa.record_batch([pa.array(["x", None, "y"]).dictionary_encode()], ["k"]), ["k"]).tolist()
+    assert dictionary == plain and plain[1] not in (plain[0], plain[2])
+    all_null = pa.array([None, None], pa.string()).dictionary_encode()
+    assert key_hashes(pa.record_batch([all_null], ["k"]), ["k"]).tolist() == [plain[1]] * 2
+    import datetime
+    days = _hash([datetime.date(2024, 1, 1), datetime.date(2024, 1, 2), datetime.date(2024, 1, 1)])
+    assert days[0] == days[2] != days[1]
+    try:
+        _hash([[1], [2]])
+    except KeyTypeError as exc:
+        assert isinstance(exc, UserError) and "list<item: int64>" in str(exc)
+    else:
+        raise AssertionError("a list column must not be usable as a key")

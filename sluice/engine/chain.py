@@ -1,8 +1,8 @@
 """A chain: operators fused over forward edges, driven synchronously within one subtask.
 
-The chain knows nothing about where its input comes from (a local source now; network channels
-with barrier alignment later) nor where its output goes (nowhere for a sink; a partitioner later):
-the task hands it one message at a time and gets the tail's output back. Every failure is reported
+The chain knows nothing about where its input comes from (its head source, or the task's input
+gate) nor where its output goes (the task's output routers): the task hands it one message at a
+time and gets the tail's output back. Every failure is reported
 as :class:`OperatorFailed` naming the operator, so the task can say where it happened.
 """
 

@@ -139,15 +139,13 @@ def _plan(
         for up in ups:
             if ops[up].kind == "sink":
                 raise UserError(f"operator {op.id!r}: input {up!r} is a {types[up]} sink, which has no output")
-        if op.kind != "source" and not ups:
-            raise UserError(f"operator {op.id!r} has no input")
         if op.type != "union" and len(ups) > 1 and op.type not in KEYED_TYPES:
             raise UserError(f"operator {op.id!r} has several inputs ({', '.join(map(repr, ups))}); "
                             f"merge them with a 'union' operator first")
         if op.type == "union":
             known = [cols[u] for u in ups if cols[u] is not None]
             for u in ups:
-                if cols[u] is not None and known and sorted(cols[u]) != sorted(known[0]):  # type: ignore[arg-type]
+                if cols[u] is not None and known and cols[u] != known[0]:  # same columns, same order
                     raise UserError(f"operator {op.id!r}: inputs have different columns: {ups[0]!r} has "
                                     f"{', '.join(known[0])}; {u!r} has {', '.join(cols[u])}")  # type: ignore[arg-type]
         event_time = getattr(op, "event_time", None)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from sluice.errors import UserError
+
 #: name of the column that keyed operators store with their state
 KEY_HASH_COLUMN = "_key_hash"
 
@@ -28,6 +30,10 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _NULL_HASH = np.uint64(0x6A09E667F3BCC908)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
+
+
+class KeyTypeError(UserError, TypeError):
+    """A key column's type cannot be hashed: bad input that no retry can fix."""
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
@@ -97,11 +103,16 @@ def _hash_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     t = col.type
     if pa.types.is_dictionary(t):
-        return _hash_column(col.dictionary)[np.asarray(col.indices.fill_null(0))] if len(col) else np.empty(0, np.uint64)
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        if len(col.dictionary) == 0:  # every value is null
+            h = np.full(len(col), _NULL_HASH, dtype=np.uint64)
+        else:
+            h = _hash_column(col.dictionary)[np.asarray(col.indices.fill_null(0))]
+    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         h = _hash_binary(col)
     elif pa.types.is_integer(t) or pa.types.is_temporal(t) or pa.types.is_boolean(t):
-        if pa.types.is_temporal(t):
+        if pa.types.is_date32(t) or pa.types.is_time32(t):
+            col = col.cast(pa.int32()).cast(pa.int64())
+        elif pa.types.is_temporal(t):
             col = col.cast(pa.int64())
         elif pa.types.is_boolean(t):
             col = col.cast(pa.int8())
@@ -111,7 +122,8 @@ def _hash_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         values = np.asarray(col.cast(pa.float64()).fill_null(0.0)) + 0.0  # -0.0 and 0.0 are one key
         h = _splitmix(values.view(np.uint64))
     else:
-        raise TypeError(f"cannot use a column of type {t} as a key")
+        raise KeyTypeError(f"cannot use a column of type {t} as a key (strings, binaries, integers, "
+                           f"floats, booleans, dates and timestamps can be)")
     if col.null_count:
         h = np.where(np.asarray(col.is_null()), _NULL_HASH, h)
     return h
@@ -158,8 +170,10 @@ def partition(batch: pa.RecordBatch, hashes: np.ndarray, parallelism: int) -> li
     if parallelism == 1:
         return [batch if batch.num_rows else None]
     who = owners(hashes, parallelism).astype(np.int16)  # 16-bit keys make numpy's stable sort a radix sort
-    order = np.argsort(who, kind="stable")
     counts = np.bincount(who, minlength=parallelism)
+    if counts.max() == batch.num_rows:  # one owner for every row: no copy
+        return [batch if c else None for c in counts.tolist()]
+    order = np.argsort(who, kind="stable")
     taken = batch.take(pa.array(order))
     out: list[pa.RecordBatch | None] = []
     pos = 0

@@ -23,26 +23,16 @@ import asyncio
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import pyarrow as pa
 
+from sluice.engine.channels import Receiver, Sender
 from sluice.engine.keys import key_hashes, partition
 from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
 from sluice.models import Edge
 
 #: messages the gate buffers ahead of the chain, over all its channels
 GATE_MAILBOX = 8
-
-
-class Sender(Protocol):
-    async def send(self, msg: Message) -> None: ...
-    async def close(self) -> None: ...
-
-
-class Receiver(Protocol):
-    async def receive(self) -> Message: ...
-    async def close(self) -> None: ...
 
 
 class InputClosed(Exception):
@@ -58,7 +48,7 @@ class InputChannel:
 
 
 class _Closed:
-    """Mailbox item: the reader of channel `index` saw the channel close (error is None if clean)."""
+    """Mailbox item: a channel's reader saw it close (`error` says how)."""
 
     __slots__ = ("error",)
 
@@ -113,11 +103,7 @@ class InputGate:
         fails at once instead of waiting on a full channel."""
         for t in self._readers:
             t.cancel()
-        for t in self._readers:
-            try:
-                await t
-            except BaseException:  # noqa: BLE001 - cancelled or already failed; nothing to report
-                pass
+        await asyncio.gather(*self._readers, return_exceptions=True)
         for ch in self.channels:
             close = getattr(ch.receiver, "close", None)
             if close is not None:

@@ -18,9 +18,11 @@ Guarantees:
   channels advances; operators may release rows for them (closed windows) before they go on.
 * ``run()`` yields to the event loop between batches and while rate limited or idle, so the same
   process keeps serving HTTP and heartbeats.
-* A failure inside an operator becomes a :class:`TaskError` naming operator and subtask; user code
-  failing is domain ``user``, anything else ``internal``; both are retryable (a restart restores the
-  last checkpoint).
+* A failure inside an operator becomes a :class:`TaskError` naming operator and subtask: user code
+  failing is domain ``user`` (retryable unless it raised ``UserError``), bad input data
+  (``UserError``: a malformed line, a schema mismatch, a key that cannot be hashed) is ``user`` and
+  not retryable, anything else is ``internal`` and retryable (a restart restores the last
+  checkpoint).
 * Operators are closed exactly once, whatever way ``run()`` ends (return, failure, cancellation).
 """
 
@@ -189,8 +191,11 @@ class SubtaskRunner:
         return out
 
     def backlog(self) -> int:
-        """Messages waiting at this subtask's inputs (0 for a source)."""
-        return self._gate.backlog() if self._gate is not None else 0
+        """Messages waiting at this subtask's inputs that it will still read (0 for a source, and
+        once it stopped running: a held source must not wait on a consumer that ended)."""
+        if self._gate is None or self.state != "running":
+            return 0
+        return self._gate.backlog()
 
     def yield_to(self, neighbours_backlog: Callable[[], int]) -> None:
         """For a source: hold each next batch while `neighbours_backlog()` (the messages waiting
@@ -294,11 +299,11 @@ class SubtaskRunner:
             self.state = "failed"
             raise TaskError(f"subtask {self.ref.label()}: {type(exc).__name__}: {exc}") from exc
         finally:
+            # Operators first: closing channels may wait on slow peers, and may be cancelled.
+            self._close()
             if self._gate is not None:
                 await self._gate.close()
-            for out in self.outputs:
-                await out.close()
-            self._close()
+            await asyncio.gather(*(out.close() for out in self.outputs))
 
     def _close(self) -> None:
         if self._closed or self._chain is None:
@@ -365,7 +370,7 @@ class SubtaskRunner:
                 continue  # a barrier or a stop arrived while holding
             try:
                 poll = source.poll(time.monotonic())
-                wm = source.watermark() if poll.batch is not None or poll.finished else None
+                wm = source.watermark() if poll.batch is not None else None
             except Exception as exc:
                 raise OperatorFailed(source.operator_id, exc) from exc
             if poll.batch is not None:
@@ -399,9 +404,7 @@ class SubtaskRunner:
             if self._stop_mode == "immediate":
                 return
             msg = await gate.next()
-            if msg is None:  # every input closed (after its end of stream), or an immediate stop
-                if not self._ended and self._stop_mode != "immediate":
-                    await self._end_of_stream()
+            if msg is None:  # every input closed after its end of stream, or an immediate stop
                 return
             if isinstance(msg, pa.RecordBatch):
                 if union:

@@ -550,7 +550,9 @@ class RunnerServer:
                 failures.append(failure)
                 self._finish(st, "failed", failure.message, failure.retryable, failure.domain)
         if failures:
-            # Nothing runs half-started: the controller will tear this generation down.
+            # Nothing runs half-started: the controller will tear this generation down; peers
+            # waiting on our senders learn it now rather than then.
+            await wiring.close()
             for st in subtasks:
                 if st.outcome is None:
                     _safe_call(st.task.stop, "immediate", what=f"stop {st.label}")
