@@ -225,14 +225,16 @@ class InputGate:
 class Output:
     """Sends a chain's output over one outgoing edge (see the module docstring)."""
 
-    def __init__(self, edge: Edge, senders: Sequence[Sender]) -> None:
+    def __init__(self, edge: Edge, senders: Sequence[Sender], *, first: int = 0) -> None:
+        """`first`: where a rebalance starts dealing (the sender's own index spreads the first
+        batches of all senders over the receivers)."""
         if not senders:
             raise ValueError(f"edge {edge.name}: no receivers")
         if edge.kind == "hash" and not edge.key:
             raise ValueError(f"edge {edge.name}: a hash edge needs key columns")
         self.edge = edge
         self.senders = list(senders)
-        self._next = 0  # rebalance position
+        self._next = first % len(self.senders)  # rebalance position
 
     async def emit(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:

@@ -9,6 +9,7 @@ its own start request arrives; the data server waits for that).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from sluice.engine.channels import ChannelId, DataServer, LocalChannel, RemoteSender
@@ -17,8 +18,12 @@ from sluice.models import Edge, RunnerInfo, StartRequest, SubtaskRef
 
 #: messages (batches or control) a channel buffers before its sender waits
 CHANNEL_CAPACITY = 16
-#: bytes a TCP sender's transport buffers before its sender waits
+#: bytes a TCP sender's transport buffers before its sender waits, at most...
 SEND_BUFFER_BYTES = 4 * 1024 * 1024
+#: ...and at least, when a runner's budget is shared by many channels
+MIN_SEND_BUFFER_BYTES = 256 * 1024
+#: what all TCP senders of one runner may buffer together (memory stays bounded at any parallelism)
+RUNNER_SEND_BUDGET_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -45,6 +50,16 @@ class Wiring:
         self._peers: dict[str, RunnerInfo] = {p.runner_id: p for p in req.peers}
         self._local: dict[ChannelId, LocalChannel] = {}
         self._remote: list[RemoteSender] = []
+        remote_senders = sum(
+            1
+            for ref in req.subtasks
+            for edge in self.program.edges_out_of(ref.chain)
+            for r in self.program.receivers(edge, ref.index)
+            if self._runner_of(self.program.chain_of(edge.to_op), r) != runner_id
+        )
+        self.send_buffer_bytes = max(
+            MIN_SEND_BUFFER_BYTES, min(SEND_BUFFER_BYTES, RUNNER_SEND_BUDGET_BYTES // max(1, remote_senders))
+        )
 
     def _runner_of(self, chain: int, index: int) -> str:
         label = SubtaskRef(chain=chain, index=index).label()
@@ -80,7 +95,7 @@ class Wiring:
         remote = await RemoteSender.connect(
             peer.host, peer.data_port,
             job_id=self.req.job_id, generation=self.req.generation, token=self.token, channel=cid,
-            capacity_bytes=SEND_BUFFER_BYTES,
+            capacity_bytes=self.send_buffer_bytes,
         )
         self._remote.append(remote)
         return remote
@@ -92,8 +107,9 @@ class Wiring:
             for s in self.program.senders(edge, ref.index):
                 out.inputs.append(self._receiver(edge, s, ref.index))
         for edge in self.program.edges_out_of(ref.chain):
-            senders = [await self._sender(edge, ref.index, r) for r in self.program.receivers(edge, ref.index)]
-            out.outputs.append(Output(edge, senders))
+            receivers = self.program.receivers(edge, ref.index)
+            senders = await asyncio.gather(*(self._sender(edge, ref.index, r) for r in receivers))
+            out.outputs.append(Output(edge, senders, first=ref.index))
         return out
 
     async def close(self) -> None:
