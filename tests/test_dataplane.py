@@ -215,7 +215,12 @@ async def test_slow_sink_backpressure_keeps_memory_bounded(
     assert in_flight <= 200 * batch, f"{in_flight:.0f} rows in flight between the source and the slow stage"
 
 
-async def test_watermarks_count_out_of_order_and_drop_late(job_client: JobClient, state_dir: Path) -> None:
+@pytest.mark.parametrize("parallelism", [1, 2], ids=["one-subtask", "idle-subtask"])
+async def test_watermarks_count_out_of_order_and_drop_late(
+    job_client: JobClient, state_dir: Path, parallelism: int
+) -> None:
+    # With parallelism 2 one source subtask owns no file: it is idle, and must not hold event
+    # time back (else no window would ever be emitted).
     src = state_dir / "in"
     src.mkdir()
     # ts in ms; bound 100 ms: the watermark trails the highest ts by 100.
@@ -224,6 +229,7 @@ async def test_watermarks_count_out_of_order_and_drop_late(job_client: JobClient
     out = state_dir / "out"
     pipeline = PipelineSpec.model_validate({
         "name": "watermarks",
+        "parallelism": parallelism,
         "operators": [
             {"id": "events", "type": "files", "role": "source", "path": str(src), "format": "jsonl",
              "schema": {"key": "string", "ts": "timestamp", "value": "int64"}, "event_time": "ts",

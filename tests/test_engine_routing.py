@@ -10,7 +10,7 @@ import pytest
 
 from sluice.engine.channels import LocalChannel
 from sluice.engine.keys import key_hashes, owners
-from sluice.engine.messages import Barrier, EndOfStream, Watermark
+from sluice.engine.messages import Barrier, EndOfStream, Idle, Watermark
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.models import Edge
 
@@ -107,3 +107,32 @@ async def test_rebalance_output_deals_batches_round_robin() -> None:
     for v in range(4):
         await output.emit(_batch(v))
     assert [len(ch) for ch in outs] == [2, 2]
+
+
+async def test_idle_channel_does_not_hold_the_watermark_until_it_sends_again() -> None:
+    gate, (a, b) = await _gate(2)
+    await a.send(Watermark(100))
+    await b.send(Idle())
+    assert await _next(gate) == Watermark(100)
+    await a.send(Idle())
+    assert await _next(gate) == Idle()  # every channel idle: downstream learns it once
+    await b.send(Watermark(150))  # b active again
+    assert await _next(gate) == Watermark(150)
+    await a.send(_batch(1))  # a active again: its watermark counts again
+    await a.send(Watermark(120))  # below what was emitted (150): no step back
+    await b.send(Watermark(300))  # the minimum is a's 120: nothing to emit
+    await a.send(Watermark(400))
+    got = await _next(gate)
+    assert isinstance(got, pa.RecordBatch)
+    assert await _next(gate) == Watermark(300)
+    await gate.close()
+
+
+def test_idle_frame_round_trip() -> None:
+    from sluice.engine.framing import FrameReader, MessageDecoder, MessageEncoder
+
+    frames = MessageEncoder().encode(Idle())
+    reader = FrameReader()
+    reader.feed(b"".join(bytes(f) for f in frames))
+    frame = reader.next_frame()
+    assert frame is not None and MessageDecoder().decode(frame.kind, frame.payload) == Idle()

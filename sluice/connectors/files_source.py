@@ -686,6 +686,10 @@ class FilesSource(Source):
                 self._watermarks.observe(self._current, high.cast(pa.int64()).as_py())
             return Poll(batch=batch)
 
+    def is_idle(self) -> bool:
+        """With ``follow``: every owned file is read (or none is owned) until new files appear."""
+        return self.spec.follow and self._reader is None and not self._pending
+
     def watermark(self) -> int | None:
         """With ``event_time``: the lowest highest-event-time of the owned files not done (a file
         not started holds it back) minus ``out_of_orderness_ms``, when it advanced; else None."""

@@ -56,7 +56,7 @@ from sluice.engine.framing import (
     encode_error,
     encode_hello,
 )
-from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
+from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
 
 __all__ = [
     "Authorizer",
@@ -96,7 +96,7 @@ _KEEPALIVE_INTERVAL_S = 5
 _KEEPALIVE_COUNT = 3
 _USER_TIMEOUT_MS = 60_000
 
-_MESSAGE_TYPES = (pa.RecordBatch, Barrier, Watermark, EndOfStream)
+_MESSAGE_TYPES = (pa.RecordBatch, Barrier, Watermark, Idle, EndOfStream)
 # Frames up to this size are joined with their header into one write (one syscall, one segment).
 _COALESCE_BYTES = 64 * 1024
 

@@ -15,6 +15,7 @@ BARRIER        5      ``epoch`` as int64, then ``then_stop`` as one byte (0 or 1
 END_OF_STREAM  6      empty
 ACCEPT         7      empty; receiver -> sender: the hello was accepted, data will be read
 ERROR          8      UTF-8 text; receiver -> sender: why the connection is refused or closed
+IDLE           9      empty; the sender has no records for now (out of the watermark until it has)
 =============  =====  ==============================================================================
 
 Everything here is pure (no I/O) so it can be unit-tested byte for byte. Guarantees:
@@ -40,7 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
+from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
 
 PROTOCOL_VERSION = 1
 """Version carried in the hello frame; a receiver refuses any other."""
@@ -77,6 +78,7 @@ class FrameKind(IntEnum):
     END_OF_STREAM = 6
     ACCEPT = 7
     ERROR = 8
+    IDLE = 9
 
 
 _KINDS = frozenset(int(k) for k in FrameKind)
@@ -245,6 +247,8 @@ class MessageEncoder:
             return [HEADER.pack(FrameKind.BARRIER, _BARRIER.size) + _BARRIER.pack(msg.epoch, msg.then_stop)]
         if isinstance(msg, EndOfStream):
             return [HEADER.pack(FrameKind.END_OF_STREAM, 0)]
+        if isinstance(msg, Idle):
+            return [HEADER.pack(FrameKind.IDLE, 0)]
         raise TypeError(f"not a channel message: {type(msg).__name__}")
 
     def _check_size(self, n: int, what: str) -> None:
@@ -286,6 +290,9 @@ class MessageDecoder:
             if kind == FrameKind.END_OF_STREAM:
                 self._check_len(kind, payload, 0)
                 return EndOfStream()
+            if kind == FrameKind.IDLE:
+                self._check_len(kind, payload, 0)
+                return Idle()
         except pa.ArrowException as exc:
             raise FramingError(f"undecodable {FrameKind(kind).name} frame: {exc}") from None
         name = FrameKind(kind).name if kind in _KINDS else str(kind)

@@ -29,9 +29,15 @@ class Watermark:
 
 
 @dataclass(frozen=True, slots=True)
+class Idle:
+    """The upstream has no records for now (e.g. a source with nothing to read): leave it out of
+    the watermark until it sends records or a watermark again."""
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfStream:
     """The upstream has no more records; operators flush what they hold."""
 
 
-ControlMessage = Union[Barrier, Watermark, EndOfStream]
-Message = Union[pa.RecordBatch, Barrier, Watermark, EndOfStream]
+ControlMessage = Union[Barrier, Watermark, Idle, EndOfStream]
+Message = Union[pa.RecordBatch, Barrier, Watermark, Idle, EndOfStream]

@@ -6,8 +6,9 @@ every incoming edge) into one ordered stream for the chain, and guarantees:
 * barrier alignment: once barrier N arrived on a channel, that channel is not read again until
   barrier N arrived on every other open channel; only then does the gate hand out Barrier(N), so
   the snapshot covers exactly the records before barrier N on every input;
-* watermarks: the gate's watermark is the lowest of its channels' (a channel that ended no
-  longer holds it back); it hands out a Watermark only when that minimum advances;
+* watermarks: the gate's watermark is the lowest of its channels' (a channel that ended, or that
+  said it is idle and has sent nothing since, does not hold it back); it hands out a Watermark
+  only when that minimum advances, and Idle once when every open channel is idle;
 * end of stream once, when every channel has sent it; after that only barriers come (the bounded
   upstreams keep answering checkpoints until one says then_stop);
 * bounded memory: each channel reader holds at most one message beyond the gate's small mailbox.
@@ -28,7 +29,7 @@ import pyarrow as pa
 
 from sluice.engine.channels import Receiver, Sender
 from sluice.engine.keys import key_hashes, partition
-from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
+from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
 from sluice.models import Edge
 
 #: messages the gate buffers ahead of the chain, over all its channels
@@ -71,6 +72,8 @@ class InputGate:
         self._released = [asyncio.Event() for _ in range(n)]
         self._watermarks: list[int | None] = [None] * n
         self._ended = [False] * n
+        self._idle = [False] * n
+        self._idle_sent = False
         self._closed = [False] * n
         self._aligning: dict[int, set[int]] = {}  # epoch -> channels whose barrier arrived
         self._barriers: dict[int, Barrier] = {}
@@ -153,7 +156,8 @@ class InputGate:
         return [i for i in range(len(self.channels)) if not self._closed[i]]
 
     def _watermark_advanced(self) -> Watermark | None:
-        live = [w for i, w in enumerate(self._watermarks) if not self._ended[i] and not self._closed[i]]
+        live = [w for i, w in enumerate(self._watermarks)
+                if not self._ended[i] and not self._closed[i] and not self._idle[i]]
         if not live or any(w is None for w in live):
             return None
         wm = min(w for w in live if w is not None)
@@ -184,9 +188,20 @@ class InputGate:
             if item is None:
                 return None
             index, msg = item
+            if isinstance(msg, (pa.RecordBatch, Watermark)) and self._idle[index]:
+                self._idle[index] = self._idle_sent = False  # active again: it counts again
             if isinstance(msg, pa.RecordBatch):
                 return msg
-            if isinstance(msg, Watermark):
+            if isinstance(msg, Idle):
+                self._idle[index] = True
+                wm = self._watermark_advanced()
+                if wm is not None:
+                    return wm
+                live = [i for i in range(len(self.channels)) if not self._ended[i] and not self._closed[i]]
+                if live and all(self._idle[i] for i in live) and not self._idle_sent:
+                    self._idle_sent = True
+                    return Idle()
+            elif isinstance(msg, Watermark):
                 cur = self._watermarks[index]
                 if cur is None or msg.ts_ms > cur:
                     self._watermarks[index] = msg.ts_ms

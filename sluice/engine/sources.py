@@ -39,5 +39,11 @@ class Source(Operator):
         The task asks after every batch and sends the watermark downstream, in band."""
         return None
 
+    def is_idle(self) -> bool:
+        """True while the source has nothing to read but is not finished (e.g. a following files
+        source between new files): downstream then leaves it out of the watermark, so event time
+        keeps moving with the other sources, until it emits a batch again."""
+        return False
+
     def process(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         raise TypeError(f"source {self.operator_id!r} takes no input")

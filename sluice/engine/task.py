@@ -40,7 +40,7 @@ import pyarrow as pa
 from sluice.engine.chain import OperatorChain, OperatorFailed
 from sluice.engine.channels import ChannelClosed
 from sluice.engine.functions import FunctionLoadError
-from sluice.engine.messages import Barrier, EndOfStream, Message, Watermark
+from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState, UserFunctionError
 from sluice.engine.registry import build_operator
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
@@ -349,6 +349,7 @@ class SubtaskRunner:
     async def _source_loop(self) -> None:
         assert self._chain is not None and self._source is not None
         source, chain = self._source, self._chain
+        announced_idle = False  # downstream was told this source is idle, and nothing came since
         while True:
             if self._stop_mode == "immediate":
                 return
@@ -374,6 +375,7 @@ class SubtaskRunner:
             except Exception as exc:
                 raise OperatorFailed(source.operator_id, exc) from exc
             if poll.batch is not None:
+                announced_idle = False
                 await self._emit(chain.source_emitted(source.operator_id, poll.batch))
                 if wm is not None:
                     await self._watermark(Watermark(wm))
@@ -383,6 +385,9 @@ class SubtaskRunner:
                 self.state = "source_finished"
                 self.on_event("source_finished", self.ref, {})
             else:
+                if not announced_idle and source.is_idle():
+                    announced_idle = True
+                    await self._broadcast(Idle())
                 await self._wait(min(poll.idle_s, IDLE_RECHECK_S))
 
     def _check_union(self, batch: pa.RecordBatch) -> None:
@@ -412,6 +417,8 @@ class SubtaskRunner:
                 await self._emit(chain.process(msg))
             elif isinstance(msg, Watermark):
                 await self._watermark(msg)
+            elif isinstance(msg, Idle):
+                await self._broadcast(msg)
             elif isinstance(msg, Barrier):
                 await self._checkpoint(msg)
                 if msg.then_stop:
