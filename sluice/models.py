@@ -316,11 +316,16 @@ OperatorSpec = Annotated[
     ],
     Discriminator(_operator_tag),
 ]
-#: the tags of OperatorSpec's members (pydantic names them in error paths), and the types users write
-OPERATOR_TAGS: tuple[str, ...] = (
-    "generator", "files source", "map", "filter", "project", "key_by", "union", "tumbling_window",
-    "sliding_window", "aggregate", "files sink", "stdout", "null",
-)
+#: every operator contract by the tag its union member carries (pydantic names tags in error paths)
+OPERATOR_CLASSES: dict[str, type[OperatorBase]] = {
+    "generator": GeneratorOperator, "files source": FilesSourceOperator, "map": MapOperator,
+    "filter": FilterOperator, "project": ProjectOperator, "key_by": KeyByOperator, "union": UnionOperator,
+    "tumbling_window": TumblingWindowOperator, "sliding_window": SlidingWindowOperator,
+    "aggregate": RunningAggregateOperator, "files sink": FilesSinkOperator, "stdout": StdoutSinkOperator,
+    "null": NullSinkOperator,
+}
+OPERATOR_TAGS: tuple[str, ...] = tuple(OPERATOR_CLASSES)
+#: the types users write (`files` is both a source and a sink)
 OPERATOR_TYPES: tuple[str, ...] = tuple(dict.fromkeys(t.split()[0] for t in OPERATOR_TAGS))
 #: operators that need keyed input (a key_by upstream) and keep state per key
 KEYED_TYPES = frozenset({"tumbling_window", "sliding_window", "aggregate"})
@@ -328,14 +333,8 @@ KEYED_TYPES = frozenset({"tumbling_window", "sliding_window", "aggregate"})
 
 def operator_role(params: dict[str, Any]) -> Literal["source", "transform", "sink"]:
     """Whether an operator (as dumped into Program.operators) is a source, a sink or in between."""
-    t = params.get("type")
-    if t == "files":
-        return "source" if params.get("role") == "source" else "sink"
-    if t in ("generator",):
-        return "source"
-    if t in ("stdout", "null"):
-        return "sink"
-    return "transform"
+    cls = OPERATOR_CLASSES.get(_operator_tag(params) or "")
+    return cls.kind if cls is not None else "transform"  # type: ignore[return-value]
 
 
 class PipelineSpec(Contract):

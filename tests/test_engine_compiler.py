@@ -195,3 +195,16 @@ def test_pipeline_file_errors_name_the_operator() -> None:
         with pytest.raises(PipelineFileError) as err:
             parse_pipeline({"name": "p", "operators": ops}, "x.yaml")
         assert message in str(err.value)
+
+
+def test_operator_table_matches_the_pipeline_contract() -> None:
+    import typing
+
+    from sluice.models import OPERATOR_CLASSES, OperatorSpec
+
+    union = typing.get_args(OperatorSpec)[0]
+    members = {}
+    for member in typing.get_args(union):
+        cls, tag = typing.get_args(member)[:2]
+        members[tag.tag] = cls
+    assert members == OPERATOR_CLASSES
