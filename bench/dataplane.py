@@ -804,27 +804,13 @@ class Bench:
     # ------------------------------------------------------------------ cleanup
 
     async def cleanup(self) -> None:
-        from sluice.schedulers.process import ProcessScheduler
+        from bench_common import stop_jobs_and_runners
 
         for proc in list(self.children):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for job_id in self.jobs:
-            try:
-                if self.jc is not None and await self.jc.final_state(job_id) is None:
-                    await asyncio.wait_for(self.jc.stop(job_id, mode="force"), timeout=10)
-                    await self.jc.wait_for_state(job_id, ["Stopped", "Failed"], timeout_s=20)
-            except Exception as e:  # noqa: BLE001 - the runners are killed below regardless
-                print(f"cleanup: could not stop job {job_id}: {e}", file=sys.stderr)
-        sched = ProcessScheduler(self.state_dir)
-        for job_id in self.jobs:
-            try:
-                n = await sched.stop_runners(job_id, grace_s=2.0)
-                if n:
-                    print(f"cleanup: stopped {n} leftover runner(s) of {job_id}", file=sys.stderr)
-            except Exception as e:  # noqa: BLE001
-                print(f"cleanup: stop_runners({job_id}) failed: {e}", file=sys.stderr)
+        await stop_jobs_and_runners(self.jc, self.state_dir, self.jobs)
 
 
 def _state_facts(store: Any, epoch: int) -> dict[str, Any]:
