@@ -355,19 +355,6 @@ def _reduce(col: pa.Array | pa.ChunkedArray, kind: str, gid: np.ndarray, groups:
     return result
 
 
-#: rows hashed per call of key_hashes when snapshotting
-HASH_SLICE_ROWS = 1 << 16
-
-
-def hash_keys(table: pa.Table, key: Sequence[str]) -> np.ndarray:
-    """:func:`sluice.engine.keys.key_hashes` of `table`, computed slice by slice: the string hash
-    precomputes powers for the whole string buffer it is given and never copies chunks together,
-    so bounded slices keep its time and memory proportional to the rows."""
-    n = table.num_rows
-    if n <= HASH_SLICE_ROWS:
-        return key_hashes(table, list(key))
-    return np.concatenate([key_hashes(table.slice(i, HASH_SLICE_ROWS), list(key)) for i in range(0, n, HASH_SLICE_ROWS)])
-
 
 def state_schema_problem(table: pa.Table, expected: Sequence[str]) -> str | None:
     """Why a restored state table lacks columns an operator needs (None when it has them all)."""
@@ -568,7 +555,7 @@ class RunningAggregateOperator(Operator):
         self._key_chunks = [keys]  # compacting the chunk list changes nothing observable
         parts = self._parts_at(slice(0, n))
         table = pa.Table.from_arrays(
-            [pa.array(hash_keys(keys, self.key), type=pa.uint64())] + keys.columns + parts.columns,
+            [pa.array(key_hashes(keys, list(self.key)), type=pa.uint64())] + keys.columns + parts.columns,
             names=[KEY_HASH_COLUMN, *self.key, *self.aggs.part_names],
         )
         return OperatorState(table=table)
@@ -585,4 +572,4 @@ def _where(cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["Aggregates", "Part", "RunningAggregateOperator", "dense_ids", "group_ids", "hash_keys", "state_schema_problem"]
+__all__ = ["Aggregates", "Part", "RunningAggregateOperator", "dense_ids", "group_ids", "state_schema_problem"]

@@ -30,7 +30,6 @@ from sluice.models import (
     RunnerAssignment,
     RunnerInfo,
     SubtaskRef,
-    operator_role,
 )
 
 #: columns a window adds to its key columns
@@ -75,7 +74,7 @@ def _params(pipeline: PipelineSpec, keys: dict[str, list[str]]) -> dict[str, dic
             # Resolved here, once, so runners and the controller's commit phase agree on the
             # directory whatever their working directories are.
             p["path"] = os.path.abspath(os.path.expanduser(p["path"]))
-            if operator_role(p) == "sink":
+            if op.kind == "sink":
                 if p["path"] in paths:
                     raise UserError(f"operators {paths[p['path']]!r} and {op.id!r} write to the same path {p['path']!r}")
                 paths[p["path"]] = op.id

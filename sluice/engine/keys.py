@@ -100,7 +100,12 @@ def _hash_binary_slice(arr: pa.Array) -> np.ndarray:
 
 def _hash_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        # Chunk by chunk: no copy of the column, and string slices stay bounded (big state tables).
+        if col.num_chunks == 0:
+            return np.empty(0, np.uint64)
+        if col.num_chunks > 1:
+            return np.concatenate([_hash_column(c) for c in col.chunks])
+        col = col.chunk(0)
     t = col.type
     if pa.types.is_dictionary(t):
         if len(col.dictionary) == 0:  # every value is null

@@ -61,7 +61,6 @@ from sluice.engine.aggregates import (
     Aggregates,
     dense_ids,
     group_ids,
-    hash_keys,
     state_schema_problem,
 )
 from sluice.engine.expressions import (
@@ -69,7 +68,7 @@ from sluice.engine.expressions import (
     BadInputTypeError,
     MissingColumnError,
 )
-from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned
+from sluice.engine.keys import KEY_HASH_COLUMN, filter_owned, key_hashes
 from sluice.engine.messages import Watermark
 from sluice.engine.operators import Operator, OperatorContext, OperatorState
 from sluice.engine.stateless import check_key_columns, spec_params
@@ -225,7 +224,7 @@ class WindowOperator(Operator):
         if self._segments:
             columns = [*self.key, self.pane_column, *self.aggs.part_names]
             state = pa.concat_tables([s.table.select(columns) for s in self._segments])
-            hashes = pa.array(np.concatenate([hash_keys(s.table, self.key) for s in self._segments]), type=pa.uint64())
+            hashes = pa.array(np.concatenate([key_hashes(s.table, list(self.key)) for s in self._segments]), type=pa.uint64())
             table = pa.Table.from_arrays([hashes] + state.columns, names=[KEY_HASH_COLUMN, *state.column_names])
         else:
             table = pa.Table.from_arrays([pa.array([], type=pa.uint64())], names=[KEY_HASH_COLUMN])

@@ -38,7 +38,6 @@ from sluice.models import (
     StartRequest,
     SubtaskRef,
     SubtaskSnapshot,
-    operator_role,
 )
 from sluice.runner.metrics import RunnerMetrics, heartbeat_metrics
 from sluice.runner.protocol import (
@@ -514,7 +513,6 @@ class RunnerServer:
 
         for ref in req.subtasks:
             chain = req.program.chains[ref.chain]
-            head = req.program.operators.get(chain.operators[0], {}) if chain.operators else {}
             try:
                 channels = await wiring.channels_of(ref)
                 task = SubtaskRunner(
@@ -534,7 +532,7 @@ class RunnerServer:
             self._subtasks[ref.label()] = _Subtask(
                 ref=ref,
                 operators=list(chain.operators),
-                is_source=operator_role(head) == "source",
+                is_source=task.is_source,
                 task=task,
             )
         self._notify()
