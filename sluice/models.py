@@ -58,9 +58,23 @@ _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class Contract(BaseModel):
-    """Base of every contract: unknown fields are errors, so typos are caught at the boundary."""
+    """Base of every contract: unknown fields are errors, so typos are caught at the boundary;
+    infinities and NaN are refused (a duration or rate must be a real number)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Upper bounds of every number a user can set: each keeps the job runnable (a timer or timeout
+# Temporal and Python can represent, a plan the controller can hold in memory).
+MAX_NAME_LENGTH = 200  # pipeline names are a search attribute (2,048 bytes at most)
+MAX_OPERATORS = 1_000
+MAX_PARALLELISM = 256  # per operator
+MAX_SUBTASKS = 1_024  # per job, all operators together
+MAX_SPLITS = 100_000
+MAX_DURATION_S = 10 * 365 * 86_400.0  # ten years: TTL, healthy duration
+MAX_TIMEOUT_S = 86_400.0  # one day: every runner, task, finish and checkpoint timeout
+MAX_COUNT = 1_000_000  # restart budgets, checkpoints kept
+MAX_INT = 2**53  # nonces and epochs: exact in JSON and JavaScript
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,8 +83,8 @@ class Contract(BaseModel):
 
 class OperatorBase(Contract):
     kind: ClassVar[str] = "transform"
-    id: str = Field(description="unique operator id within the pipeline")
-    parallelism: int | None = Field(default=None, ge=1)
+    id: str = Field(max_length=100, description="unique operator id within the pipeline")
+    parallelism: int | None = Field(default=None, ge=1, le=MAX_PARALLELISM)
     inputs: list[str] | None = Field(
         default=None, description="upstream operator ids; default: the previous operator"
     )
@@ -88,7 +102,7 @@ class SourceBase(OperatorBase):
 
     kind: ClassVar[str] = "source"
     out_of_orderness_ms: int = Field(
-        default=0, ge=0,
+        default=0, ge=0, le=int(MAX_DURATION_S * 1000),
         description="watermark = highest event time seen (per split) minus this; later records may still arrive within it",
     )
 
@@ -97,11 +111,11 @@ class GeneratorOperator(SourceBase):
     """Deterministic source: columns split, seq, key, ts, value, a pure function of (split, seq)."""
 
     type: Literal["generator"]
-    splits: int = Field(default=1, ge=1)
-    keys: int = Field(default=100, ge=1, description="number of distinct keys")
-    limit: int | None = Field(default=None, ge=0, description="records per split; absent = unbounded")
+    splits: int = Field(default=1, ge=1, le=MAX_SPLITS)
+    keys: int = Field(default=100, ge=1, le=MAX_INT, description="number of distinct keys")
+    limit: int | None = Field(default=None, ge=0, le=MAX_INT, description="records per split; absent = unbounded")
     rate: float | None = Field(
-        default=None, gt=0, description="records per second per split; absent = as fast as possible"
+        default=None, gt=0, le=1e9, description="records per second per split; absent = as fast as possible"
     )
     batch_size: int = Field(default=4096, ge=1, le=1_000_000)
 
@@ -127,7 +141,7 @@ class FilesSourceOperator(SourceBase):
     )
     event_time: str | None = Field(default=None, description="timestamp column that drives watermarks; absent = none")
     follow: bool = Field(default=False, description="keep watching `path` for new files; never finishes")
-    poll_interval_s: float = Field(default=1.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0, le=3600.0)
     batch_size: int = Field(default=8192, ge=1, le=1_000_000)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -235,8 +249,8 @@ class WindowBase(OperatorBase):
     """
 
     time: str = Field(default="ts", description="event-time column (timestamp or int64 milliseconds)")
-    size_ms: int = Field(ge=1)
-    allowed_lateness_ms: int = Field(default=0, ge=0)
+    size_ms: int = Field(ge=1, le=int(MAX_DURATION_S * 1000))
+    allowed_lateness_ms: int = Field(default=0, ge=0, le=int(MAX_DURATION_S * 1000))
     aggregates: list[AggregateSpec] = Field(default_factory=_default_aggregates, min_length=1)
 
 
@@ -246,7 +260,7 @@ class TumblingWindowOperator(WindowBase):
 
 class SlidingWindowOperator(WindowBase):
     type: Literal["sliding_window"]
-    slide_ms: int = Field(ge=1)
+    slide_ms: int = Field(ge=1, le=int(MAX_DURATION_S * 1000))
 
     @model_validator(mode="after")
     def _slide_divides_size(self) -> "SlidingWindowOperator":
@@ -340,9 +354,9 @@ def operator_role(params: dict[str, Any]) -> Literal["source", "transform", "sin
 class PipelineSpec(Contract):
     """A pipeline file (YAML or JSON)."""
 
-    name: str
-    parallelism: int = Field(default=1, ge=1)
-    operators: list[OperatorSpec] = Field(min_length=1)
+    name: str = Field(max_length=MAX_NAME_LENGTH)
+    parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM)
+    operators: list[OperatorSpec] = Field(min_length=1, max_length=MAX_OPERATORS)
 
     @field_validator("name")
     @classmethod
@@ -401,50 +415,64 @@ class PipelineSpec(Contract):
 # Job config and commands
 
 
+Parallelism = Annotated[int, Field(ge=1, le=MAX_PARALLELISM)]
+Overrides = dict[Annotated[str, Field(max_length=100)], Parallelism]
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+
+
 class JobConfig(Contract):
-    """The job's desired configuration; commands change it and the controller converges to it."""
+    """The job's desired configuration; commands change it and the controller converges to it.
+
+    Every number has a lower and an upper bound (and must be finite): a value outside them is
+    refused with the allowed range, never accepted and then fatal to the workflow."""
 
     stop: StopMode = "none"
     checkpoint_interval_s: float = Field(default=10.0, ge=1.0, le=86_400.0)
-    ttl_s: float | None = Field(default=None, gt=0)
-    parallelism: int | None = Field(
-        default=None, ge=1, description="parallelism of every operator; None = the pipeline's"
-    )
-    overrides: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
-    restart_nonce: int = 0
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
+    parallelism: Parallelism | None = Field(default=None, description="parallelism of every operator; None = the pipeline's")
+    overrides: Overrides = Field(default_factory=dict, max_length=MAX_OPERATORS)
+    restart_nonce: int = Field(default=0, ge=0, le=MAX_INT)
     restart_mode: RestartMode = "safe"
-    allowed_restarts: int = Field(default=20, ge=-1, description="-1 = unlimited")
-    healthy_duration_s: float = Field(default=120.0, gt=0)
-    runner_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
-    runner_startup_timeout_s: float = Field(default=60.0, gt=0)
-    task_startup_timeout_s: float = Field(default=120.0, gt=0)
-    finish_timeout_s: float = Field(default=60.0, gt=0)
-    checkpoint_timeout_s: float = Field(default=600.0, gt=0)
-    checkpoints_to_keep: int = Field(default=10, ge=1)
-    restore_epoch: int | None = Field(default=None, ge=1, description="restore this checkpoint")
+    allowed_restarts: int = Field(default=20, ge=-1, le=MAX_COUNT, description="-1 = unlimited")
+    healthy_duration_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
+    runner_heartbeat_timeout_s: float = Field(
+        default=10.0, ge=1.0, le=3_600.0,
+        description="a runner silent this long (hung, stopped or cut off) is lost",
+    )
+    task_hang_timeout_s: float = Field(
+        default=10.0, ge=1.0, le=MAX_TIMEOUT_S,
+        description="an operator (a user function) busy with one batch this long fails its task, named",
+    )
+    runner_startup_timeout_s: Timeout = 60.0
+    task_startup_timeout_s: Timeout = 120.0
+    finish_timeout_s: Timeout = 60.0
+    checkpoint_timeout_s: Timeout = 600.0
+    checkpoints_to_keep: int = Field(default=10, ge=1, le=MAX_COUNT)
+    restore_epoch: int | None = Field(default=None, ge=1, le=MAX_INT, description="restore this checkpoint")
     ignore_state: bool = False
-    slots_per_runner: int = Field(default=4, ge=1, description="subtasks per runner process")
+    slots_per_runner: int = Field(default=4, ge=1, le=64, description="subtasks per runner process")
 
 
 class ConfigPatch(Contract):
-    """Any subset of JobConfig (the `update_config` signal)."""
+    """Any subset of JobConfig (the `update_config` signal), with the same bounds."""
 
     stop: StopMode | None = None
     checkpoint_interval_s: float | None = Field(default=None, ge=1.0, le=86_400.0)
-    ttl_s: float | None = Field(default=None, gt=0)
-    parallelism: int | None = Field(default=None, ge=1)
-    overrides: dict[str, Annotated[int, Field(ge=1)]] | None = None
-    restart_nonce: int | None = None
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
+    parallelism: Parallelism | None = None
+    overrides: Overrides | None = Field(default=None, max_length=MAX_OPERATORS)
+    restart_nonce: int | None = Field(default=None, ge=0, le=MAX_INT)
     restart_mode: RestartMode | None = None
-    allowed_restarts: int | None = Field(default=None, ge=-1)
-    healthy_duration_s: float | None = Field(default=None, gt=0)
-    runner_heartbeat_timeout_s: float | None = Field(default=None, gt=0)
-    runner_startup_timeout_s: float | None = Field(default=None, gt=0)
-    task_startup_timeout_s: float | None = Field(default=None, gt=0)
-    finish_timeout_s: float | None = Field(default=None, gt=0)
-    checkpoint_timeout_s: float | None = Field(default=None, gt=0)
-    checkpoints_to_keep: int | None = Field(default=None, ge=1)
-    slots_per_runner: int | None = Field(default=None, ge=1)
+    allowed_restarts: int | None = Field(default=None, ge=-1, le=MAX_COUNT)
+    healthy_duration_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
+    runner_heartbeat_timeout_s: float | None = Field(default=None, ge=1.0, le=3_600.0)
+    task_hang_timeout_s: float | None = Field(default=None, ge=1.0, le=MAX_TIMEOUT_S)
+    runner_startup_timeout_s: Timeout | None = None
+    task_startup_timeout_s: Timeout | None = None
+    finish_timeout_s: Timeout | None = None
+    checkpoint_timeout_s: Timeout | None = None
+    checkpoints_to_keep: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    slots_per_runner: int | None = Field(default=None, ge=1, le=64)
 
 
 class StopCommand(Contract):
@@ -452,8 +480,8 @@ class StopCommand(Contract):
 
 
 class RescaleCommand(Contract):
-    parallelism: int | None = Field(default=None, ge=1)
-    overrides: dict[str, Annotated[int, Field(ge=1)]] | None = None
+    parallelism: Parallelism | None = None
+    overrides: Overrides | None = Field(default=None, max_length=MAX_OPERATORS)
 
     @model_validator(mode="after")
     def _one(self) -> "RescaleCommand":
@@ -471,10 +499,10 @@ class PatchRequest(Contract):
     """The `patch` update: like the reference's PATCH /pipelines/:id."""
 
     stop: StopMode | None = None
-    parallelism: int | None = Field(default=None, ge=1)
-    overrides: dict[str, Annotated[int, Field(ge=1)]] | None = None
+    parallelism: Parallelism | None = None
+    overrides: Overrides | None = Field(default=None, max_length=MAX_OPERATORS)
     checkpoint_interval_s: float | None = Field(default=None, ge=1.0, le=86_400.0)
-    ttl_s: float | None = Field(default=None, gt=0)
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     restart: RestartCommand | None = None
 
 
@@ -676,6 +704,8 @@ class RunnerEvent(Contract):
     domain: ErrorDomain = "internal"
     tasks: dict[str, str] | None = None  # subtask label -> starting|running|source_finished|finished|failed
     metrics: dict[str, float] | None = None
+    operator: str | None = None  # task_failed: the operator that failed, when known
+    traceback: str | None = None  # task_failed: the user function's traceback, when one raised
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,8 +713,16 @@ class RunnerEvent(Contract):
 
 
 class Failure(Contract):
+    """Why a job failed or recovers: what a user reads in `sluice status`."""
+
     message: str
     domain: ErrorDomain = "internal"
+    operator: str | None = Field(default=None, description="the operator where it happened, when known")
+    traceback: str | None = Field(default=None, description="the user function's traceback, when one raised")
+
+    def signature(self) -> tuple[str | None, str]:
+        """What makes two failures 'the same' (repeating deterministically): operator and message."""
+        return (self.operator, self.message)
 
 
 class RejectedCommand(Contract):
@@ -725,6 +763,8 @@ class MonitorResult(Contract):
     message: str = ""
     retryable: bool = True
     domain: ErrorDomain = "internal"
+    operator: str | None = None
+    traceback: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

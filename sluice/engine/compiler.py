@@ -21,6 +21,7 @@ from sluice.engine.functions import FunctionLoadError, load_function
 from sluice.errors import UserError
 from sluice.models import (
     KEYED_TYPES,
+    MAX_SUBTASKS,
     Chain,
     Edge,
     EdgeKind,
@@ -41,7 +42,14 @@ def effective_parallelism(pipeline: PipelineSpec, config: JobConfig) -> dict[str
     unknown = sorted(set(config.overrides) - {op.id for op in pipeline.operators})
     if unknown:
         raise UserError(f"parallelism override names unknown operator(s): {', '.join(map(repr, unknown))}")
-    return pipeline.parallelism_for(config)
+    parallelism = pipeline.parallelism_for(config)
+    # Bounded before anything is built per subtask: an absurd rescale is refused, not materialised.
+    total = sum(parallelism.values())
+    if total > MAX_SUBTASKS:
+        raise UserError(
+            f"parallelism {parallelism} needs up to {total} subtasks; a job may have at most {MAX_SUBTASKS}"
+        )
+    return parallelism
 
 
 def plan_problem(pipeline: PipelineSpec, config: JobConfig) -> str | None:

@@ -8,7 +8,10 @@ from temporalio.common import RetryPolicy
 
 # Errors an activity raises when retrying cannot help (a bad pipeline, a bad restore point).
 USER_ERROR_TYPE = "UserError"
-NON_RETRYABLE = [USER_ERROR_TYPE]
+# A checkpoint whose manifest or state files fail verification: restoring it again cannot help.
+# Details: [{"epoch": N, "file": "path", "problem": "..."}].
+CORRUPT_CHECKPOINT_TYPE = "CorruptCheckpoint"
+NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE]
 
 # Compile: validation and function imports take milliseconds; three tries cover a flaky worker.
 COMPILE_TIMEOUT = timedelta(seconds=60)
