@@ -4,6 +4,7 @@ jsonl format through the shared code path, stdout and null."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,14 @@ def test_parquet_stage_commit_idempotent_and_readable(tmp_path: Path) -> None:
     s.process(_batch([1, 2]))
     s.process(_batch([3]))
     commits = s.snapshot(2).commits
-    assert commits == [{"staged": str(tmp_path / ".staging/epoch-0000000002-sub-0000-gen-1.parquet"),
-                        "final": str(tmp_path / "part-0000000002-0000.parquet")}]
+    assert [c["staged"] for c in commits] == [str(tmp_path / ".staging/epoch-0000000002-sub-0000-gen-1.parquet")]
+    final = Path(commits[0]["final"])
+    assert final.parent == tmp_path and re.fullmatch(r"part-0000000002-0000-[0-9a-f]{8}\.parquet", final.name)
     assert committed_files(str(tmp_path)) == []  # staged, not visible
     assert pq.read_table(commits[0]["staged"]).num_rows == 3  # sealed: complete file with footer
     assert FilesSink.commit(params, commits) == 1
     assert FilesSink.commit(params, commits) == 1  # again: already published
-    table = pq.read_table(tmp_path / "part-0000000002-0000.parquet")
+    table = pq.read_table(final)
     assert table.schema == _batch([1]).schema
     assert table.to_pylist() == pa.Table.from_batches([_batch([1, 2, 3])]).to_pylist()
     s.process(_batch([4]))
@@ -92,8 +94,10 @@ def test_parquet_casts_later_batches_to_the_files_schema(tmp_path: Path) -> None
     s = _sink(params, index=1)
     s.process(pa.record_batch({"a": pa.array([1.5]), "b": pa.array(["x"])}))
     s.process(pa.record_batch({"b": pa.array([None], pa.null()), "a": pa.array([2], pa.int64())}))
-    FilesSink.commit(params, s.snapshot(1).commits)
-    assert pq.read_table(tmp_path / "part-0000000001-0001.parquet").to_pylist() == [
+    commits = s.snapshot(1).commits
+    FilesSink.commit(params, commits)
+    assert Path(commits[0]["final"]).name.startswith("part-0000000001-0001-")
+    assert pq.read_table(commits[0]["final"]).to_pylist() == [
         {"a": 1.5, "b": "x"}, {"a": 2.0, "b": None}]
     s.process(pa.record_batch({"a": pa.array([1.5])}))
     with pytest.raises(ValueError, match="one file holds one schema"):
@@ -109,8 +113,9 @@ def test_parquet_large_epoch_spans_row_groups(tmp_path: Path, monkeypatch: pytes
     s = _sink(params)
     for start in range(0, 35, 7):
         s.process(_batch(list(range(start, start + 7))))
-    FilesSink.commit(params, s.snapshot(1).commits)
-    f = pq.ParquetFile(tmp_path / "part-0000000001-0000.parquet")
+    commits = s.snapshot(1).commits
+    FilesSink.commit(params, commits)
+    f = pq.ParquetFile(commits[0]["final"])
     assert f.metadata.num_row_groups > 1
     assert f.read().column("v").to_pylist() == list(range(35))
 
@@ -120,7 +125,7 @@ def test_jsonl_still_the_default_through_the_shared_path(tmp_path: Path) -> None
     s = _sink(params)
     s.process(_batch([1]))
     commits = s.snapshot(7).commits
-    assert commits[0]["final"].endswith("part-0000000007-0000.jsonl")
+    assert re.fullmatch(r"part-0000000007-0000-[0-9a-f]{8}\.jsonl", Path(commits[0]["final"]).name)
     FilesSink.commit(params, commits)
     assert [json.loads(line) for line in Path(commits[0]["final"]).read_text().splitlines()] == [
         {"v": 1, "s": "x1", "ts": "2024-01-01T00:00:00.001Z"}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def test_stage_commit_idempotent(tmp_path: Path) -> None:
     assert s.snapshot(1).commits == []  # empty epoch stages nothing
     s.process(pa.record_batch({"a": [1, 2]}))
     commits = s.snapshot(2).commits
-    assert commits == [{"staged": str(tmp_path / ".staging/epoch-0000000002-sub-0000-gen-1.jsonl"),
-                        "final": str(tmp_path / "part-0000000002-0000.jsonl")}]
+    assert [c["staged"] for c in commits] == [str(tmp_path / ".staging/epoch-0000000002-sub-0000-gen-1.jsonl")]
+    final = Path(commits[0]["final"])  # epoch, subtask and the subtask instance's token
+    assert final.parent == tmp_path and re.fullmatch(r"part-0000000002-0000-[0-9a-f]{8}\.jsonl", final.name)
     assert read_committed(tmp_path) == []  # staged, not visible
     assert FilesSink.commit(params, commits) == 1
     assert FilesSink.commit(params, commits) == 1  # again: already done

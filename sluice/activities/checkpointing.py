@@ -9,13 +9,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from sluice.activities.context import ControllerContext, heartbeating
+from sluice.activities.sinks import commit_sinks
 from sluice.activities.stopping import wait_all_finished
-from sluice.connectors import sink_class
 from sluice.errors import RunnerRefused, RunnerUnavailable
 from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
-    CheckpointManifest,
     CleanupInput,
     SubtaskSnapshot,
 )
@@ -55,7 +54,7 @@ class CheckpointActivities:
                     )
                     await asyncio.to_thread(store.write_manifest, manifest)
                 progress["phase"] = "commit"
-                committed = await asyncio.to_thread(_commit, inp, manifest)
+                committed = await asyncio.to_thread(commit_sinks, inp.program, inp.job_id, manifest)
                 if inp.then_stop:
                     progress["phase"] = "tasks finishing"
                     await wait_all_finished(clients, inp.finish_timeout_s)
@@ -97,13 +96,3 @@ class CheckpointActivities:
         await asyncio.to_thread(store.delete_epochs, doomed)
         return len(doomed)
 
-
-def _commit(inp: CheckpointInput, manifest: CheckpointManifest) -> int:
-    """The commit phase of two-phase-commit sinks; idempotent, so retries are safe."""
-    published = 0
-    for op_id, params in inp.program.operators.items():
-        sink = sink_class(params)
-        part = manifest.operators.get(op_id)
-        if sink is not None and part is not None and part.commits:
-            published += sink.commit(params, part.commits)
-    return published

@@ -1,4 +1,5 @@
-"""Compile: validate the pipeline and produce the physical program; find the restore point."""
+"""Compile: validate the pipeline and produce the physical program; find the restore point; claim
+the sinks' destinations for the job (a destination another job owns fails the job here)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from temporalio import activity
 
 from sluice.activities.context import ControllerContext, user_error
+from sluice.activities.sinks import claim_sinks
 from sluice.engine.compiler import compile_program
 from sluice.errors import UserError
 from sluice.models import CompileInput, CompileResult
@@ -35,6 +37,9 @@ class CompileActivities:
                 f"restore_epoch {wanted}: no completed checkpoint with that epoch for job "
                 f"{spec.job_id!r} in {url} (completed: {shown})"
             )
+        # Last, so that a job refused for another reason claims nothing: from here on the sink
+        # destinations are this job's (a second job on one of them is refused right here).
+        await asyncio.to_thread(claim_sinks, program, spec.job_id)
         return CompileResult(
             program=program,
             checkpoint_url=url,

@@ -8,7 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from sluice.activities.context import ControllerContext, heartbeating, user_error
-from sluice.connectors import sink_class
+from sluice.activities.sinks import recover_sinks
 from sluice.engine.compiler import assign, runners_needed
 from sluice.errors import RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo, ScheduleInput, StartExecutionInput, StartRequest
@@ -47,11 +47,8 @@ class SchedulingActivities:
                     f"{inp.checkpoint_url}; restart with ignore_state to start fresh"
                 )
         # Finish the restore point's commit phase and drop output of epochs that never completed,
-        # before any task can write new output.
-        for op_id, params in inp.program.operators.items():
-            sink = sink_class(params)
-            if sink is not None:
-                await asyncio.to_thread(sink.recover, params, manifest)
+        # before any task can write new output (only where this job still owns the destination).
+        await asyncio.to_thread(recover_sinks, inp.program, inp.job_id, manifest)
         assignments = assign(inp.program, inp.runners)
         by_runner = {a.runner_id: a for a in assignments}
         async with heartbeating(), self.ctx.runner_clients(inp.job_id, inp.generation, inp.runners) as clients:

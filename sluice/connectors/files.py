@@ -3,16 +3,24 @@
 Layout under the sink's ``path`` (a local directory; the compiler makes it absolute), where
 ``{ext}`` is the format (``jsonl`` or ``parquet``):
 
+* ``_sluice_owner.json`` the owner marker: the path belongs to the job named there
+  (:mod:`sluice.connectors.sink_owner`; claimed by the compile activity, checked again before
+  every recover and commit), so no other job ever writes, publishes or cleans up here;
 * ``.staging/inprogress-sub-{i:04d}-gen-{G}-{n}.{ext}`` rows received since the last barrier;
 * ``.staging/epoch-{E:010d}-sub-{i:04d}-gen-{G}.{ext}`` at barrier E the in-progress file is
   completed (Parquet footer written), flushed, fsynced, closed and renamed to this name
   (pre-commit), and reported in the snapshot as
-  ``{"staged": <that path>, "final": "{path}/part-{E:010d}-{i:04d}.{ext}"}``; an epoch in which the
-  subtask received no row stages nothing;
-* ``part-{E:010d}-{i:04d}.{ext}`` committed output: the controller renames staged -> final after
-  the manifest of epoch E is written (:meth:`FilesSink.commit`).
+  ``{"staged": <that path>, "final": "{path}/part-{E:010d}-{i:04d}-{token}.{ext}"}``; an epoch in
+  which the subtask received no row stages nothing;
+* ``part-{E:010d}-{i:04d}-{token}.{ext}`` committed output: the controller publishes staged ->
+  final after the manifest of epoch E is written (:meth:`FilesSink.commit`). ``token`` is 8 hex
+  digits drawn when the subtask opens, so a file name is never reused: not by a later run of the
+  job whose epochs start again (``ignore_state`` without its old checkpoints), nor by a restore.
 
-Committed output is every file under ``path`` whose name does not start with ``.`` or ``_``.
+Committed output is every file under ``path`` whose name does not start with ``.`` or ``_``; it is
+never replaced or deleted: publishing is ``os.link`` (which fails if the name exists) followed by
+unlinking the staged name, and an existing final file with other content stops the commit with
+:class:`OutputConflict` instead of being overwritten.
 ``jsonl`` rows are JSON Lines as encoded by :mod:`sluice.connectors.jsonl` (timestamps as ISO-8601
 UTC); ``parquet`` files hold the Arrow batches as they arrived (schema of the epoch's first batch;
 later batches of the same epoch are cast to it), in row groups of up to :data:`PARQUET_ROW_GROUP_ROWS`.
@@ -24,7 +32,9 @@ Both formats share this one code path; only the :class:`StagingWriter` differs.
 
 from __future__ import annotations
 
+import filecmp
 import os
+import re
 import uuid
 from typing import Any, BinaryIO
 
@@ -32,8 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sluice.connectors.jsonl import encode_batch
+from sluice.connectors.sink_owner import claim_path
 from sluice.engine.operators import OperatorContext, OperatorState
 from sluice.engine.sinks import Sink
+from sluice.errors import UserError
 from sluice.models import CheckpointManifest, FilesSinkOperator
 
 STAGING_DIR = ".staging"
@@ -42,6 +54,14 @@ WRITE_BUFFER_BYTES = 1 << 20
 #: that small input batches do not become tiny row groups
 PARQUET_ROW_GROUP_ROWS = 128 * 1024
 PARQUET_ROW_GROUP_BYTES = 64 << 20
+#: hex digits of the per-subtask token in committed file names
+TOKEN_HEX_DIGITS = 8
+#: names this sink writes in its staging directory (recover deletes these and nothing else)
+_STAGING_FILE = re.compile(r"^(inprogress-sub-\d+-gen-\d+-[0-9a-f]+|epoch-\d+-sub-\d+-gen-\d+)\.[a-z]+$")
+
+
+class OutputConflict(UserError):
+    """A committed file name is taken by a file with other content; it is never overwritten."""
 
 
 def staging_dir(path: str) -> str:
@@ -54,9 +74,14 @@ def staged_name(path: str, epoch: int, subtask: int, generation: int, ext: str =
     return os.path.join(staging_dir(path), f"epoch-{epoch:010d}-sub-{subtask:04d}-gen-{generation}.{ext}")
 
 
-def final_name(path: str, epoch: int, subtask: int, ext: str = "jsonl") -> str:
-    """The committed name of a subtask's output of `epoch` (the same whatever the generation)."""
-    return os.path.join(path, f"part-{epoch:010d}-{subtask:04d}.{ext}")
+def new_token() -> str:
+    """A fresh token for committed file names: random, so no name is ever used twice."""
+    return uuid.uuid4().hex[:TOKEN_HEX_DIGITS]
+
+
+def final_name(path: str, epoch: int, subtask: int, token: str, ext: str = "jsonl") -> str:
+    """The committed name of a subtask's output of `epoch`; `token` is the subtask instance's."""
+    return os.path.join(path, f"part-{epoch:010d}-{subtask:04d}-{token}.{ext}")
 
 
 def committed_files(path: str) -> list[str]:
@@ -212,6 +237,7 @@ class FilesSink(Sink):
         self._writer_class = WRITERS[self.format]
         self._writer: StagingWriter | None = None
         self._rows = 0
+        self._token = new_token()
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
@@ -239,7 +265,8 @@ class FilesSink(Sink):
         os.replace(writer.path, staged)
         _fsync_dir(staging_dir(self.path))
         self._rows = 0
-        return OperatorState(commits=[{"staged": staged, "final": final_name(self.path, epoch, self.ctx.subtask_index, ext)}])
+        final = final_name(self.path, epoch, self.ctx.subtask_index, self._token, ext)
+        return OperatorState(commits=[{"staged": staged, "final": final}])
 
     def on_end(self) -> list[pa.RecordBatch]:
         # Nothing to flush downstream; the open staging file is sealed by the next barrier (a
@@ -256,11 +283,20 @@ class FilesSink(Sink):
     # ------------------------------------------------------------ controller side
 
     @classmethod
-    def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
-        """Rename every staged file to its final name. Idempotent: a final file whose staged file is
-        gone was published by an earlier call. Returns how many of `commits` are now published.
+    def claim(cls, params: dict[str, Any], job_id: str) -> None:
+        """Make `job_id` the owner of the sink's path, or confirm it is (see
+        :func:`sluice.connectors.sink_owner.claim_path`); raises ``SinkPathOwned`` otherwise."""
+        claim_path(os.path.abspath(params["path"]), job_id)
 
-        Raises FileNotFoundError when both are missing (the pre-committed output was lost).
+    @classmethod
+    def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
+        """Publish every staged file under its final name, never replacing a file. Idempotent: a
+        final file whose staged file is gone was published by an earlier call, one that is the
+        staged file itself (a crash between link and unlink) or has its bytes is fine.
+        Returns how many of `commits` are now published.
+
+        Raises FileNotFoundError when both are missing (the pre-committed output was lost) and
+        :class:`OutputConflict` when the final name holds another file.
         """
         published = 0
         touched: set[str] = set()
@@ -268,8 +304,8 @@ class FilesSink(Sink):
             staged, final = c["staged"], c["final"]
             if os.path.exists(staged):
                 os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.replace(staged, final)
-                touched.add(os.path.dirname(final))
+                _publish(params, staged, final)
+                touched.update((os.path.dirname(final), os.path.dirname(staged)))
             elif not os.path.exists(final):
                 raise FileNotFoundError(
                     f"files sink {params.get('id')!r}: staged output {staged} is missing and {final} "
@@ -283,8 +319,9 @@ class FilesSink(Sink):
     @classmethod
     def recover(cls, params: dict[str, Any], manifest: CheckpointManifest | None) -> None:
         """Before a run restores `manifest` (None = fresh start): publish the commits the manifest
-        holds for operator ``params['id']``, then delete every other staged file, i.e. output of
-        epochs that never completed, which the restored sources will replay.
+        holds for operator ``params['id']``, then delete every other staged file this sink wrote,
+        i.e. output of epochs that never completed, which the restored sources will replay.
+        Committed files are never touched, and nothing in staging that this sink did not name.
         """
         op = manifest.operators.get(params["id"]) if manifest is not None else None
         if op is not None and op.commits:
@@ -293,7 +330,25 @@ class FilesSink(Sink):
         if not os.path.isdir(staging):
             return
         for name in os.listdir(staging):
+            if not _STAGING_FILE.match(name):
+                continue
             try:
                 os.unlink(os.path.join(staging, name))
             except (FileNotFoundError, IsADirectoryError):
                 pass
+
+
+def _publish(params: dict[str, Any], staged: str, final: str) -> None:
+    """Give `staged` the name `final` without ever replacing an existing `final`, then drop the
+    staged name. A `final` that already is `staged` (same inode: a crash came between link and
+    unlink) or has the same bytes counts as published."""
+    try:
+        os.link(staged, final)  # fails if `final` exists: never overwrites
+    except FileExistsError:
+        if not (os.path.samefile(staged, final) or filecmp.cmp(staged, final, shallow=False)):
+            raise OutputConflict(
+                f"files sink {params.get('id')!r}: cannot publish {staged}: {final} already exists "
+                "with other content, and committed output is never replaced; move that file away "
+                "(this job did not write it) and restart the job: its recovery publishes the output"
+            ) from None
+    os.unlink(staged)

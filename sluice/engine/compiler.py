@@ -83,13 +83,25 @@ def _params(pipeline: PipelineSpec, keys: dict[str, list[str]]) -> dict[str, dic
             # directory whatever their working directories are.
             p["path"] = os.path.abspath(os.path.expanduser(p["path"]))
             if op.kind == "sink":
-                if p["path"] in paths:
-                    raise UserError(f"operators {paths[p['path']]!r} and {op.id!r} write to the same path {p['path']!r}")
+                for other, other_id in paths.items():
+                    if p["path"] == other:
+                        raise UserError(f"operators {other_id!r} and {op.id!r} write to the same path {other!r}")
+                    if _nested(p["path"], other):
+                        raise UserError(
+                            f"operators {other_id!r} and {op.id!r} write to nested paths {other!r} and "
+                            f"{p['path']!r}: one's output would be part of the other's"
+                        )
                 paths[p["path"]] = op.id
         if op.id in keys:
             p["key"] = list(keys[op.id])
         params[op.id] = p
     return params
+
+
+def _nested(a: str, b: str) -> bool:
+    """True when absolute paths `a` and `b` are the same directory or one lies inside the other
+    (a sink's committed output is every file under its path, so those would mix)."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
 
 
 def _edge_kind(up: str, down: str, parallelism: dict[str, int], types: dict[str, str]) -> EdgeKind:

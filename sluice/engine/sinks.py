@@ -4,9 +4,10 @@ Runner side (an instance per subtask): ``process`` writes rows to pre-commit sto
 ``snapshot(epoch)`` seals the epoch's output, returning ``commits`` records (plain JSON dicts) that
 travel in the checkpoint manifest.
 
-Controller side (class methods, no instance, no runner): ``commit`` publishes the records of a
-checkpoint once its manifest is written; ``recover`` runs before a job restores a checkpoint.
-Both must be idempotent: the controller retries them after crashes.
+Controller side (class methods, no instance, no runner): ``claim`` makes the job the owner of the
+sink's destination (at compile time, and again before every recover and commit); ``commit``
+publishes the records of a checkpoint once its manifest is written; ``recover`` runs before a job
+restores a checkpoint. All must be idempotent: the controller retries them after crashes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Sink(Operator):
 
     def write(self, batch: pa.RecordBatch) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def claim(cls, params: dict[str, Any], job_id: str) -> None:
+        """Make `job_id` the only job writing to this sink's destination, or confirm it already is;
+        raise a :class:`sluice.errors.UserError` naming the owner when another job is. Default: a
+        sink whose destination can be shared claims nothing."""
 
     @classmethod
     def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
