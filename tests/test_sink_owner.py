@@ -90,6 +90,7 @@ def test_paths_inside_or_around_an_owned_path_are_refused(tmp_path: Path) -> Non
     claim_path(str(tmp_path / "c" / "inner"), "job-c")
     with pytest.raises(SinkPathOwned, match="contains .*'job-c'"):
         claim_path(str(tmp_path / "c"), "job-d")
+    assert owner_of(str(tmp_path / "c")) is None  # the refused claim gave its marker back
     claim_path(str(tmp_path / "a" / "mine"), "job-a")  # the owner may nest its own paths
 
 

@@ -34,6 +34,9 @@ from sluice.errors import UserError
 OWNER_MARKER = "_sluice_owner.json"
 #: prefix of the temporary file a claim writes before linking it to the marker ('.': hidden)
 _CLAIM_TMP_PREFIX = ".sluice_owner-"
+#: how often a claim reads-or-creates the marker before giving up (it only repeats when the
+#: marker is deleted between being created and being read)
+CLAIM_ATTEMPTS = 3
 
 
 class SinkPathOwned(UserError):
@@ -93,22 +96,38 @@ def claim_path(path: str, job_id: str) -> None:
 
     Idempotent for the owner. Raises :class:`SinkPathOwned` when another job owns `path`, a
     directory above it, or a directory below it; :class:`UnreadableOwnerMarker` for a damaged
-    marker. Safe against concurrent claims: exactly one job ever becomes the owner.
+    marker. Safe against concurrent claims: exactly one job ever becomes the owner of a path.
+    Confirming an existing ownership reads a few small files only (it runs before every commit).
     """
     path = os.path.abspath(path)
     real = os.path.realpath(path)
     _refuse_foreign_ancestor(path, real, job_id)  # first: never create a directory in another's
     os.makedirs(path, exist_ok=True)
-    owner = owner_of(path)
-    if owner is None:
-        owner = _create_marker(path, job_id)
+    for _ in range(CLAIM_ATTEMPTS):
+        owner = owner_of(path)
+        created = False
+        if owner is None:
+            created = _create_marker(path, job_id)
+            owner = owner_of(path)
+        if owner is not None:
+            break
+    else:  # the marker kept vanishing right after being written: someone deletes it as we claim
+        raise OSError(f"sink path {path!r}: the owner marker {marker_path(path)} keeps disappearing")
     if owner != job_id:
         raise SinkPathOwned(path, None, owner, job_id)
-    _refuse_foreign_descendant(path, real, job_id)
+    if created:
+        # Nested paths are checked once, by the claim that creates the marker, and after creating
+        # it: of two jobs claiming nested paths at the same moment, at least one sees the other.
+        try:
+            _refuse_foreign_ancestor(path, real, job_id)
+            _refuse_foreign_descendant(path, real, job_id)
+        except SinkPathOwned:
+            os.unlink(marker_path(path))  # give back what this claim just took
+            raise
 
 
-def _create_marker(path: str, job_id: str) -> str:
-    """Publish a marker naming `job_id` unless one exists; returns the owner that won."""
+def _create_marker(path: str, job_id: str) -> bool:
+    """Publish a marker naming `job_id` unless one exists; True if this call created it."""
     body = json.dumps({"job_id": job_id, "claimed_at": datetime.now(timezone.utc).isoformat()}) + "\n"
     tmp = os.path.join(path, f"{_CLAIM_TMP_PREFIX}{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -121,17 +140,14 @@ def _create_marker(path: str, job_id: str) -> str:
         try:
             os.link(tmp, marker_path(path))  # atomic; fails if another claim got there first
         except FileExistsError:
-            pass
-        else:
-            _fsync_dir(path)
+            return False
+        _fsync_dir(path)
+        return True
     finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-    owner = owner_of(path)
-    assert owner is not None, f"owner marker {marker_path(path)} vanished while being claimed"
-    return owner
 
 
 def _refuse_foreign_ancestor(path: str, real: str, job_id: str) -> None:
