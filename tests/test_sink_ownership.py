@@ -4,18 +4,21 @@ End to end on the session's dev server and controller worker, with real runners 
 a second job on a path another job owns fails at Compiling (domain `user`, naming the path and the
 owner) without touching the owner's output; a job restarted with `ignore_state` on its own path
 (also after its checkpoints were deleted, so its epochs start again at 1) adds new files and leaves
-every file of its earlier run byte for byte as it was.
+every file of its earlier run byte for byte as it was; a job whose path was taken from it while it
+runs stops publishing there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from sluice.client import JobClient, JobFailedError
+from sluice.connectors.sink_owner import OWNER_MARKER
 from tests.e2e_helpers import (
     ADD_ONE,
     KEEP_EVEN,
@@ -142,3 +145,31 @@ async def test_restart_with_ignore_state_never_replaces_committed_files(
         assert_exact_output(read_committed_rows(out), sorted(expected * 2))
     finally:
         await stop_job_quietly(job_client, job_id)
+
+
+async def test_owner_that_lost_its_path_stops_publishing_there(job_client: JobClient, state_dir: Path) -> None:
+    """The marker is replaced under a running job (a user released the path and another job took
+    it): the owner's next commit is refused, the job fails (domain `user`, naming the new owner),
+    and not one committed file changes."""
+    out = state_dir / "out"
+    pipeline = generator_pipeline("own-lost", out, splits=2, limit=20000, rate=500)
+    spec = job_spec(pipeline, state_dir)
+    await job_client.start(spec)
+    try:
+        await wait_status(job_client, spec.job_id, lambda s: s.epoch >= 1 and s.state == "Running",
+                          timeout_s=START_TIMEOUT_S, what="running with a checkpoint")
+        marker = out / OWNER_MARKER
+        tmp = out / "_taken.tmp"
+        tmp.write_text(json.dumps({"job_id": "someone-else", "claimed_at": "2026-01-01T00:00:00+00:00"}) + "\n")
+        tmp.replace(marker)
+        before = file_hashes(out)
+
+        with pytest.raises(JobFailedError):
+            await job_client.wait_for_state(spec.job_id, ["Finished"], timeout_s=FAIL_TIMEOUT_S)
+        failed = await job_client.status(spec.job_id)
+        assert failed.failure is not None and failed.failure.domain == "user", describe_status(failed)
+        assert "'someone-else'" in failed.failure.message and str(out) in failed.failure.message
+        await wait_closed(job_client, spec.job_id)
+        assert file_hashes(out) == before
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
