@@ -241,6 +241,7 @@ class FilesSink(Sink):
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
+        self._token = new_token()  # each start of the subtask names its files afresh
         os.makedirs(staging_dir(self.path), exist_ok=True)
 
     def write(self, batch: pa.RecordBatch) -> None:
@@ -298,21 +299,27 @@ class FilesSink(Sink):
         Raises FileNotFoundError when both are missing (the pre-committed output was lost) and
         :class:`OutputConflict` when the final name holds another file.
         """
-        published = 0
-        touched: set[str] = set()
+        # Two passes so that a crash anywhere leaves every file durable under at least one name:
+        # link every final name (then fsync those directories), only then drop the staged names.
+        published, linked, final_dirs = 0, [], set()
         for c in commits:
             staged, final = c["staged"], c["final"]
             if os.path.exists(staged):
                 os.makedirs(os.path.dirname(final), exist_ok=True)
-                _publish(params, staged, final)
-                touched.update((os.path.dirname(final), os.path.dirname(staged)))
+                _link_without_replacing(params, staged, final)
+                linked.append(staged)
+                final_dirs.add(os.path.dirname(final))
             elif not os.path.exists(final):
                 raise FileNotFoundError(
                     f"files sink {params.get('id')!r}: staged output {staged} is missing and {final} "
                     "was never published"
                 )
             published += 1
-        for d in touched:
+        for d in final_dirs:
+            _fsync_dir(d)
+        for staged in linked:
+            os.unlink(staged)
+        for d in {os.path.dirname(staged) for staged in linked}:
             _fsync_dir(d)
         return published
 
@@ -338,10 +345,10 @@ class FilesSink(Sink):
                 pass
 
 
-def _publish(params: dict[str, Any], staged: str, final: str) -> None:
-    """Give `staged` the name `final` without ever replacing an existing `final`, then drop the
-    staged name. A `final` that already is `staged` (same inode: a crash came between link and
-    unlink) or has the same bytes counts as published."""
+def _link_without_replacing(params: dict[str, Any], staged: str, final: str) -> None:
+    """Give `staged` the name `final` too, never replacing an existing `final`. A `final` that
+    already is `staged` (same inode: a crash came between link and unlink) or has the same bytes
+    counts as published; any other file there raises :class:`OutputConflict`."""
     try:
         os.link(staged, final)  # fails if `final` exists: never overwrites
     except FileExistsError:
@@ -351,4 +358,3 @@ def _publish(params: dict[str, Any], staged: str, final: str) -> None:
                 "with other content, and committed output is never replaced; move that file away "
                 "(this job did not write it) and restart the job: its recovery publishes the output"
             ) from None
-    os.unlink(staged)
