@@ -301,7 +301,9 @@ class FilesSink(Sink):
         """
         # Two passes so that a crash anywhere leaves every file durable under at least one name:
         # link every final name (then fsync those directories), only then drop the staged names.
-        published, linked, final_dirs = 0, [], set()
+        published = 0
+        linked: list[str] = []
+        final_dirs: set[str] = set()
         for c in commits:
             staged, final = c["staged"], c["final"]
             if os.path.exists(staged):
