@@ -10,6 +10,7 @@ runs stops publishing there.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -173,3 +174,29 @@ async def test_owner_that_lost_its_path_stops_publishing_there(job_client: JobCl
         assert file_hashes(out) == before
     finally:
         await stop_job_quietly(job_client, spec.job_id)
+
+
+async def test_two_jobs_started_together_on_one_path_one_runs(job_client: JobClient, state_dir: Path) -> None:
+    """Started at the same moment: exactly one owns the path and finishes with its rows; the other
+    fails at Compiling naming the winner."""
+    out = state_dir / "out"
+    pipes = [generator_pipeline(f"own-race{i}", out, splits=2, limit=400, transforms=t)
+             for i, t in enumerate([(("filter", KEEP_EVEN),), (("map", ADD_ONE),)])]
+    specs = [job_spec(p, state_dir) for p in pipes]
+    await asyncio.gather(*(job_client.start(s) for s in specs))
+    try:
+        ends = await asyncio.gather(
+            *(job_client.wait_for_state(s.job_id, ["Finished", "Failed"], timeout_s=FINISH_TIMEOUT_S) for s in specs),
+            return_exceptions=True,
+        )
+        finals = [await job_client.status(s.job_id) for s in specs]
+        assert sorted(f.state for f in finals) == ["Failed", "Finished"], [describe_status(f) for f in finals] + [ends]
+        winner = 0 if finals[0].state == "Finished" else 1
+        loser = finals[1 - winner]
+        assert loser.failure is not None and loser.failure.domain == "user", describe_status(loser)
+        assert [t.to_state for t in loser.transitions] == ["Compiling", "Failing", "Failed"], describe_status(loser)
+        assert specs[winner].job_id in loser.failure.message
+        assert_exact_output(read_committed_rows(out), expected_rows(pipes[winner]))
+    finally:
+        for s in specs:
+            await stop_job_quietly(job_client, s.job_id)
