@@ -10,12 +10,15 @@ import json
 import multiprocessing
 import os
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
+from temporalio.exceptions import ApplicationError
 
+from sluice.activities.sinks import claim_sinks, commit_sinks, recover_sinks
 from sluice.connectors import sink_owner
 from sluice.connectors.files import FilesSink, OutputConflict, committed_files
 from sluice.connectors.sink_owner import (
@@ -28,7 +31,8 @@ from sluice.connectors.sink_owner import (
 from sluice.engine.compiler import compile_program
 from sluice.engine.operators import OperatorContext
 from sluice.errors import UserError
-from sluice.models import JobConfig, PipelineSpec
+from sluice.models import CheckpointManifest, JobConfig, OperatorCheckpoint, PipelineSpec
+from sluice.workflows.constants import USER_ERROR_TYPE
 
 CLAIMERS = 8
 RACE_ROUNDS = 20
@@ -263,3 +267,29 @@ def test_recover_deletes_only_the_sinks_own_staging_files(tmp_path: Path) -> Non
     FilesSink.recover(_params(tmp_path), None)
     assert _hashes(tmp_path) == before
     assert sorted(p.name for p in (tmp_path / ".staging").iterdir()) == ["notes.txt"]
+
+
+def test_activity_helpers_turn_a_foreign_owner_into_a_user_failure(tmp_path: Path) -> None:
+    pipeline = PipelineSpec.model_validate({"name": "p", "operators": [
+        {"id": "src", "type": "generator", "limit": 10},
+        {"id": "out", "type": "files", "path": str(tmp_path / "out"), "inputs": ["src"]},
+    ]})
+    program = compile_program(pipeline, JobConfig())
+    claim_sinks(program, "job-a")
+    (tmp_path / "out" / ".staging").mkdir()
+    staged = tmp_path / "out" / ".staging" / "epoch-0000000001-sub-0000-gen-1.jsonl"
+    staged.write_text('{"a":1}\n')
+    for call in (lambda: claim_sinks(program, "job-b"), lambda: recover_sinks(program, "job-b", None)):
+        with pytest.raises(ApplicationError) as failed:
+            call()
+        assert failed.value.type == USER_ERROR_TYPE and failed.value.non_retryable
+        assert "operator 'out'" in str(failed.value) and "'job-a'" in str(failed.value)
+    assert staged.exists()  # a refused recover cleans up nothing
+    final = tmp_path / "out" / "part-0000000001-0000-00000000.jsonl"
+    manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(timezone.utc),
+                                  operators={"out": OperatorCheckpoint(parallelism=1, commits=[
+                                      {"staged": str(staged), "final": str(final)}])})
+    with pytest.raises(ApplicationError, match="'job-a'"):
+        commit_sinks(program, "job-b", manifest)
+    assert staged.exists() and not final.exists()  # a refused commit publishes nothing
+    assert commit_sinks(program, "job-a", manifest) == 1 and final.exists()
