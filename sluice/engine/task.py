@@ -114,6 +114,18 @@ def _origin(exc: BaseException) -> str:
     return f" (at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name})"
 
 
+def _watermark_reaches_user_code(body: list[Operator]) -> bool:
+    """Whether a watermark through `body` (the chain's operators that take input) can call a user
+    function: only if an operator that may release rows on a watermark (one overriding
+    ``on_watermark``, e.g. a window) comes before or is an operator with a function."""
+    releases = False
+    for op in body:
+        releases = releases or type(op).on_watermark is not Operator.on_watermark
+        if releases and op.params.get("fn"):
+            return True
+    return False
+
+
 def _is_user_fault(exc: BaseException) -> bool:
     return isinstance(exc, (UserFunctionError, FunctionLoadError))
 
@@ -174,6 +186,7 @@ class SubtaskRunner:
         self._uses_thread = any(program.operators[op].get("fn") for op in self.operator_ids)
         self._calls: CallThread | None = None
         self._waiting: asyncio.Future[object] | None = None  # the call run() is awaiting
+        self._watermark_runs_user_code = False  # set by open(): see _watermark_reaches_user_code
 
     # ------------------------------------------------------------------ control (same event loop)
 
@@ -311,6 +324,9 @@ class SubtaskRunner:
                 raise TaskError(f"{self._where(head.operator_id)}: {type(head).__name__} is not a source")
             self._source = head
         self._chain = OperatorChain(operators, head_is_source=self.is_source)
+        self._watermark_runs_user_code = self._uses_thread and _watermark_reaches_user_code(
+            operators[1:] if self.is_source else operators
+        )
         self.state = "running"
 
     async def run(self) -> None:
@@ -428,10 +444,17 @@ class SubtaskRunner:
         for out in self.outputs:
             await out.broadcast(msg)
 
-    async def _watermark(self, wm: Watermark) -> None:
+    async def _watermark(self, wm: Watermark, released: list[pa.RecordBatch] | None = None) -> None:
+        """Pass watermark `wm` through the chain and downstream; `released` is the chain's output
+        for it when the caller already ran it (in the same step as the batch before it)."""
         assert self._chain is not None
         chain = self._chain
-        await self._emit(await self._step(lambda: chain.watermark(wm)))
+        if released is None:
+            if self._watermark_runs_user_code:
+                released = await self._step(lambda: chain.watermark(wm))
+            else:  # no user function can be reached: not worth a trip to the thread
+                released = chain.watermark(wm)
+        await self._emit(released)
         await self._broadcast(wm)
 
     async def _end_of_stream(self) -> None:
@@ -472,10 +495,15 @@ class SubtaskRunner:
                 raise OperatorFailed(source.operator_id, exc) from exc
             if poll.batch is not None:
                 announced_idle = False
-                batch = poll.batch
-                await self._emit(await self._step(lambda: chain.source_emitted(source.operator_id, batch)))
-                if wm is not None:
-                    await self._watermark(Watermark(wm))
+                batch, mark = poll.batch, Watermark(wm) if wm is not None else None
+                # The batch and the watermark after it in one step: one trip to the thread.
+                out, released = await self._step(lambda: (
+                    chain.source_emitted(source.operator_id, batch),
+                    chain.watermark(mark) if mark is not None else [],
+                ))
+                await self._emit(out)
+                if mark is not None:
+                    await self._watermark(mark, released)
                 await asyncio.sleep(0)  # let HTTP handlers and other subtasks run
             elif poll.finished:
                 await self._end_of_stream()
