@@ -190,6 +190,11 @@ class RunnerClient:
         Returns (done, snapshots so far, failure message or None). Long waits are split into
         several long-polls, each bounded by the runner's own maximum.
         """
+        result = await self.wait_checkpoint_result(epoch, timeout_s)
+        return result.done, result.snapshots, result.failed
+
+    async def wait_checkpoint_result(self, epoch: int, timeout_s: float) -> CheckpointWaitResult:
+        """`wait_checkpoint` with the runner's whole answer (also the failed task's event)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
         while True:
@@ -207,7 +212,7 @@ class RunnerClient:
                     f"runner {self.info.runner_id}: malformed checkpoint answer: {e}"
                 ) from e
             if result.done or result.failed is not None or loop.time() >= deadline:
-                return result.done, result.snapshots, result.failed
+                return result
 
     async def stop(self, mode: Literal["graceful", "immediate"]) -> None:
         """graceful: sources end and downstream drains; immediate: tasks are cancelled now."""

@@ -680,7 +680,8 @@ class RunnerServer:
         for st in missing:
             if st.outcome == "failed":
                 return CheckpointWaitResult(
-                    done=False, snapshots=snapshots, failed=f"subtask {st.label} failed: {st.error}"
+                    done=False, snapshots=snapshots, failed=f"subtask {st.label} failed: {st.error}",
+                    failed_task=st.failed_event,
                 )
             if st.outcome is not None or st.state in TERMINAL_TASK_STATES:
                 return CheckpointWaitResult(
