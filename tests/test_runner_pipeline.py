@@ -215,6 +215,11 @@ async def test_user_function_failure_is_a_task_failed_event(
             failed = next(e for e in events if e.kind == "task_failed")
             assert failed.domain == "user" and failed.retryable
             assert failed.message is not None and "kaboom" in failed.message and "'boom'" in failed.message
+            # Named for the user: operator, function, exception; and where in their file it raised.
+            assert failed.message == "operator 'boom' (filter e2e_userfns:explode) raised ValueError: kaboom"
+            assert failed.operator == "boom"
+            assert failed.traceback is not None and 'e2e_userfns.py", line 3, in explode' in failed.traceback
+            assert "sluice/engine" not in failed.traceback, failed.traceback
             assert (await c.health())["generation"] == GEN  # the runner keeps serving
             done, _, why = await c.wait_checkpoint(1, 0.1)
             assert not done and why is not None and "failed" in why
