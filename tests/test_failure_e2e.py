@@ -5,7 +5,8 @@ the session's controller worker, real runner processes, real files.
   not retried through the whole restart budget) and `status` / `sluice status` name the operator,
   the function's exception and its file and line;
 * a map function that never returns: the task fails after the job's task hang timeout, naming the
-  operator and function, and the job recovers;
+  operator and function (and the line it is stuck on); the job recovers, and fails once the same
+  hang repeated;
 * a runner frozen with SIGSTOP: noticed by the runner heartbeat timeout, named with its pid and
   the operators it ran; the job runs again on a new generation and its output is exactly once;
 * a files sink path that cannot be created: the job fails at once, user domain, naming the path.
@@ -119,6 +120,14 @@ async def test_map_that_never_returns_is_named_after_the_hang_timeout(
             timeout_s=FAIL_TIMEOUT_S, what=f"Recovering because {expected!r}",
         )
         pids |= {r.pid for r in seen.runners if r.pid}
+        # The same hang every generation: deterministic, so the job fails without its whole budget.
+        failed = await wait_state(job_client, spec.job_id, "Failed", timeout_s=FAIL_TIMEOUT_S)
+        assert failed.failure is not None and failed.failure.operator == "map0", describe_status(failed)
+        assert expected in failed.failure.message, failed.failure.message
+        line = _line_of("time.sleep(3600)")
+        assert failed.failure.traceback is not None, describe_status(failed)
+        assert f'pipeline_functions.py", line {line}, in sleeps_forever' in failed.failure.traceback
+        assert failed.restarts < spec.config.allowed_restarts, describe_status(failed)
     finally:
         await stop_job_quietly(job_client, spec.job_id)
     assert not [p for p in pids if pid_is_runner(p, spec.job_id)], "a runner with a hung function outlived the job"
