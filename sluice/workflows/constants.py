@@ -67,6 +67,10 @@ RESTART_BACKOFF_MAX_S = 60.0
 # (a bad record, a bad path) and the rest of the restart budget would only repeat it.
 IDENTICAL_FAILURES_TO_FAIL = 3
 
+# A run continues as new (at its next safe point) once its history has this many events, well
+# before the server's suggestion (4,096 by default): replays and history fetches stay cheap.
+CONTINUE_AS_NEW_EVENTS = 2_000
+
 # How much history the status query keeps, and how much of a bad command it quotes.
 TRANSITIONS_KEPT = 50
 REJECTED_COMMANDS_KEPT = 20
