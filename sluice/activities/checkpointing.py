@@ -20,14 +20,10 @@ from sluice.models import (
     SubtaskSnapshot,
 )
 from sluice.storage import CheckpointStore, manifest_from_snapshots
+from sluice.workflows.constants import TASK_FAILED_TYPE
 
 # Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
 WAIT_POLL_S = 2.0
-# The ApplicationError type of a checkpoint that failed because a task failed. Its message is the
-# task's own (stable across generations: no epoch, runner or subtask in it) and its one detail is
-# {"operator", "traceback", "domain", "retryable", "subtask", "runner_id"}: the workflow can report
-# the task's failure exactly as the monitor would have.
-TASK_FAILED_TYPE = "TaskFailed"
 
 
 class CheckpointActivities:
