@@ -283,7 +283,7 @@ def test_activity_helpers_turn_a_foreign_owner_into_a_user_failure(tmp_path: Pat
         with pytest.raises(ApplicationError) as failed:
             call()
         assert failed.value.type == USER_ERROR_TYPE and failed.value.non_retryable
-        assert "operator 'out'" in str(failed.value) and "'job-a'" in str(failed.value)
+        assert "files sink 'out'" in str(failed.value) and "'job-a'" in str(failed.value)
     assert staged.exists()  # a refused recover cleans up nothing
     final = tmp_path / "out" / "part-0000000001-0000-00000000.jsonl"
     manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(timezone.utc),

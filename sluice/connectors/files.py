@@ -32,6 +32,7 @@ Both formats share this one code path; only the :class:`StagingWriter` differs.
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import re
@@ -49,6 +50,8 @@ from sluice.errors import UserError
 from sluice.models import CheckpointManifest, FilesSinkOperator
 
 STAGING_DIR = ".staging"
+#: errors creating the output directory that mean the path is wrong, not that the disk is unwell
+UNCREATABLE_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS})
 WRITE_BUFFER_BYTES = 1 << 20
 #: a Parquet row group is written when this many rows (or PARQUET_ROW_GROUP_BYTES) are buffered, so
 #: that small input batches do not become tiny row groups
@@ -242,7 +245,10 @@ class FilesSink(Sink):
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
         self._token = new_token()  # each start of the subtask names its files afresh
-        os.makedirs(staging_dir(self.path), exist_ok=True)
+        try:
+            os.makedirs(staging_dir(self.path), exist_ok=True)
+        except OSError as exc:
+            raise _uncreatable(self.operator_id, self.spec.path, exc) from None
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
@@ -287,7 +293,12 @@ class FilesSink(Sink):
     def claim(cls, params: dict[str, Any], job_id: str) -> None:
         """Make `job_id` the owner of the sink's path, or confirm it is (see
         :func:`sluice.connectors.sink_owner.claim_path`); raises ``SinkPathOwned`` otherwise."""
-        claim_path(os.path.abspath(params["path"]), job_id)
+        try:
+            claim_path(os.path.abspath(params["path"]), job_id)
+        except UserError as e:
+            raise UserError(f"files sink {params.get('id')!r}: {e}") from e
+        except OSError as exc:
+            raise _uncreatable(params.get("id"), params["path"], exc) from None
 
     @classmethod
     def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
@@ -345,6 +356,18 @@ class FilesSink(Sink):
                 os.unlink(os.path.join(staging, name))
             except (FileNotFoundError, IsADirectoryError):
                 pass
+
+
+def _uncreatable(operator_id: Any, path: str, exc: OSError) -> OSError | UserError:
+    """What to raise when the output directory cannot be made: a `UserError` naming the path
+    when the path itself is wrong (under a file, read-only, not ours: no retry can help), else
+    `exc` itself (e.g. a full or failing disk: may pass, so the caller is retried)."""
+    if exc.errno not in UNCREATABLE_ERRNOS:
+        return exc
+    return UserError(
+        f"files sink {operator_id!r}: cannot create output directory {path!r}: "
+        f"{os.strerror(exc.errno or 0)}{f' ({exc.filename})' if exc.filename else ''}"
+    )
 
 
 def _link_without_replacing(params: dict[str, Any], staged: str, final: str) -> None:
