@@ -46,8 +46,9 @@ from sluice.engine.registry import build_operator
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
-from sluice.errors import UserError
+from sluice.errors import CorruptCheckpointError, UserError
 from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
+from sluice.models import StateFileDigest
 from sluice.storage import CheckpointStore
 
 TaskState = Literal["starting", "running", "source_finished", "finished", "failed"]
@@ -212,6 +213,8 @@ class SubtaskRunner:
             return TaskError(
                 f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user"
             )
+        if isinstance(exc, CorruptCheckpointError):  # restoring the same checkpoint again cannot help
+            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal")
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
             return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user")
         return TaskError(
@@ -225,7 +228,9 @@ class SubtaskRunner:
         checkpoint = self.restore.operators.get(operator_id)
         if checkpoint is None:  # an operator added since the checkpoint starts empty
             return []
-        return [self.store.read_state(path) for path in checkpoint.state_files]
+        # read_state checks each file against its recorded digest (when the manifest has one) and
+        # raises CorruptCheckpointError naming the file: reported as not retryable (see _error)
+        return [self.store.read_state(path, checkpoint.state_digests.get(path)) for path in checkpoint.state_files]
 
     async def open(self) -> None:
         """Build the chain's operators and restore their state. Raises TaskError naming the operator
@@ -481,13 +486,18 @@ class SubtaskRunner:
         operators: dict[str, OperatorSnapshot] = {}
         for op_id, st in states.items():
             files: list[str] = []
+            digests: dict[str, StateFileDigest] = {}
             if st.table is not None:
                 try:
-                    path = await asyncio.to_thread(self.store.write_state, barrier.epoch, op_id, self.ref.index, st.table)
+                    # the digest is computed while writing: restoring verifies the file against it
+                    path, digest = await asyncio.to_thread(
+                        self.store.write_state_file, barrier.epoch, op_id, self.ref.index, st.table
+                    )
                 except Exception as exc:
                     raise OperatorFailed(op_id, exc) from exc
                 files.append(path)
-            operators[op_id] = OperatorSnapshot(state_files=files, commits=list(st.commits))
+                digests[path] = digest
+            operators[op_id] = OperatorSnapshot(state_files=files, state_digests=digests, commits=list(st.commits))
         snapshot = SubtaskSnapshot(subtask=self.ref, epoch=barrier.epoch, operators=operators)
         self.snapshots[barrier.epoch] = snapshot
         for old_epoch in sorted(self.snapshots)[:-SNAPSHOTS_KEPT]:  # a job may run for months
