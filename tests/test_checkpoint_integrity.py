@@ -297,3 +297,44 @@ def test_write_state_digest_matches_for_a_large_table(store: CheckpointStore) ->
     path, digest = store.write_state_file(9, "win", 0, table)
     data = Path(store.state_file_path(path)).read_bytes()
     assert (digest.size, digest.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def test_cli_lists_checkpoints_and_which_verify(store: CheckpointStore, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sluice.cli import app
+
+    manifests = {e: _checkpoint(store, tmp_path, e) for e in (1, 2)}
+    bad = _state_file(store, manifests[2])
+    bad.write_bytes(bad.read_bytes()[:7])
+    url = str(tmp_path / "ckpt")
+    shown = CliRunner().invoke(app, ["checkpoints", JOB, "--checkpoint-url", url])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0] == f"checkpoints of job {JOB} in {url}"
+    assert lines[2].split()[0] == "1" and lines[2].endswith("ok")
+    assert lines[3].split()[0] == "2" and f"CORRUPT: state file {bad}: size 7 bytes" in lines[3]
+
+    as_json = CliRunner().invoke(app, ["checkpoints", JOB, "--checkpoint-url", url, "--json"])
+    body = json.loads(as_json.output)
+    assert body["checkpoint_url"] == url
+    assert [(c["epoch"], c["verified"]) for c in body["checkpoints"]] == [(1, True), (2, False)]
+    assert body["checkpoints"][1]["problems"][0]["file"] == str(bad)
+    assert body["checkpoints"][0]["size"] > 0 and body["checkpoints"][0]["created_at"]
+
+    empty = CliRunner().invoke(app, ["checkpoints", "other-job", "--checkpoint-url", url])
+    assert empty.exit_code == 0 and empty.output.strip() == f"no checkpoints of job other-job in {url}"
+
+
+def test_cli_restore_epoch_usage_errors() -> None:
+    from typer.testing import CliRunner
+
+    from sluice.cli import EXIT_USAGE, app
+
+    both = CliRunner().invoke(app, ["restart", "j", "--restore-epoch", "3", "--ignore-state"])
+    assert both.exit_code == EXIT_USAGE and "--restore-epoch cannot be combined" in both.output
+    zero = CliRunner().invoke(app, ["restart", "j", "--restore-epoch", "0"])
+    assert zero.exit_code == EXIT_USAGE

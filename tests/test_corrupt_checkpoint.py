@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from sluice.client import JobClient
+from sluice.client import CommandRejected, JobClient
 from sluice.storage import CheckpointStore
 from sluice.workflows.constants import CORRUPT_CHECKPOINT_TYPE
 from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
@@ -62,6 +62,8 @@ async def _stopped_with_checkpoints(job_client: JobClient, state_dir: Path, name
     await job_client.start(spec)
     await wait_state(job_client, spec.job_id, "Running", timeout_s=START_TIMEOUT_S)
     await wait_status(job_client, spec.job_id, lambda s: s.epoch >= 2, timeout_s=60, what="two checkpoints")
+    with pytest.raises(CommandRejected, match="needs a Stopped or Failed job"):
+        await job_client.restart(spec.job_id, restore_epoch=1)  # an open job is stopped first
     await job_client.stop(spec.job_id, "checkpoint")
     stopped = await wait_state(job_client, spec.job_id, "Stopped", timeout_s=FINISH_TIMEOUT_S)
     assert await wait_closed(job_client, spec.job_id) == "Stopped"
