@@ -97,7 +97,7 @@ def test_digest_is_the_written_files_size_and_sha256(store: CheckpointStore) -> 
     data = Path(store.state_file_path(path)).read_bytes()
     assert digest.size == len(data) > 0
     assert digest.sha256 == hashlib.sha256(data).hexdigest()
-    assert store.read_state(path, digest).equals(table)
+    assert store.read_state(path, digest, check_sha256=True).equals(table)
     assert store.write_state(3, "gen", 1, table) == path  # the plain write still returns the path
 
 
@@ -241,6 +241,13 @@ def test_read_state_names_the_file(store: CheckpointStore, tmp_path: Path) -> No
             store.read_state(path, digest)
         assert caught.value.epoch == 5 and caught.value.file == str(f)
         assert str(caught.value).startswith(f"checkpoint epoch 5 is corrupt: state file {f}: ")
+    # a flipped byte: the size is right, only the hash (when asked for) finds it
+    path1, f1 = gen.state_files[1], _state_file(store, manifest, 1)
+    data = bytearray(f1.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f1.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="sha256 mismatch"):
+        store.read_state(path1, gen.state_digests[path1], check_sha256=True)
     f.unlink()
     with pytest.raises(CorruptCheckpointError, match="missing"):
         store.read_state(path)

@@ -228,8 +228,8 @@ class SubtaskRunner:
         checkpoint = self.restore.operators.get(operator_id)
         if checkpoint is None:  # an operator added since the checkpoint starts empty
             return []
-        # read_state checks each file against its recorded digest (when the manifest has one) and
-        # raises CorruptCheckpointError naming the file: reported as not retryable (see _error)
+        # read_state checks each file's recorded size (the controller verified the sha256 before
+        # the start) and raises CorruptCheckpointError naming the file: not retryable (see _error)
         return [self.store.read_state(path, checkpoint.state_digests.get(path)) for path in checkpoint.state_files]
 
     async def open(self) -> None:
