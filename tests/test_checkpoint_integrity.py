@@ -255,7 +255,7 @@ def test_read_state_names_the_file(store: CheckpointStore, tmp_path: Path) -> No
 
 def test_corrupt_checkpoint_error_survives_a_message_prefix() -> None:
     err = CorruptCheckpointError(7, "/s/ckpt/j/checkpoints/epoch-0000000007/gen-0.arrow", "size 1 bytes, expected 2")
-    parsed = CorruptCheckpointError.parse(f"operator 'gen' subtask 0: {err}")
+    parsed = CorruptCheckpointError.parse(f"operator 'gen' subtask 0: {err}; operator 'gen' subtask 1: {err}")
     assert parsed is not None
     assert (parsed.epoch, parsed.file, parsed.problem, parsed.what) == (err.epoch, err.file, err.problem, "state file")
     assert CorruptCheckpointError.parse("operator 'gen' subtask 0: open failed: ValueError: x") is None
