@@ -57,7 +57,7 @@ async def _stopped_with_checkpoints(job_client: JobClient, state_dir: Path, name
     """Start a job, let it take at least two checkpoints, stop it with a final one.
 
     Returns (pipeline, stopped status, newest epoch, the epoch before it)."""
-    pipeline = generator_pipeline(name, state_dir / "out", splits=4, limit=3000, rate=400)
+    pipeline = generator_pipeline(name, state_dir / "out", splits=4, limit=4000, rate=400)
     spec = job_spec(pipeline, state_dir, parallelism=2, checkpoint_interval_s=1.0)
     await job_client.start(spec)
     await wait_state(job_client, spec.job_id, "Running", timeout_s=START_TIMEOUT_S)
