@@ -6,7 +6,7 @@ the job with no row lost (rows committed after that epoch are written again, as 
 Each test runs a bounded, rate-limited generator -> filter -> files job, stops it with a final
 checkpoint, damages the newest checkpoint the way a crash of the storage layer would, and
 restarts it: once through `JobClient` (a truncated state file), once through the `sluice` command
-(a truncated manifest).
+(a truncated manifest); and a manifest from before digests still restores.
 """
 
 from __future__ import annotations
@@ -196,5 +196,29 @@ async def test_truncated_manifest_through_the_cli(
         ), describe_status(done)
         actual = Counter(read_committed_rows(sink_path(pipeline)))
         assert actual == Counter(expected_rows(pipeline)) + Counter(duplicated)
+    finally:
+        await stop_job_quietly(job_client, job_id)
+
+
+async def test_manifest_from_before_digests_still_restores(job_client: JobClient, state_dir: Path) -> None:
+    """A checkpoint written by code from before digests (no `state_digests` in its manifest) is
+    restored as before: the new run finishes with every row exactly once."""
+    pipeline, stopped, newest, _ = await _stopped_with_checkpoints(job_client, state_dir, "old-manifest")
+    job_id = stopped.job_id
+    try:
+        store = CheckpointStore(str(checkpoint_root(state_dir)), job_id)
+        path = Path(store.manifest_path(newest))
+        data = json.loads(path.read_text())
+        assert any(op["state_digests"] for op in data["operators"].values()), "this code records digests"
+        for op in data["operators"].values():
+            del op["state_digests"]
+        path.write_text(json.dumps(data))
+
+        assert await job_client.restart(job_id) is None
+        done = await wait_state(job_client, job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
+        assert any(
+            t.to_state == "Running" and f"restored epoch {newest}" in t.reason for t in done.transitions
+        ), describe_status(done)
+        assert Counter(read_committed_rows(sink_path(pipeline))) == Counter(expected_rows(pipeline))
     finally:
         await stop_job_quietly(job_client, job_id)
