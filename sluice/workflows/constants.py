@@ -11,7 +11,10 @@ USER_ERROR_TYPE = "UserError"
 # A checkpoint whose manifest or state files fail verification: restoring it again cannot help.
 # Details: [{"epoch": N, "file": "path", "problem": "..."}].
 CORRUPT_CHECKPOINT_TYPE = "CorruptCheckpoint"
-NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE]
+# A task failed while the checkpoint activity waited on it (it saw the failure before the monitor
+# did). Details: [{"operator", "traceback", "domain", "retryable", "subtask", "runner_id"}].
+TASK_FAILED_TYPE = "TaskFailed"
+NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE, TASK_FAILED_TYPE]
 
 # Compile: validation and function imports take milliseconds; three tries cover a flaky worker.
 COMPILE_TIMEOUT = timedelta(seconds=60)

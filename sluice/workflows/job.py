@@ -584,6 +584,7 @@ class JobWorkflow:
             parallelism=self.program.parallelism if self.program else self.desired_parallelism(),
             runners=self.runners,
             failure=self.failure,
+            last_error=self.last_error,
             rejected_commands=self.rejected,
             transitions=self.transitions,
         )
