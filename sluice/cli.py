@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timezone
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -544,18 +545,84 @@ def restart(
     job_id: str = typer.Argument(...),
     force: bool = typer.Option(False, "--force", help="don't take a final checkpoint first"),
     ignore_state: bool = typer.Option(False, "--ignore-state", help="start from scratch, not the last checkpoint"),
+    restore_epoch: int | None = typer.Option(
+        None, "--restore-epoch", min=1,
+        help="Stopped/Failed job: restore this older checkpoint (see `sluice checkpoints`); later ones are "
+        "abandoned and output committed after it is written again",
+    ),
 ) -> None:
     """Restart a job (a Stopped or Failed one gets a new run restoring its last checkpoint)."""
+    if restore_epoch is not None and (force or ignore_state):
+        fail("--restore-epoch cannot be combined with --force or --ignore-state", EXIT_USAGE)
 
     @run_async
     async def main() -> None:
-        status = await (await _job_client()).restart(job_id, force=force, ignore_state=ignore_state)
+        jobs = await _job_client()
+        status = await jobs.restart(job_id, force=force, ignore_state=ignore_state, restore_epoch=restore_epoch)
         if status is None:
-            typer.echo(f"{job_id}: started a new run" + ("" if ignore_state else " from its last checkpoint"))
+            source = (
+                f" from checkpoint epoch {restore_epoch}" if restore_epoch is not None
+                else "" if ignore_state else " from its last checkpoint"
+            )
+            typer.echo(f"{job_id}: started a new run{source}")
         else:
             typer.echo(f"{job_id}: restart accepted; state {status.state}")
 
     main()
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+@app.command()
+def checkpoints(
+    job_id: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    state_dir: Path | None = StateDirOpt,
+    checkpoint_url: str | None = typer.Option(
+        None, "--checkpoint-url", help="the job's checkpoint store (default: the job's own, from its spec)"
+    ),
+) -> None:
+    """List a job's completed checkpoints: epoch, time, size, and whether each verifies."""
+
+    @run_async
+    async def main() -> str:
+        if checkpoint_url is not None:
+            return checkpoint_url
+        jobs = await _job_client()
+        desc = await jobs.describe(job_id)
+        spec = (await jobs._job_input(job_id, desc.run_id)).spec
+        return spec.checkpoint_url or settings.default_checkpoint_url(settings.state_dir(state_dir))
+
+    url = main()
+    from sluice.storage import CheckpointStore, report_checkpoints
+
+    try:
+        reports = report_checkpoints(CheckpointStore(url, job_id))
+    except Exception as exc:  # the store itself is unreachable: say which one
+        fail(f"cannot read the checkpoints of job {job_id} in {url}: {type(exc).__name__}: {exc}")
+    if as_json:
+        import json
+
+        body = {"job_id": job_id, "checkpoint_url": url, "checkpoints": [r.as_dict() for r in reports]}
+        typer.echo(json.dumps(body, indent=2))
+        return
+    if not reports:
+        typer.echo(f"no checkpoints of job {job_id} in {url}")
+        return
+    typer.echo(f"checkpoints of job {job_id} in {url}")
+    typer.echo(f"{'epoch':>10}  {'created (UTC)':<19}  {'size':>10}  verified")
+    for r in reports:
+        created = r.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
+        verdict = "ok" + (" (final, then stop)" if r.then_stop else "") if r.ok else f"CORRUPT: {r.problems[0]}"
+        if len(r.problems) > 1:
+            verdict += f" (and {len(r.problems) - 1} more)"
+        typer.echo(f"{r.epoch:>10}  {created:<19}  {_human_size(r.size):>10}  {verdict}")
 
 
 @app.command()

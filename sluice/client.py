@@ -362,8 +362,10 @@ class JobClient:
         spec: JobSpec | None = None,
         ignore_state: bool = False,
         patch: PatchRequest | None = None,
+        restore_epoch: int | None = None,
     ) -> str:
-        """Start a new run of a closed job that restores its latest checkpoint (unless `ignore_state`).
+        """Start a new run of a closed job that restores its latest checkpoint (unless `ignore_state`),
+        or checkpoint `restore_epoch` (abandoning the later ones) when given.
 
         The spec is `spec` if given, else the previous run's input with the config it had at the
         end (from its `status` query when a worker answers). `config.stop` is reset to "none"
@@ -371,6 +373,8 @@ class JobClient:
         `ignore_state` (its sources are done; restoring would produce nothing), and
         `JobAlreadyRunning` if the job is open.
         """
+        if restore_epoch is not None and (ignore_state or restore_epoch < 1):
+            raise ValueError("restore_epoch must be an epoch >= 1, and cannot be combined with ignore_state")
         desc = await self.describe(job_id)
         state = await self.final_state(job_id, desc)
         if state is None:
@@ -391,7 +395,7 @@ class JobClient:
                 spec = spec.model_copy(update={"config": final.config})
             except Exception:
                 pass  # no worker, or the query failed: the run's input config is the best we have
-        updates: dict[str, Any] = {"stop": "none", "ignore_state": ignore_state, "restore_epoch": None}
+        updates: dict[str, Any] = {"stop": "none", "ignore_state": ignore_state, "restore_epoch": restore_epoch}
         if patch is not None:
             for field in ("parallelism", "overrides", "checkpoint_interval_s", "ttl_s"):
                 value = getattr(patch, field)
@@ -481,11 +485,27 @@ class JobClient:
             raise JobClosed(job_id, state, f"job {job_id} is already {state}; nothing to rescale")
         return await self.patch(job_id, PatchRequest(parallelism=cmd.parallelism, overrides=cmd.overrides))
 
-    async def restart(self, job_id: str, force: bool = False, ignore_state: bool = False) -> JobStatus | None:
+    async def restart(
+        self, job_id: str, force: bool = False, ignore_state: bool = False, restore_epoch: int | None = None
+    ) -> JobStatus | None:
         """Restart the job: an open one through the `patch` update (safe: final checkpoint first,
         or `force`); a closed Stopped/Failed one by starting a new run that restores its latest
         checkpoint (returns None then). `ignore_state` starts from scratch.
+
+        `restore_epoch` (closed Stopped/Failed jobs only) restores that older checkpoint instead,
+        e.g. when the latest is corrupt; checkpoints after it are abandoned, and output committed
+        after it is written again.
         """
+        if restore_epoch is not None:
+            if force or ignore_state:
+                raise ValueError("restore_epoch cannot be combined with force or ignore_state")
+            if await self.final_state(job_id) is None:
+                raise CommandRejected(
+                    f"job {job_id} is open; restoring epoch {restore_epoch} needs a Stopped or Failed job "
+                    "(stop it first)"
+                )
+            await self.resume(job_id, restore_epoch=restore_epoch)
+            return None
         return await self.patch(job_id, PatchRequest(restart=RestartCommand(force=force, ignore_state=ignore_state)))
 
     # -------------------------------------------------------------- reads

@@ -648,10 +648,20 @@ class StartRequest(Contract):
     )
 
 
+class StateFileDigest(Contract):
+    """Size and SHA-256 of one state file, computed while it was written: restoring checks the
+    file against them, so a truncated, rewritten or bit-flipped file is found before it is used."""
+
+    size: int = Field(ge=0, description="bytes")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex")
+
+
 class OperatorSnapshot(Contract):
     """What one operator subtask contributed to a checkpoint."""
 
     state_files: list[str] = Field(default_factory=list)
+    # path (as in state_files) -> its digest; empty in snapshots of older runners
+    state_digests: dict[str, StateFileDigest] = Field(default_factory=dict)
     commits: list[dict[str, Any]] = Field(default_factory=list)  # pre-committed sink output
 
 
@@ -664,6 +674,9 @@ class SubtaskSnapshot(Contract):
 class OperatorCheckpoint(Contract):
     parallelism: int
     state_files: list[str] = Field(default_factory=list)
+    # path (as in state_files) -> size and sha256; manifests written by older code have none, and
+    # their state files are then only checked to be readable Arrow files
+    state_digests: dict[str, StateFileDigest] = Field(default_factory=dict)
     commits: list[dict[str, Any]] = Field(default_factory=list)
 
 

@@ -28,6 +28,9 @@ class CompileActivities:
             raise user_error(str(e)) from None
         url = spec.checkpoint_url or self.ctx.default_checkpoint_url
         store = CheckpointStore(url, spec.job_id)
+        # Completed = has a manifest file; it is not parsed here. A corrupt newest checkpoint stays
+        # the restore point, so start_execution's verification reports it (epoch, file, problem)
+        # instead of the job silently restoring an older epoch and committing its output twice.
         completed = await asyncio.to_thread(store.completed_epochs)
         highest = await asyncio.to_thread(store.highest_epoch_seen)
         wanted = spec.config.restore_epoch

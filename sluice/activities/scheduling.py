@@ -8,13 +8,14 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from sluice.activities.context import ControllerContext, heartbeating, user_error
+from sluice.activities.restoring import corrupt_checkpoint_error, restore_point
 from sluice.activities.sinks import recover_sinks
 from sluice.engine.compiler import assign, runners_needed
-from sluice.errors import RunnerRefused, RunnerUnavailable
+from sluice.errors import CorruptCheckpointError, RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo, ScheduleInput, StartExecutionInput, StartRequest
 from sluice.runner.client import RunnerRequestRefused
 from sluice.schedulers import RunnerStartError
-from sluice.storage import CheckpointStore
+from sluice.storage import CheckpointProblem, CheckpointStore
 
 
 class SchedulingActivities:
@@ -40,12 +41,11 @@ class SchedulingActivities:
         store = CheckpointStore(inp.checkpoint_url, inp.job_id)
         manifest = None
         if inp.restore_epoch:
-            manifest = await asyncio.to_thread(store.read_manifest, inp.restore_epoch)
-            if manifest is None:
-                raise user_error(
-                    f"checkpoint epoch {inp.restore_epoch} of job {inp.job_id!r} is missing from "
-                    f"{inp.checkpoint_url}; restart with ignore_state to start fresh"
-                )
+            # Verified before anything uses it (sink recovery publishes its commits, runners read
+            # its state): a corrupt restore point fails the job at once, naming the file, instead
+            # of every new generation failing on it again.
+            async with heartbeating(lambda: {"verifying epoch": inp.restore_epoch}):
+                manifest = await asyncio.to_thread(restore_point, store, inp.restore_epoch)
         # Finish the restore point's commit phase and drop output of epochs that never completed,
         # before any task can write new output (only where this job still owns the destination).
         await asyncio.to_thread(recover_sinks, inp.program, inp.job_id, manifest)
@@ -74,6 +74,10 @@ class SchedulingActivities:
             except RunnerRequestRefused as e:
                 if e.domain == "user" and e.retryable is False:
                     raise user_error(f"starting tasks failed: {e.message}") from None
+                corrupt = CorruptCheckpointError.parse(e.message) if e.retryable is False else None
+                if corrupt is not None:  # a runner could not read what verification passed
+                    problem = CheckpointProblem(corrupt.epoch, corrupt.file, corrupt.problem, corrupt.what)
+                    raise await asyncio.to_thread(corrupt_checkpoint_error, store, [problem]) from None
                 raise ApplicationError(f"starting tasks failed: {e.message}") from None
             except (RunnerRefused, RunnerUnavailable) as e:
                 raise ApplicationError(f"starting tasks failed: {e}") from None

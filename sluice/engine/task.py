@@ -53,8 +53,9 @@ from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
 from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
-from sluice.errors import UserError
+from sluice.errors import CorruptCheckpointError, UserError
 from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
+from sluice.models import StateFileDigest
 from sluice.storage import CheckpointStore
 
 T = TypeVar("T")
@@ -273,6 +274,8 @@ class SubtaskRunner:
                 f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user",
                 operator=operator_id, traceback=user_traceback(cause) if cause is not None else None,
             )
+        if isinstance(exc, CorruptCheckpointError):  # restoring the same checkpoint again cannot help
+            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal", operator=operator_id)
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
             return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user", operator=operator_id)
         return TaskError(
@@ -286,7 +289,9 @@ class SubtaskRunner:
         checkpoint = self.restore.operators.get(operator_id)
         if checkpoint is None:  # an operator added since the checkpoint starts empty
             return []
-        return [self.store.read_state(path) for path in checkpoint.state_files]
+        # read_state checks each file's recorded size (the controller verified the sha256 before
+        # the start) and raises CorruptCheckpointError naming the file: not retryable (see _error)
+        return [self.store.read_state(path, checkpoint.state_digests.get(path)) for path in checkpoint.state_files]
 
     async def open(self) -> None:
         """Build the chain's operators and restore their state. Raises TaskError naming the operator
@@ -607,13 +612,18 @@ class SubtaskRunner:
         operators: dict[str, OperatorSnapshot] = {}
         for op_id, st in states.items():
             files: list[str] = []
+            digests: dict[str, StateFileDigest] = {}
             if st.table is not None:
                 try:
-                    path = await asyncio.to_thread(self.store.write_state, barrier.epoch, op_id, self.ref.index, st.table)
+                    # the digest is computed while writing: restoring verifies the file against it
+                    path, digest = await asyncio.to_thread(
+                        self.store.write_state_file, barrier.epoch, op_id, self.ref.index, st.table
+                    )
                 except Exception as exc:
                     raise OperatorFailed(op_id, exc) from exc
                 files.append(path)
-            operators[op_id] = OperatorSnapshot(state_files=files, commits=list(st.commits))
+                digests[path] = digest
+            operators[op_id] = OperatorSnapshot(state_files=files, state_digests=digests, commits=list(st.commits))
         snapshot = SubtaskSnapshot(subtask=self.ref, epoch=barrier.epoch, operators=operators)
         self.snapshots[barrier.epoch] = snapshot
         for old_epoch in sorted(self.snapshots)[:-SNAPSHOTS_KEPT]:  # a job may run for months
