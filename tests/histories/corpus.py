@@ -140,26 +140,31 @@ class ReplayOutcome:
     nondeterministic: bool
 
 
-async def replay_file(
-    path: Path, workflows: Sequence[type], *, workflow_runner: WorkflowRunner | None = None
-) -> ReplayOutcome:
-    """Replay `path` against `workflows` with sluice's pydantic data converter.
+async def replay_history(
+    history: WorkflowHistory, workflows: Sequence[type], *, workflow_runner: WorkflowRunner | None = None
+) -> tuple[BaseException | None, bool]:
+    """Replay one history against `workflows` with sluice's pydantic data converter.
 
-    Never raises for a replay failure: the outcome names the file and the error, and says
-    whether it was a nondeterminism error (a workflow change that breaks open histories).
+    Returns (the replay failure or None, whether it is a nondeterminism error); never raises
+    for a replay failure.
     """
     kwargs: dict[str, Any] = {"workflows": list(workflows), "data_converter": pydantic_data_converter}
     if workflow_runner is not None:
         kwargs["workflow_runner"] = workflow_runner
-    result = await Replayer(**kwargs).replay_workflow(load_history(path), raise_on_replay_failure=False)
+    result = await Replayer(**kwargs).replay_workflow(history, raise_on_replay_failure=False)
     failure = result.replay_failure
+    return failure, isinstance(failure, NondeterminismError)
+
+
+async def replay_file(
+    path: Path, workflows: Sequence[type], *, workflow_runner: WorkflowRunner | None = None
+) -> ReplayOutcome:
+    """Replay `path` (see `replay_history`): the outcome names the file and the error, and says
+    whether it was a nondeterminism error (a workflow change that breaks open histories)."""
+    failure, nondeterministic = await replay_history(load_history(path), workflows, workflow_runner=workflow_runner)
     if failure is None:
         return ReplayOutcome(path, None, False)
-    return ReplayOutcome(
-        path,
-        f"{path.name}: {type(failure).__name__}: {failure}",
-        isinstance(failure, NondeterminismError),
-    )
+    return ReplayOutcome(path, f"{path.name}: {type(failure).__name__}: {failure}", nondeterministic)
 
 
 def union(sets: Iterable[Iterable[str]]) -> set[str]:
