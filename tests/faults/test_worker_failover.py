@@ -46,7 +46,7 @@ from tests.e2e_helpers import (
     wait_until,
 )
 from tests.histories.corpus import replay_history
-from tests.histories.scenarios import run_ids, sticky_holder
+from tests.histories.scenarios import freeze_until_task_started, last_event_id, run_ids, sticky_holder
 from tests.pipeline_functions import FAIL_MARKER_ENV
 
 pytestmark = pytest.mark.slow
@@ -94,6 +94,10 @@ class Case:
     config: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     stops_first: bool = False  # ends Stopped; resumed with `stop none` to finish the stream
+    # SIGSTOP the sticky worker first and SIGKILL it only once the server handed it the job's
+    # next workflow task: it dies holding a started task (start-to-close timeout, then a retry
+    # on the other worker) rather than idle (the task times out on its sticky queue).
+    dies_mid_task: bool = False
 
 
 # ------------------------------------------------------------------------------ reaching a state
@@ -155,6 +159,10 @@ async def reach_checkpoint_stopping(job: Job) -> None:
 CASES = [
     Case("running_on_checkpoint_timer", (), reach_checkpoint_timer, config={"checkpoint_interval_s": 4.0}),
     Case(
+        "running_on_checkpoint_timer_dies_mid_task", (), reach_checkpoint_timer,
+        config={"checkpoint_interval_s": 4.0}, dies_mid_task=True,
+    ),
+    Case(
         "during_checkpoint", (("map", SLOW_BATCHES),), reach_checkpoint_in_flight,
         env={SLOW_BATCH_ENV: SLOW_BATCH_S},
     ),
@@ -183,6 +191,27 @@ async def _answers_status(job: Job) -> JobStatus:
         lambda: job.job_client.status(job.job_id, timeout_s=QUERY_TIMEOUT_S),
         timeout_s=FAILOVER_TIMEOUT_S, what=f"{job.job_id}: status query answered after the failover",
     )
+
+
+async def _taken_over(job: Job, victim: Any, after_event: int, *, timed_out: bool) -> None:
+    """The failover happened as intended: after the kill, the first run's workflow tasks were
+    completed by another worker; with `timed_out`, one task the victim held timed out first."""
+    completers: list[str] = []
+    timeouts = 0
+    async for event in job.client.get_workflow_handle(job.job_id).fetch_history_events():
+        if event.event_id <= after_event:
+            continue
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            completers.append(event.workflow_task_completed_event_attributes.identity.split("@", 1)[0])
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+            timeouts += 1
+    survivors = {str(w.pid) for w in job.workers if w is not victim}
+    # (The latest run: for a resumed job its own history, all of it after the kill.)
+    assert completers and set(completers) <= survivors, (
+        f"workflow tasks after the kill were completed by {sorted(set(completers))}, survivors are {sorted(survivors)}"
+    )
+    if timed_out:
+        assert timeouts >= 1, "the task the frozen worker held never timed out"
 
 
 async def _replays_cleanly(job: Job, since: datetime) -> int:
@@ -217,6 +246,9 @@ async def test_sticky_worker_killed(
     try:
         await case.reach(job)
         victim = await sticky_holder(client, job.job_id, workers)
+        killed_after = await last_event_id(client, job.job_id)
+        if case.dies_mid_task:
+            await freeze_until_task_started(client, job.job_id, victim, timeout_s=FAILOVER_TIMEOUT_S)
         victim.kill()
         survivors = [w for w in workers if w is not victim]
         assert all(w.alive() for w in survivors), "the other controller worker died too"
@@ -232,6 +264,7 @@ async def test_sticky_worker_killed(
         # Once closed, a query replays the whole history on the surviving worker.
         closed = await job_client.status(job.job_id, timeout_s=QUERY_TIMEOUT_S * 2)
         assert closed.state == "Finished", describe_status(closed)
+        await _taken_over(job, victim, killed_after, timed_out=case.dies_mid_task)
         runs = await _replays_cleanly(job, since)
         assert runs == (2 if case.stops_first else 1), f"{runs} runs of {job.job_id}"
 

@@ -12,6 +12,8 @@ Jobs are kept small so the files are: bounded or rate-limited generators of a fe
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -308,10 +310,51 @@ async def sticky_holder(client: Client, job_id: str, workers: list[Any]) -> Any:
     raise AssertionError(f"no worker process has identity {identity!r} (pids {[w.pid for w in workers]})")
 
 
-async def worker_failover(ctx: ScenarioContext, job_id: str) -> None:
-    """Two controller workers; right after a checkpoint, while the job waits on its checkpoint
-    timer, the worker holding its sticky workflow task is SIGKILLed. The other worker takes over
-    when the timer fires; checkpoints go on; stop checkpoint."""
+async def last_event_id(client: Client, job_id: str) -> int:
+    """The id of the latest event of the job's latest run."""
+    last = 0
+    async for event in client.get_workflow_handle(job_id).fetch_history_events():
+        last = event.event_id
+    return last
+
+
+async def _task_started_by(client: Client, job_id: str, pid: int, after_event: int) -> bool:
+    async for event in client.get_workflow_handle(job_id).fetch_history_events():
+        if event.event_id > after_event and event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            if event.workflow_task_started_event_attributes.identity.split("@", 1)[0] == str(pid):
+                return True
+    return False
+
+
+async def freeze_until_task_started(client: Client, job_id: str, worker: Any, *, timeout_s: float) -> None:
+    """SIGSTOP `worker` (a process we started) and return once the server has handed it the
+    job's next workflow task (its poll was already in flight): killed now, it dies holding a
+    started task, which times out (start-to-close) and is retried on another worker."""
+    after = await last_event_id(client, job_id)
+    os.kill(worker.pid, signal.SIGSTOP)
+    await wait_until(
+        lambda: _task_started_by(client, job_id, worker.pid, after), timeout_s=timeout_s, interval_s=0.05,
+        what=f"{job_id}: the frozen worker {worker.pid} to be handed the next workflow task",
+    )
+
+
+def _failover_scenario(*, mid_task: bool) -> Scenario:
+    async def scenario(ctx: ScenarioContext, job_id: str) -> None:
+        await _worker_failover(ctx, job_id, mid_task=mid_task)
+
+    scenario.__doc__ = (
+        "Two controller workers; while the job waits on its checkpoint timer the worker holding its "
+        "sticky workflow task is SIGKILLed"
+        + (", after being frozen until it was handed the next task (start-to-close timeout, retried)."
+           if mid_task else " (the next task times out on its sticky queue).")
+    )
+    return scenario
+
+
+async def _worker_failover(ctx: ScenarioContext, job_id: str, *, mid_task: bool) -> None:
+    """Right after a checkpoint, while the job waits on its checkpoint timer, the worker holding
+    its sticky workflow task is SIGKILLed (with `mid_task`, once it holds the next task). The
+    other worker takes over when the timer fires; checkpoints go on; stop checkpoint."""
     assert len(ctx.process_workers) >= 2, "the failover scenario needs two process workers"
     pipeline = unbounded(ctx, job_id)
     await ctx.job_client.start(spec_for(ctx, pipeline, job_id, checkpoint_interval_s=5.0))
@@ -319,6 +362,8 @@ async def worker_failover(ctx: ScenarioContext, job_id: str) -> None:
     # Right after the next checkpoint completes, the workflow waits ~5 s on its timer.
     st = await running(ctx, job_id, epoch_above=st.epoch)
     victim = await sticky_worker(ctx, job_id)
+    if mid_task:
+        await freeze_until_task_started(ctx.client, job_id, victim, timeout_s=FAILOVER_TIMEOUT_S)
     victim.kill()
     ctx.process_workers.remove(victim)
     after = await wait_status(
@@ -351,10 +396,11 @@ SCENARIOS: dict[str, Scenario] = {
     "ttl": ttl,
     "rejected_commands": rejected_commands,
     "continue_as_new": continue_as_new,
-    "worker_failover": worker_failover,
+    "worker_failover": _failover_scenario(mid_task=False),
+    "worker_failover_mid_task": _failover_scenario(mid_task=True),
 }
 CAN_SCENARIOS = frozenset({"continue_as_new"})
-FAILOVER_SCENARIOS = frozenset({"worker_failover"})
+FAILOVER_SCENARIOS = frozenset({"worker_failover", "worker_failover_mid_task"})
 
 
 async def run_ids(client: Client, job_id: str, since: datetime) -> list[str]:
