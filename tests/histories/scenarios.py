@@ -64,7 +64,6 @@ class ScenarioContext:
     job_client: JobClient
     state_dir: Path
     process_workers: list[Any] = field(default_factory=list)  # tests.conftest.ManagedProcess
-    start_worker: Callable[[], Any] | None = None
 
 
 Scenario = Callable[[ScenarioContext, str], Awaitable[None]]
@@ -255,9 +254,11 @@ async def rejected_commands(ctx: ScenarioContext, job_id: str) -> None:
         except Exception:  # noqa: BLE001 - each of these must be refused; checked below
             continue
         raise AssertionError(f"update {name} {payload} was accepted")
+    # (The unknown signal name may or may not be recorded as rejected, depending on whether the
+    # workflow has a catch-all signal handler.)
     expected = sum(1 for name, _ in BAD_SIGNALS if name != "pause")
     await wait_status(
-        ctx.job_client, job_id, lambda s: len(s.rejected_commands) == expected and s.config.checkpoint_interval_s == 2,
+        ctx.job_client, job_id, lambda s: len(s.rejected_commands) >= expected and s.config.checkpoint_interval_s == 2,
         timeout_s=STATE_TIMEOUT_S, what=f"{expected} rejected commands and the accepted config change",
     )
     await stop_and_close(ctx, job_id, "checkpoint")
