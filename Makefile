@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow bench venv clean
+.PHONY: run test test-slow bench venv clean histories
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
+
+# Regenerate the JobWorkflow history corpus (tests/histories/README.md); commit what it writes.
+histories: $(STAMP)
+	$(VENV)/bin/python -m tests.histories.generate
 
 # The bench extra (bytewax, for the data-plane comparison) is installed on first use.
 # Options for the data-plane benchmark: make bench DATAPLANE_ARGS=--quick

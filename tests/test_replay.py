@@ -1,0 +1,115 @@
+"""Determinism on every change: the committed history corpus replays against today's JobWorkflow.
+
+Every file in tests/histories/ is a real, closed run of a JobWorkflow (regenerated with
+`python -m tests.histories.generate`, see tests/histories/README.md). Temporal replays an open
+job's history whenever a worker picks it up without a cached copy (a worker restart, a failover,
+a query after eviction); a change to the workflow code that issues different commands for the
+same events makes every such job fail with a nondeterminism error. Replaying the corpus with
+temporalio's `Replayer` finds that offline, in seconds, without a server.
+
+The corpus must also keep covering the job's life: every state name of `JobStateName` must be
+entered in some history and every stop mode requested, so coverage cannot silently shrink. And
+the replay check itself is checked: a workflow altered to issue one extra timer must be reported
+as nondeterministic, so these tests cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+from temporalio import workflow
+from temporalio.worker import UnsandboxedWorkflowRunner
+
+from sluice.models import JobResult, JobStateName, StopMode
+from sluice.workflows.job import JobWorkflow
+from tests.histories.corpus import (
+    closed,
+    history_files,
+    load_history,
+    replay_file,
+    scenario_of,
+    states_entered,
+    stop_modes_requested,
+    union,
+)
+from tests.histories.scenarios import SCENARIOS
+
+FILES = history_files()
+REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
+
+
+def test_corpus_is_present() -> None:
+    assert FILES, f"no history files in tests/histories/; {REGENERATE}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+async def test_history_replays_deterministically(path: Path) -> None:
+    outcome = await replay_file(path, [JobWorkflow])
+    if outcome.problem is not None:
+        pytest.fail(
+            f"JobWorkflow no longer replays {outcome.problem}\n"
+            "A change to the workflow code issues different commands for a recorded history: open jobs "
+            "would fail on their next replay. Guard the change with workflow.patched() (see "
+            "docs/determinism.md), or, if no job of the old code can be open anywhere, " + REGENERATE,
+            pytrace=False,
+        )
+
+
+def test_every_file_is_a_closed_run() -> None:
+    """A replay covers the whole run only when the history ends with the run's close."""
+    open_runs = [p.name for p in FILES if not closed(load_history(p))]
+    assert not open_runs, f"histories of runs that were still open: {open_runs}; {REGENERATE}"
+
+
+def test_every_scenario_has_its_histories() -> None:
+    have = {scenario_of(p) for p in FILES}
+    missing = sorted(set(SCENARIOS) - have)
+    assert not missing, f"scenarios without a history file: {missing}; {REGENERATE}"
+    continued = [p for p in FILES if scenario_of(p) == "continue_as_new"]
+    assert len(continued) >= 2, f"continue_as_new must hold its whole chain of runs, has {len(continued)}"
+    resumed = [p for p in FILES if scenario_of(p) == "stop_resume"]
+    assert len(resumed) >= 2, f"stop_resume must hold the stopped run and the resumed one, has {len(resumed)}"
+
+
+def test_corpus_covers_every_job_state() -> None:
+    entered = union(states_entered(load_history(p)) for p in FILES)
+    missing = sorted(set(get_args(JobStateName)) - entered)
+    assert not missing, f"no history enters {missing}; add a scenario in tests/histories/scenarios.py"
+
+
+def test_corpus_covers_every_stop_mode() -> None:
+    requested = union(stop_modes_requested(load_history(p)) for p in FILES)
+    missing = sorted(set(get_args(StopMode)) - requested)
+    assert not missing, f"no history requests stop mode {missing}; add a scenario in tests/histories/scenarios.py"
+
+
+# ------------------------------------------------------------------------------ the check is real
+
+
+@workflow.defn(name="JobWorkflow", sandboxed=False)
+class JobWorkflowWithExtraTimer(JobWorkflow):
+    """JobWorkflow as a careless change would leave it: one extra timer before anything else."""
+
+    @workflow.run
+    async def run(self, raw: dict[str, Any]) -> JobResult:
+        await workflow.sleep(0.001)
+        return await super().run(raw)
+
+
+async def test_replay_reports_a_nondeterministic_change() -> None:
+    path = next(p for p in FILES if scenario_of(p) == "finished")
+    outcome = await replay_file(path, [JobWorkflowWithExtraTimer], workflow_runner=UnsandboxedWorkflowRunner())
+    assert outcome.problem is not None and outcome.nondeterministic, (
+        f"replaying {path.name} against a workflow with an extra timer was not reported as "
+        f"nondeterministic: {outcome.problem}"
+    )
+    assert path.name in outcome.problem
+
+
+async def test_the_same_file_replays_against_the_real_workflow_unsandboxed() -> None:
+    """The alteration, not the unsandboxed runner, is what the check above detects."""
+    path = next(p for p in FILES if scenario_of(p) == "finished")
+    outcome = await replay_file(path, [JobWorkflow], workflow_runner=UnsandboxedWorkflowRunner())
+    assert outcome.problem is None, outcome.problem
