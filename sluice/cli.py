@@ -5,8 +5,8 @@ returns once the workflow is started; `sluice stop ID --mode MODE`; `sluice wait
 [--timeout S]` exits 0 when reached and non-zero on Failed or timeout. Every command honours
 TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (Temporal's environment configuration).
 
-Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable, bad
-pipeline file); 2 usage error (unknown mode, bad option); 124 `wait` timed out.
+Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable);
+2 usage error (unknown mode, bad option, invalid pipeline file); 124 `wait` timed out.
 User errors print one line to stderr (`error: ...`) and no traceback.
 """
 
@@ -27,6 +27,7 @@ import typer
 
 from sluice import settings
 from sluice.models import TERMINAL_STATES, JobSpec, JobStatus
+from sluice.pipeline_files import PipelineFileError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -123,6 +124,8 @@ def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
             return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
         except typer.Exit:
             raise
+        except PipelineFileError as exc:
+            fail(str(exc), EXIT_USAGE)
         except _user_error_types() as exc:
             fail(str(exc))
         except TimeoutError as exc:
@@ -484,6 +487,8 @@ def start(
 def _wrap_user_errors(fn: Callable[[], T]) -> T:
     try:
         return fn()
+    except PipelineFileError as exc:
+        fail(str(exc), EXIT_USAGE)
     except _user_error_types() as exc:
         fail(str(exc))
 
