@@ -71,6 +71,7 @@ RUNNING_TIMEOUT_S = 30.0
 STOP_CLOSE_TIMEOUT_S = 30.0
 REJECTIONS_SEEN_TIMEOUT_S = 15.0
 UPDATE_TIMEOUT_S = 15.0
+SEQUENCE_TIMEOUT_S = 120.0  # a whole sequence and its checks; beyond it something hangs
 GIVE_UP_AFTER_S = 0.3  # a wait_for_state caller that gives up this soon
 FAKE_HEARTBEAT_S = 0.5
 # A restarted worker gets the job's next task after the old worker's sticky queue times out.
@@ -178,7 +179,7 @@ class ControllerWorker:
             if not self.task.done():
                 self.task.cancel()
             with contextlib.suppress(BaseException):
-                await self.task
+                await asyncio.wait_for(self.task, timeout=STOP_CLOSE_TIMEOUT_S)
         self.worker = self.task = None
 
     async def restart(self) -> None:
@@ -596,11 +597,19 @@ async def run_sequence(steps_: list[Step], ending: Signal | None, controller: Co
     spec = JobSpec(job_id=job_id, pipeline=PIPELINE, config=JobConfig(checkpoint_interval_s=1.0))
     await start_job(jobs, spec)
     out = Outcome(job_id)
-    try:
+
+    async def run() -> None:
         await jobs.wait_for_state(job_id, ["Running"], timeout_s=RUNNING_TIMEOUT_S)
         for step in [*steps_, *([ending] if ending else [])]:
             await run_step(step, jobs, controller, out)
         await check_invariants(jobs, out)
+
+    try:
+        await asyncio.wait_for(run(), timeout=SEQUENCE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise AssertionError(
+            f"the sequence did not finish within {SEQUENCE_TIMEOUT_S:g} s:\n" + "\n".join(out.log)
+        ) from None
     finally:
         with contextlib.suppress(Exception):  # never leave the job open for the next example
             await jobs.client.get_workflow_handle(job_id).terminate("fuzz test cleanup")
