@@ -69,7 +69,7 @@ from tests.e2e_helpers import unique_job_id, wait_closed, wait_until
 # Bounds (waits, not timing goals).
 RUNNING_TIMEOUT_S = 30.0
 STOP_CLOSE_TIMEOUT_S = 30.0
-REJECTIONS_SEEN_TIMEOUT_S = 10.0
+REJECTIONS_SEEN_TIMEOUT_S = 15.0
 UPDATE_TIMEOUT_S = 15.0
 SEQUENCE_TIMEOUT_S = 120.0  # a whole sequence and its checks; beyond it something hangs
 GIVE_UP_AFTER_S = 0.3  # a wait_for_state caller that gives up this soon
