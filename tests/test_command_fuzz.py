@@ -83,9 +83,8 @@ MAX_REJECTION_CHARS = 2_000
 HUGE_STRING_CHARS = 1_500_000
 # Sequences are short enough that every rejection stays in status (it keeps the last 20).
 MAX_STEPS = 10
-EXAMPLES = 25
+EXAMPLES = 20
 
-OPERATORS = ("events", "out")
 PIPELINE = PipelineSpec.model_validate(
     {
         "name": "fuzz",
