@@ -59,6 +59,15 @@ def _operator_named(data: Any, loc: tuple[Any, ...]) -> str:
     return ""
 
 
+def _operator_field(data: Any, loc: tuple[Any, ...], field: str, default: Any = None) -> Any:
+    """The raw value of `field` in the operator `loc` points into, or `default`."""
+    if len(loc) >= 2 and loc[0] == "operators" and isinstance(loc[1], int):
+        ops = data.get("operators") if isinstance(data, dict) else None
+        if isinstance(ops, list) and 0 <= loc[1] < len(ops) and isinstance(ops[loc[1]], dict):
+            return ops[loc[1]].get(field, default)
+    return default
+
+
 def _message(err: Any, data: Any = None) -> str:
     kind = err.get("type", "")
     raw_loc = tuple(err.get("loc", ()))
@@ -68,6 +77,9 @@ def _message(err: Any, data: Any = None) -> str:
         tag = (err.get("ctx") or {}).get("tag")
         return f"{loc}.type: unknown operator type {tag!r}; expected one of {', '.join(OPERATOR_TYPES)}"
     if kind == "union_tag_not_found":
+        if _operator_field(data, raw_loc, "type", default=...) is None:
+            # YAML reads `type: null` as no value at all, not as the null sink.
+            return f'{loc}.type: null is YAML for "no value"; write type: "null" for the null sink'
         return f"{loc}.type: missing; every operator needs a type ({', '.join(OPERATOR_TYPES)})"
     if kind == "extra_forbidden":
         msg = "unknown field" + _operator_named(data, raw_loc)

@@ -275,3 +275,13 @@ async def test_sluice_start_refuses_hostile_files_and_starts_nothing(
 async def _workflow_count(job_client: Any) -> int:
     """JobWorkflows on the session server (started by any test)."""
     return int((await job_client.client.count_workflows('WorkflowType="JobWorkflow"')).count)
+
+
+def test_yaml_null_as_operator_type_is_explained(tmp_path: Path) -> None:
+    """`type: null` is YAML's empty value, not the null sink: the message says how to write it."""
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\noperators: [{id: g, type: generator}, {id: o, type: null}]\n")
+    message = assert_refused_in_one_line(path)
+    assert 'operators.1.type: null is YAML for "no value"; write type: "null"' in message, message
+    path.write_text("name: p\noperators: [{id: g, type: generator}, {id: o, type: 'null'}]\n")
+    assert [op.type for op in load_pipeline(path).operators] == ["generator", "null"]
