@@ -34,6 +34,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+MAX_JOB_ID_LENGTH = 1_000  # Temporal's default limit of a workflow id
 
 STOP_ON_INTERRUPT_MODE = "checkpoint"
 # How long `sluice run` lets its worker close a run that reached a terminal state.
@@ -133,6 +134,13 @@ def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
             fail(str(exc) or "timed out", EXIT_TIMEOUT)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            from temporalio.service import RPCError
+
+            if not isinstance(exc, RPCError):
+                raise
+            # The server refused what the client did not check (a limit of this server's).
+            fail(f"Temporal refused the request: {exc.message or exc.status.name}")
 
     return wrapper
 
@@ -181,6 +189,8 @@ def _load_spec(
 ) -> JobSpec:
     from sluice.pipeline_files import job_spec, load_pipeline
 
+    if job_id is not None:
+        _check_job_id(job_id)
     return job_spec(
         load_pipeline(file),
         job_id=job_id,
@@ -188,6 +198,14 @@ def _load_spec(
         checkpoint_interval_s=checkpoint_interval,
         ignore_state=ignore_state,
     )
+
+
+def _check_job_id(job_id: str) -> None:
+    """A job id is the workflow id: printable, not blank, within Temporal's length limit."""
+    if not job_id.strip() or not job_id.isprintable():
+        fail(f"--job-id {job_id[:60]!r}: a job id is printable text, not blank", EXIT_USAGE)
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        fail(f"--job-id: {len(job_id):,} characters; a job id has at most {MAX_JOB_ID_LENGTH:,}", EXIT_USAGE)
 
 
 def _print_status_line(status: JobStatus) -> None:

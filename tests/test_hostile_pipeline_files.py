@@ -285,3 +285,39 @@ def test_yaml_null_as_operator_type_is_explained(tmp_path: Path) -> None:
     assert 'operators.1.type: null is YAML for "no value"; write type: "null"' in message, message
     path.write_text("name: p\noperators: [{id: g, type: generator}, {id: o, type: 'null'}]\n")
     assert [op.type for op in load_pipeline(path).operators] == ["generator", "null"]
+
+
+HOSTILE_JOB_IDS = ["j" * 5_000, "line\nbreak", "", "   ", "\x1b[2J"]
+
+
+async def test_hostile_job_ids_are_one_line_and_start_nothing(
+    tmp_path: Path, temporal_address: str, job_client: Any
+) -> None:
+    """`--job-id` becomes the workflow id: a blank, unprintable or over-long one is a usage error;
+    a command naming a job the server cannot even look up is one line, not a traceback."""
+    before = await _workflow_count(job_client)
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\noperators: [{id: g, type: generator, limit: 1}, {id: o, type: 'null'}]\n")
+    for job_id in HOSTILE_JOB_IDS:
+        result = await _run_cli(tmp_path, temporal_address, "start", str(path), "--job-id", job_id)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == EXIT_USAGE, (job_id[:20], result.returncode, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: --job-id"), result.stderr[-2000:]
+    status = await _run_cli(tmp_path, temporal_address, "status", "j" * 5_000)
+    lines = status.stderr.strip().splitlines()
+    assert status.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), status.stderr[-2000:]
+    assert "Traceback" not in status.stderr
+    assert await _workflow_count(job_client) == before, "a refused job id started a workflow"
+
+
+async def _run_cli(tmp_path: Path, address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        sluice_command(*args),
+        cwd=PROJECT_ROOT,
+        env=cli_env(address, tmp_path / "state"),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=CLI_TIMEOUT_S,
+    )
