@@ -8,8 +8,8 @@ With real runner processes (started by the process scheduler):
 
 With a real job run by a `sluice worker` process on a dev server of its own: neither the shared
 secret nor any runner token appears in the workflow history (every event, every payload), in the
-command line of a runner or of the worker, in a runner's environment (the secret), or in any file
-under the state dir except the secret file itself.
+server's files (its database and log), in the command line of a runner or of the worker, in a
+runner's environment (the secret), or in any file under the state dir except the secret file.
 """
 
 from __future__ import annotations
@@ -268,6 +268,9 @@ async def test_no_secret_in_history_command_lines_environments_or_logs(
         leaks += [f"workflow history contains {n[:8]!r}..." for n in needles if n in history]
         worker.stop()  # flush its log before reading it
         leaks += files_containing(state_dir, needles, skip={state_dir / "secret"})
+        # The server's own files too: its database holds every history and heartbeat detail.
+        leaks += files_containing(server.state_dir, needles, skip=set())
+        assert files_containing(server.state_dir, [spec.job_id.encode()], skip=set()), "the search sees nothing"
         assert not leaks, "\n".join(leaks)
     finally:
         await stop_job_quietly(jobs, spec.job_id)
