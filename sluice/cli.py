@@ -5,8 +5,8 @@ returns once the workflow is started; `sluice stop ID --mode MODE`; `sluice wait
 [--timeout S]` exits 0 when reached and non-zero on Failed or timeout. Every command honours
 TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (Temporal's environment configuration).
 
-Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable, bad
-pipeline file); 2 usage error (unknown mode, bad option); 124 `wait` timed out.
+Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable);
+2 usage error (unknown mode, bad option, invalid pipeline file); 124 `wait` timed out.
 User errors print one line to stderr (`error: ...`) and no traceback.
 """
 
@@ -28,12 +28,14 @@ import typer
 
 from sluice import settings
 from sluice.models import TERMINAL_STATES, JobSpec, JobStatus
+from sluice.pipeline_files import PipelineFileError
 from sluice.status_view import state_line, status_lines
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # like timeout(1)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+MAX_JOB_ID_LENGTH = 1_000  # Temporal's default limit of a workflow id
 
 STOP_ON_INTERRUPT_MODE = "checkpoint"
 # How long `sluice run` lets its worker close a run that reached a terminal state.
@@ -125,12 +127,21 @@ def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
             return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
         except typer.Exit:
             raise
+        except PipelineFileError as exc:
+            fail(str(exc), EXIT_USAGE)
         except _user_error_types() as exc:
             fail(str(exc))
         except TimeoutError as exc:
             fail(str(exc) or "timed out", EXIT_TIMEOUT)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            from temporalio.service import RPCError
+
+            if not isinstance(exc, RPCError):
+                raise
+            # The server refused what the client did not check (a limit of this server's).
+            fail(f"Temporal refused the request: {exc.message or exc.status.name}")
 
     return wrapper
 
@@ -179,6 +190,8 @@ def _load_spec(
 ) -> JobSpec:
     from sluice.pipeline_files import job_spec, load_pipeline
 
+    if job_id is not None:
+        _check_job_id(job_id)
     return job_spec(
         load_pipeline(file),
         job_id=job_id,
@@ -186,6 +199,14 @@ def _load_spec(
         checkpoint_interval_s=checkpoint_interval,
         ignore_state=ignore_state,
     )
+
+
+def _check_job_id(job_id: str) -> None:
+    """A job id is the workflow id: printable, not blank, within Temporal's length limit."""
+    if not job_id.strip() or not job_id.isprintable():
+        fail(f"--job-id {job_id[:60]!r}: a job id is printable text, not blank", EXIT_USAGE)
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        fail(f"--job-id: {len(job_id):,} characters; a job id has at most {MAX_JOB_ID_LENGTH:,}", EXIT_USAGE)
 
 
 def _print_status_line(status: JobStatus) -> None:
@@ -485,6 +506,8 @@ def start(
 def _wrap_user_errors(fn: Callable[[], T]) -> T:
     try:
         return fn()
+    except PipelineFileError as exc:
+        fail(str(exc), EXIT_USAGE)
     except _user_error_types() as exc:
         fail(str(exc))
 

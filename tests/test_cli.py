@@ -86,7 +86,7 @@ BAD_PIPELINES: list[tuple[str, str, list[str]]] = [
 def test_bad_pipeline_file_names_file_and_field(tmp_path: Path, text: str, needles: list[str]) -> None:
     path = write(tmp_path, "clicks.yaml", text)
     result = CliRunner().invoke(app, ["start", str(path)])
-    assert result.exit_code != 0
+    assert result.exit_code == EXIT_USAGE
     out = result.output
     for needle in needles:
         assert needle in out, out
@@ -109,7 +109,7 @@ def test_missing_pipeline_file(tmp_path: Path) -> None:
 def test_pipeline_error_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) -> None:
     path = write(tmp_path, "clicks.yaml", BAD_PIPELINES[4][1])
     result = run_cli("start", str(path))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_USAGE
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: clicks.yaml: operators.1.fn:"), lines[0]

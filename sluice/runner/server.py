@@ -391,6 +391,10 @@ class RunnerServer:
             raw = json.loads(raw_bytes or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _BadRequest(f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise _BadRequest("body is not a valid request: JSON nested too deeply") from None
+        except ValueError:  # e.g. an integer of more digits than Python converts
+            raise _BadRequest("body is not a valid request: a number has too many digits") from None
         if not isinstance(raw, dict):
             raise _BadRequest(f"body must be a JSON object, got {type(raw).__name__}")
         try:
