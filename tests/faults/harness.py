@@ -24,11 +24,12 @@ channel in front of it (that is what a hold holds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,7 @@ from tests.e2e_helpers import (
     unique_job_id,
     wait_until,
 )
+from tests.faults.mounts import MountNotPermitted, Tmpfs
 from tests.pipeline_functions import (
     HANG_ALWAYS_FILE,
     HANG_ONCE_FILE,
@@ -519,3 +521,20 @@ class FaultJob:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size_bytes: int) -> Iterator[Tmpfs]:
+    """A tmpfs at `path` for the body of the `with`; always unmounted. Skips the case (with the
+    reason) where this process may not mount."""
+    import pytest
+
+    fs = Tmpfs(path, size_bytes)
+    try:
+        fs.mount()
+    except MountNotPermitted as exc:
+        pytest.skip(f"needs a tmpfs mount (root with CAP_SYS_ADMIN): {exc}")
+    try:
+        yield fs
+    finally:
+        fs.unmount()

@@ -12,11 +12,12 @@ generation survives, and the committed output equals an uninterrupted run's.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 
 import pytest
+import pytest_asyncio
 
-from tests.faults.harness import RECOVERS, RESCALE_TO, RUNS_ON, STATES, FaultJob, release_stopped, signal_runner
+from tests.faults.harness import RECOVERS, RESCALE_TO, RUNS_ON, STATES, release_stopped, signal_runner
+from tests.faults.matrix import JobFactory, Matrix, run_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +33,15 @@ EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
     "Recovering": (RECOVERS[1:], RUNS_ON),
 }
 # A frozen runner answers nothing: while scheduling, only the start timeout notices it (each of
-# the start activity's 3 attempts waits this long), so it is short in that case.
+# the start activity's attempts waits this long), so it is short in that case.
 STOPPED_RUNNER_START_TIMEOUT_S = 5.0
 
 
-async def _case(make_job: Callable[..., FaultJob], fault: str, state: str, sig: signal.Signals) -> None:
+async def _case(jobs: JobFactory, fault: str, state: str, sig: signal.Signals) -> None:
     config = {"task_startup_timeout_s": STOPPED_RUNNER_START_TIMEOUT_S} if (
         sig == signal.SIGSTOP and state == "Scheduling"
     ) else {}
-    job = make_job(fault, f"f-{fault}-{state.lower()}", **config)
+    job = jobs.new(fault, state, **config)
     victims: list[int] = []
     try:
         st = await job.enter(state)
@@ -56,13 +57,28 @@ async def _case(make_job: Callable[..., FaultJob], fault: str, state: str, sig: 
         await job.finish()
     finally:
         release_stopped(victims, job.job_id)
+        await job.cleanup()
+
+
+def _matrix(jobs: JobFactory, fault: str, sig: signal.Signals):
+    return run_matrix({state: (lambda s=state: _case(jobs, fault, s, sig)) for state in STATES})
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sigkill(jobs: JobFactory) -> Matrix:
+    return await _matrix(jobs, "runner SIGKILL", signal.SIGKILL)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sigstop(jobs: JobFactory) -> Matrix:
+    return await _matrix(jobs, "runner SIGSTOP", signal.SIGSTOP)
 
 
 @pytest.mark.parametrize("state", STATES)
-async def test_runner_sigkill(make_job: Callable[..., FaultJob], state: str) -> None:
-    await _case(make_job, "runner SIGKILL", state, signal.SIGKILL)
+def test_runner_sigkill(sigkill: Matrix, state: str) -> None:
+    sigkill.check(state)
 
 
 @pytest.mark.parametrize("state", STATES)
-async def test_runner_sigstop(make_job: Callable[..., FaultJob], state: str) -> None:
-    await _case(make_job, "runner SIGSTOP", state, signal.SIGSTOP)
+def test_runner_sigstop(sigstop: Matrix, state: str) -> None:
+    sigstop.check(state)
