@@ -1,0 +1,161 @@
+"""The control plane fails under jobs in every state: the controller worker is killed (SIGKILL),
+or the Temporal server is killed (SIGKILL) and restarted on the same database.
+
+One crash hits every state at once, as it would in production: eight jobs are brought into the
+eight states (held there by their control files), then the controller worker (a `sluice worker`
+process) or the dev server (its own, with its SQLite file) is killed, a new one is started, and
+each job is followed on its own. Expected (docs/lifecycle.md): nothing about the job changes.
+Runners do not depend on the controller; activities of the dead worker are retried on the new one
+once their heartbeat timeout (10 s) passes, and barrier injection, the manifest and the commit
+are idempotent per epoch. So every job goes on the way it was going: Scheduling reaches Running,
+Running keeps its generation and checkpoints again, a checkpoint in flight completes, a stop
+ends Stopped, a rescale, restart or recovery reaches Running, all without a transition the fault
+caused (no Recovering). Output is exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from sluice.client import JobClient, connect
+from sluice.devserver import DevServer
+from sluice.models import JobStatus
+from tests.conftest import ManagedProcess, run_process_worker
+from tests.faults.harness import RUNS_ON, STATES, FaultJob
+from tests.faults.matrix import JobFactory, Matrix
+
+pytestmark = pytest.mark.slow
+
+# After the crash: the path each job was on anyway. None: it stays where it is (and must
+# complete a checkpoint).
+EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]] | None] = {
+    "Scheduling": (["Running"], RUNS_ON),
+    "Running": None,
+    "Checkpoint": None,
+    "CheckpointStopping": (["Stopped"], "Stopped"),
+    "Stopping": (["Stopped"], "Stopped"),
+    "Rescaling": (["Scheduling", "Running"], RUNS_ON),
+    "Restarting": (["Scheduling", "Running"], RUNS_ON),
+    "Recovering": (["Compiling", "Scheduling", "Running"], RUNS_ON),
+}
+# The jobs wait in their held states until every one of them is ready, so every timeout that
+# could end a hold is long here; one runner per job keeps eight jobs light.
+HELD_CONFIG: dict[str, Any] = {
+    "slots_per_runner": 4,
+    "task_startup_timeout_s": 90.0,
+    "finish_timeout_s": 90.0,
+}
+SERVER_DOWN_S = 1.0  # the server stays dead this long before it is restarted
+WORKER_READY_S = 2.0  # a replaced `sluice worker` process needs about this to poll again
+
+
+async def _follow(job: FaultJob) -> None:
+    """After the crash: the job goes on as it was going, then finishes exactly once."""
+    expected = EXPECTED[job.state]
+    if expected is None:
+        await job.continues()
+    else:
+        path, end = expected
+        await job.outcome(path, end=end)
+    await job.finish()
+
+
+async def _crash_in_every_state(
+    fault: str,
+    server: DevServer,
+    fault_root: Path,
+    work_dir: Path,
+    crash: Callable[[ManagedProcess], Awaitable[ManagedProcess]],
+) -> Matrix:
+    """Bring a job into each state, `crash(worker)` (returns the worker to use afterwards), follow
+    each job. Failures are kept per state."""
+    client = await connect(server.address, "default")
+    job_client = JobClient(client)
+    state_dir = work_dir / "controller"
+    worker = run_process_worker(server.address, state_dir)
+    factory = JobFactory(job_client, fault_root, work_dir)
+    jobs = {s: factory.new(fault, s, client=job_client, **HELD_CONFIG) for s in STATES}
+    matrix = Matrix()
+    try:
+        held = [s for s in STATES if s != "Recovering"]
+        entered = await asyncio.gather(*(jobs[s].enter(s) for s in held), return_exceptions=True)
+        ready: dict[str, JobStatus] = {}
+        for s, st in zip(held, entered):
+            if isinstance(st, BaseException):
+                matrix.failures[s] = st
+            else:
+                ready[s] = st
+        # Recovering does not hold: it is entered last, and the crash follows at once.
+        try:
+            ready["Recovering"] = await jobs["Recovering"].enter("Recovering")
+        except Exception as exc:  # noqa: BLE001 - reported by that state's test
+            matrix.failures["Recovering"] = exc
+        worker = await crash(worker)
+        for s, st in ready.items():
+            jobs[s].fault_injected(st)
+        results = await asyncio.gather(*(_follow(jobs[s]) for s in ready), return_exceptions=True)
+        for s, res in zip(ready, results):
+            matrix.failures[s] = res if isinstance(res, BaseException) else None
+    finally:
+        for job in jobs.values():
+            await job.cleanup()
+        worker.stop()
+    return matrix
+
+
+@pytest_asyncio.fixture(scope="module")
+async def controller_killed(
+    dev_server_factory: Callable[..., DevServer], fault_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Matrix:
+    server = dev_server_factory()
+    work_dir = tmp_path_factory.mktemp("controller-killed")
+
+    async def crash(worker: ManagedProcess) -> ManagedProcess:
+        worker.kill()  # SIGKILL: no chance to clean anything up
+        replacement = run_process_worker(server.address, work_dir / "controller")
+        await asyncio.sleep(WORKER_READY_S)
+        return replacement
+
+    try:
+        return await _crash_in_every_state("controller SIGKILL", server, fault_root, work_dir, crash)
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def server_killed(
+    dev_server_factory: Callable[..., DevServer], fault_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Matrix:
+    server = dev_server_factory()
+    work_dir = tmp_path_factory.mktemp("server-killed")
+
+    async def crash(worker: ManagedProcess) -> ManagedProcess:
+        assert server.pid is not None and server.running()
+        os.kill(server.pid, signal.SIGKILL)  # the server this test started, by its PID
+        await asyncio.to_thread(server.stop)  # reaps it (already dead) and closes its log
+        await asyncio.sleep(SERVER_DOWN_S)
+        await server.astart()  # same port, same SQLite file
+        return worker
+
+    try:
+        return await _crash_in_every_state("Temporal server SIGKILL", server, fault_root, work_dir, crash)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_controller_worker_sigkill(controller_killed: Matrix, state: str) -> None:
+    controller_killed.check(state)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_temporal_server_sigkill(server_killed: Matrix, state: str) -> None:
+    server_killed.check(state)
