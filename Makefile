@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow bench venv clean
+.PHONY: run test test-slow test-faults bench bench-faults venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
+
+# The fault x state suite alone (docs/reliability.md); `make test` runs it too.
+test-faults: $(STAMP)
+	$(VENV)/bin/pytest -q tests/faults $(PYTEST_ARGS)
+
+# The fault x state table of docs/reliability.md: the suite run FAULT_RUNS times, medians.
+FAULT_RUNS ?= 3
+bench-faults: $(STAMP)
+	PYTHONPATH=. $(VENV)/bin/python bench/faults.py --runs $(FAULT_RUNS)
 
 # The bench extra (bytewax, for the data-plane comparison) is installed on first use.
 # Options for the data-plane benchmark: make bench DATAPLANE_ARGS=--quick

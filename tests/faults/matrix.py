@@ -34,6 +34,19 @@ class Matrix:
             raise failure
 
 
+def selected(request: Any, keys: list[str], param: str = "case") -> list[str]:
+    """The keys whose tests this session runs (e.g. after `-k`), so that a module fixture runs
+    only the cases asked for. A test selects key `k` when it uses the requesting fixture and is
+    parametrized with `param=k`."""
+    name = request.fixturename
+    wanted = {
+        item.callspec.params.get(param)
+        for item in request.session.items
+        if name in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")
+    }
+    return [k for k in keys if k in wanted]
+
+
 async def run_matrix(
     cases: Mapping[str, Callable[[], Awaitable[None]]], concurrency: int = CONCURRENCY
 ) -> Matrix:

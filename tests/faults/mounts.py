@@ -61,26 +61,21 @@ class Tmpfs:
             raise MountNotPermitted(f"remount read-only of {self.path} failed: {r.stderr.strip()}")
 
     def fill(self) -> None:
-        """Write a filler file until the file system is full."""
-        filler = self.path / FILLER_NAME
-        chunk = b"\0" * FILL_CHUNK
-        with open(filler, "ab") as fh:
-            try:
-                while True:
-                    fh.write(chunk)
-                    fh.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-            # The last partial chunk: fill byte by byte so nothing at all is left.
-            try:
-                while True:
-                    fh.write(b"\0")
-                    fh.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+        """Write a filler file until the file system is full (unbuffered: every byte lands)."""
+        fd = os.open(self.path / FILLER_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._filled = True
+        try:
+            for size in (FILL_CHUNK, 1):  # big chunks, then the last bytes one by one
+                block = b"\0" * size
+                while True:
+                    try:
+                        os.write(fd, block)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
 
     def restore(self) -> None:
         """Writable and with free space again (idempotent)."""

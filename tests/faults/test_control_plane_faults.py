@@ -151,11 +151,11 @@ async def server_killed(
         server.stop()
 
 
-@pytest.mark.parametrize("state", STATES)
-def test_controller_worker_sigkill(controller_killed: Matrix, state: str) -> None:
-    controller_killed.check(state)
+@pytest.mark.parametrize("case", STATES)
+def test_controller_worker_sigkill(controller_killed: Matrix, case: str) -> None:
+    controller_killed.check(case)
 
 
-@pytest.mark.parametrize("state", STATES)
-def test_temporal_server_sigkill(server_killed: Matrix, state: str) -> None:
-    server_killed.check(state)
+@pytest.mark.parametrize("case", STATES)
+def test_temporal_server_sigkill(server_killed: Matrix, case: str) -> None:
+    server_killed.check(case)

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from tests.e2e_helpers import describe_status
 from tests.faults.harness import NAMES_MAP, RECOVERS, RESCALE_TO, RUNS_ON
-from tests.faults.matrix import JobFactory, Matrix, run_matrix
+from tests.faults.matrix import JobFactory, Matrix, run_matrix, selected
 from tests.pipeline_functions import HANG_ALWAYS_FILE, HANG_ONCE_FILE
 
 pytestmark = pytest.mark.slow
@@ -66,12 +66,12 @@ async def _persistent(jobs: JobFactory) -> None:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def hangs(jobs: JobFactory) -> Matrix:
+async def hangs(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
     cases = {state: (lambda s=state: _once(jobs, s)) for state in EXPECTED}
     cases[PERSISTENT] = lambda: _persistent(jobs)
-    return await run_matrix(cases)
+    return await run_matrix({k: cases[k] for k in selected(request, list(cases))})
 
 
-@pytest.mark.parametrize("state", [*EXPECTED, PERSISTENT])
-def test_hanging_user_function(hangs: Matrix, state: str) -> None:
-    hangs.check(state)
+@pytest.mark.parametrize("case", [*EXPECTED, PERSISTENT])
+def test_hanging_user_function(hangs: Matrix, case: str) -> None:
+    hangs.check(case)

@@ -12,12 +12,13 @@ generation survives, and the committed output equals an uninterrupted run's.
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable
 
 import pytest
 import pytest_asyncio
 
 from tests.faults.harness import RECOVERS, RESCALE_TO, RUNS_ON, STATES, release_stopped, signal_runner
-from tests.faults.matrix import JobFactory, Matrix, run_matrix
+from tests.faults.matrix import JobFactory, Matrix, run_matrix, selected
 
 pytestmark = pytest.mark.slow
 
@@ -60,25 +61,26 @@ async def _case(jobs: JobFactory, fault: str, state: str, sig: signal.Signals) -
         await job.cleanup()
 
 
-def _matrix(jobs: JobFactory, fault: str, sig: signal.Signals):
-    return run_matrix({state: (lambda s=state: _case(jobs, fault, s, sig)) for state in STATES})
+def _matrix(jobs: JobFactory, request: pytest.FixtureRequest, fault: str, sig: signal.Signals) -> Awaitable[Matrix]:
+    states = selected(request, list(STATES))
+    return run_matrix({state: (lambda s=state: _case(jobs, fault, s, sig)) for state in states})
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sigkill(jobs: JobFactory) -> Matrix:
-    return await _matrix(jobs, "runner SIGKILL", signal.SIGKILL)
+async def sigkill(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
+    return await _matrix(jobs, request, "runner SIGKILL", signal.SIGKILL)
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sigstop(jobs: JobFactory) -> Matrix:
-    return await _matrix(jobs, "runner SIGSTOP", signal.SIGSTOP)
+async def sigstop(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
+    return await _matrix(jobs, request, "runner SIGSTOP", signal.SIGSTOP)
 
 
-@pytest.mark.parametrize("state", STATES)
-def test_runner_sigkill(sigkill: Matrix, state: str) -> None:
-    sigkill.check(state)
+@pytest.mark.parametrize("case", STATES)
+def test_runner_sigkill(sigkill: Matrix, case: str) -> None:
+    sigkill.check(case)
 
 
-@pytest.mark.parametrize("state", STATES)
-def test_runner_sigstop(sigstop: Matrix, state: str) -> None:
-    sigstop.check(state)
+@pytest.mark.parametrize("case", STATES)
+def test_runner_sigstop(sigstop: Matrix, case: str) -> None:
+    sigstop.check(case)

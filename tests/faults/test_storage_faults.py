@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from tests.faults.harness import (
     path_after,
     signal_runner,
 )
-from tests.faults.matrix import JobFactory, Matrix, run_matrix
+from tests.faults.matrix import JobFactory, Matrix, run_matrix, selected
 from tests.faults.mounts import Tmpfs
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,7 @@ TMPFS_BYTES = 32 << 20  # checkpoints and output of a case take well under 1 MB
 STORE_STATES = ("Running", "Checkpoint", "CheckpointStopping", "Rescaling", "Restarting")
 SINK_STATES = ("Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Stopping", "Rescaling", "Restarting", "Recovering")
 PERSISTENT = "Running, stays full"
+CORRUPT_STATES = ("Recovering", "Scheduling")
 STOPS = (["Stopping", "Stopped"], "Stopped")
 # The path after a write fault (the job reacts in the state it is in).
 EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
@@ -226,38 +227,51 @@ async def _sink_case(jobs: JobFactory, state: str) -> None:
 # ------------------------------------------------------------------------------ the tests
 
 
-@pytest_asyncio.fixture(scope="module")
-async def store(jobs: JobFactory) -> Matrix:
-    cases = {}
+def _store_cases(jobs: JobFactory) -> dict[str, Callable[[], Awaitable[None]]]:
+    cases: dict[str, Callable[[], Awaitable[None]]] = {}
     for how in ("read-only", "full"):
         for state in STORE_STATES:
             cases[f"{how}-{state}"] = lambda h=how, s=state: _store_case(jobs, h, s)
     cases[f"full-{PERSISTENT}"] = lambda: _store_stays_full(jobs)
-    for state in ("Recovering", "Scheduling"):
+    for state in CORRUPT_STATES:
         cases[f"corrupt-{state}"] = lambda s=state: _corrupt_case(jobs, s)
-    return await run_matrix(cases)
+    return cases
+
+
+STORE_KEYS = [
+    *(f"read-only-{s}" for s in STORE_STATES),
+    *(f"full-{s}" for s in (*STORE_STATES, PERSISTENT)),
+    *(f"corrupt-{s}" for s in CORRUPT_STATES),
+]
 
 
 @pytest_asyncio.fixture(scope="module")
-async def sink(jobs: JobFactory) -> Matrix:
-    return await run_matrix({state: (lambda s=state: _sink_case(jobs, s)) for state in SINK_STATES})
+async def store(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
+    cases = _store_cases(jobs)
+    return await run_matrix({k: cases[k] for k in selected(request, STORE_KEYS)})
 
 
-@pytest.mark.parametrize("state", STORE_STATES)
-def test_checkpoint_store_read_only(store: Matrix, state: str) -> None:
-    store.check(f"read-only-{state}")
+@pytest_asyncio.fixture(scope="module")
+async def sink(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
+    states = selected(request, list(SINK_STATES))
+    return await run_matrix({state: (lambda s=state: _sink_case(jobs, s)) for state in states})
 
 
-@pytest.mark.parametrize("state", [*STORE_STATES, PERSISTENT])
-def test_checkpoint_store_full(store: Matrix, state: str) -> None:
-    store.check(f"full-{state}")
+@pytest.mark.parametrize("case", [k for k in STORE_KEYS if k.startswith("read-only-")])
+def test_checkpoint_store_read_only(store: Matrix, case: str) -> None:
+    store.check(case)
 
 
-@pytest.mark.parametrize("state", ["Recovering", "Scheduling"])
-def test_checkpoint_corrupt(store: Matrix, state: str) -> None:
-    store.check(f"corrupt-{state}")
+@pytest.mark.parametrize("case", [k for k in STORE_KEYS if k.startswith("full-")])
+def test_checkpoint_store_full(store: Matrix, case: str) -> None:
+    store.check(case)
 
 
-@pytest.mark.parametrize("state", SINK_STATES)
-def test_sink_read_only(sink: Matrix, state: str) -> None:
-    sink.check(state)
+@pytest.mark.parametrize("case", [k for k in STORE_KEYS if k.startswith("corrupt-")])
+def test_checkpoint_corrupt(store: Matrix, case: str) -> None:
+    store.check(case)
+
+
+@pytest.mark.parametrize("case", SINK_STATES)
+def test_sink_read_only(sink: Matrix, case: str) -> None:
+    sink.check(case)
