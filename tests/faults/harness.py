@@ -99,7 +99,10 @@ def fault_pipeline(name: str, out: Path, *, limit: int = 300, rate: float = 100.
             "name": name,
             "parallelism": 2,
             "operators": [
-                {"id": "events", "type": "generator", "splits": 2, "limit": limit, "rate": rate, "keys": 20},
+                # One row per batch: a rate-limited source otherwise catches up with big batches
+                # after backpressure, and a queue of a few big batches does not hold for long.
+                {"id": "events", "type": "generator", "splits": 2, "limit": limit, "rate": rate, "keys": 20,
+                 "batch_size": 1},
                 {"id": "by", "type": "key_by", "key": ["key"]},
                 {"id": MAP_OPERATOR, "type": "map", "fn": "tests.pipeline_functions:steered"},
                 {"id": "out", "type": "files", "path": str(out), "format": "jsonl"},
@@ -421,6 +424,11 @@ class FaultJob:
             if on_change is not None:
                 on_change(st)
             after = path_after(st, t0)
+            if after[: len(path)] != path[: len(after)]:  # off the expected path: fail now
+                raise AssertionError(
+                    f"{self.fault} in {self.state}: expected {' -> '.join(path)}, "
+                    f"saw {' -> '.join(after)}: {describe_status(st)}"
+                )
             return st.state in ends and after[: len(path)] == path
 
         try:
@@ -455,6 +463,9 @@ class FaultJob:
         before = self.fault_status
         st = await self.until(lambda s: s.epoch > before.epoch, "a checkpoint after the fault", timeout_s)
         recovery_s = (now_utc() - self.fault_time).total_seconds()
+        assert state_at(st, self.fault_time) == "Running", (
+            f"{self.fault}: the fault landed in {state_at(st, self.fault_time)}, not Running: {describe_status(st)}"
+        )
         assert st.generation == before.generation, f"rescheduled: {describe_status(st)}"
         assert path_after(st, self.fault_time) == [], f"transitions after the fault: {describe_status(st)}"
         self.result = CaseResult(self.fault, self.state, f"{st.state} (no transition)", recovery_s)
