@@ -46,6 +46,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sluice.models import (
+    MAX_DURATION_S,
     SEARCH_ATTRIBUTE_PIPELINE,
     SEARCH_ATTRIBUTE_STATE,
     TASK_QUEUE,
@@ -74,6 +75,7 @@ QUERY_STATUS = "status"
 ERROR_TYPE_JOB_FAILED = "JobFailed"
 ERROR_TYPE_CONTINUED_AS_NEW = "ContinuedAsNew"
 ERROR_TYPE_JOB_CLOSED = "JobClosed"
+ERROR_TYPE_WAIT_TIMED_OUT = "WaitTimedOut"
 
 STATE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
@@ -406,9 +408,16 @@ class JobClient:
 
         On a closed job, `stop: none` or a restart starts a new run that restores the latest
         checkpoint (see `resume`) and returns None (the new run's status comes from its worker:
-        use `status` or `wait_for_state`); anything else raises `JobClosed`.
+        use `status` or `wait_for_state`); anything else raises `JobClosed`. Gives up (an error
+        naming the job's state) when the job neither accepts the command nor closes in time.
         """
+        deadline = time.monotonic() + self.command_timeout_s
         while True:
+            if time.monotonic() > deadline:
+                raise SluiceClientError(
+                    f"job {job_id} is closing but did not close within {self.command_timeout_s:g} s; "
+                    "try again, or see `sluice status`"
+                )
             desc = await self.describe(job_id)
             state = await self.final_state(job_id, desc)
             if state is not None:
@@ -558,6 +567,13 @@ class JobClient:
                     raise JobClosed(
                         job_id, state, f"job {job_id} is {state}; it will not reach {' or '.join(wanted)}"
                     )
+                # The workflow's side of the wait ends with ours: a waiter that gave up never
+                # holds the job open.
+                left = remaining()
+                request = WaitForStateRequest(
+                    states=wanted,  # type: ignore[arg-type]
+                    timeout_s=None if left is None else min(max(left, 0.001), MAX_DURATION_S),
+                )
                 try:
                     return await self._handle(job_id).execute_update(  # type: ignore[no-any-return]
                         UPDATE_WAIT_FOR_STATE, request, result_type=JobStatus
@@ -567,8 +583,11 @@ class JobClient:
                     if failure is not None:
                         raise JobFailedError(job_id, failure) from exc
                     app = _application_error(exc.cause)
-                    if app is not None and app.type == ERROR_TYPE_CONTINUED_AS_NEW:
-                        continue  # the successor run answers
+                    if app is not None and app.type in (ERROR_TYPE_CONTINUED_AS_NEW, ERROR_TYPE_JOB_CLOSED):
+                        await asyncio.sleep(RETRY_PAUSE_S)
+                        continue  # the successor run answers, or the closed run is read above
+                    if app is not None and app.type == ERROR_TYPE_WAIT_TIMED_OUT:
+                        raise asyncio.TimeoutError()
                     raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
                 except WorkflowUpdateRPCTimeoutOrCancelledError:
                     # Temporal turns our own cancellation (the timeout below) into this error;

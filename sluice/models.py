@@ -70,6 +70,7 @@ MAX_NAME_LENGTH = 200  # pipeline names are a search attribute (2,048 bytes at m
 MAX_OPERATORS = 1_000
 MAX_PARALLELISM = 256  # per operator
 MAX_SUBTASKS = 1_024  # per job, all operators together
+MAX_RUNNERS = 128  # runner processes per job
 MAX_SPLITS = 100_000
 MAX_DURATION_S = 10 * 365 * 86_400.0  # ten years: TTL, healthy duration
 MAX_TIMEOUT_S = 86_400.0  # one day: every runner, task, finish and checkpoint timeout
@@ -507,7 +508,11 @@ class PatchRequest(Contract):
 
 
 class WaitForStateRequest(Contract):
-    states: list[JobStateName] = Field(min_length=1)
+    states: list[JobStateName] = Field(min_length=1, max_length=len(TERMINAL_STATES) + 11)
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_DURATION_S,
+        description="the workflow side of the wait ends after this (the caller gave up); None = until closed",
+    )
 
 
 class JobSpec(Contract):
@@ -728,7 +733,7 @@ class Failure(Contract):
 class RejectedCommand(Contract):
     time: datetime
     command: str
-    payload: Any = None
+    payload: Any = None  # the payload's JSON, at most a short prefix of it
     reason: str
 
 

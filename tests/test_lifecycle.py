@@ -413,3 +413,33 @@ async def test_stop_sent_to_a_finished_job(job_client: JobClient, state_dir: Pat
     await _ended(job_client, spec.job_id, "Finished")
     with pytest.raises(JobClosed, match="already Finished"):
         await job_client.stop(spec.job_id, "checkpoint")
+
+
+async def test_a_wait_that_timed_out_never_wedges_the_job(
+    job_client: JobClient, state_dir: Path, temporal_address: str
+) -> None:
+    """Issue: `sluice wait --state Finished --timeout 3` gave up, then a checkpoint stop left the
+    job Stopped but never closed, and every later stop/restart looped for ever in the client."""
+    from tests.conftest import cli_env, sluice_command
+
+    spec = _spec(state_dir)
+    await job_client.start(spec)
+    await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    env = cli_env(temporal_address, state_dir)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(sluice_command(*args), env=env, capture_output=True, text=True, timeout=WAIT_S)
+
+    waited = await asyncio.to_thread(cli, "wait", spec.job_id, "--state", "Finished", "--timeout", "3")
+    assert waited.returncode == 124, waited.stderr
+    assert (await asyncio.to_thread(cli, "stop", spec.job_id, "--mode", "checkpoint")).returncode == 0
+    stopped = await asyncio.to_thread(cli, "wait", spec.job_id, "--state", "Stopped", "--timeout", "60")
+    assert stopped.returncode == 0, stopped.stderr
+    handle = job_client.client.get_workflow_handle(spec.job_id)
+    result = await asyncio.wait_for(handle.result(), timeout=WAIT_S)  # the run closed
+    assert JobResult.model_validate(result).state == "Stopped"
+    # Resuming and stopping again work and return.
+    assert (await asyncio.to_thread(cli, "stop", spec.job_id, "--mode", "none")).returncode == 0
+    await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
+    assert (await asyncio.to_thread(cli, "stop", spec.job_id, "--mode", "immediate")).returncode == 0
+    await _ended(job_client, spec.job_id, "Stopped")

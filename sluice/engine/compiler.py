@@ -21,6 +21,7 @@ from sluice.engine.functions import FunctionLoadError, load_function
 from sluice.errors import UserError
 from sluice.models import (
     KEYED_TYPES,
+    MAX_RUNNERS,
     MAX_SUBTASKS,
     Chain,
     Edge,
@@ -56,10 +57,22 @@ def plan_problem(pipeline: PipelineSpec, config: JobConfig) -> str | None:
     """Why `config`'s parallelism cannot run `pipeline` (None when it can), without importing any
     user function: pure, so the workflow runs it to reject a bad rescale before accepting it."""
     try:
-        _plan(pipeline, effective_parallelism(pipeline, config), expressions=False)
+        chains, _, _ = _plan(pipeline, effective_parallelism(pipeline, config), expressions=False)
+        _check_runners(chains, config)
     except UserError as e:
         return str(e)
     return None
+
+
+def _check_runners(chains: list[Chain], config: JobConfig) -> None:
+    """A job's runner processes are bounded: a plan needing more is refused, never spawned."""
+    subtasks = sum(ch.parallelism for ch in chains)
+    runners = math.ceil(subtasks / config.slots_per_runner)
+    if runners > MAX_RUNNERS:
+        raise UserError(
+            f"{subtasks} subtasks at {config.slots_per_runner} per runner need {runners} runners; a job may "
+            f"have at most {MAX_RUNNERS} (raise slots_per_runner or lower the parallelism)"
+        )
 
 
 def _check_functions(pipeline: PipelineSpec) -> None:
@@ -233,6 +246,7 @@ def compile_program(pipeline: PipelineSpec, config: JobConfig) -> Program:
     """
     parallelism = effective_parallelism(pipeline, config)
     chains, edges, keys = _plan(pipeline, parallelism)
+    _check_runners(chains, config)
     params = _params(pipeline, keys)
     _check_functions(pipeline)
     return Program(

@@ -62,6 +62,13 @@ TEARDOWN_RETRY = RetryPolicy(
 RESTART_BACKOFF_INITIAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 60.0
 
-# How much history the status query keeps.
+# A failure of the user's pipeline that comes back identical (same operator, same message) this
+# many times in a row, with no checkpoint completed in between, fails the job: it is deterministic
+# (a bad record, a bad path) and the rest of the restart budget would only repeat it.
+IDENTICAL_FAILURES_TO_FAIL = 3
+
+# How much history the status query keeps, and how much of a bad command it quotes.
 TRANSITIONS_KEPT = 50
 REJECTED_COMMANDS_KEPT = 20
+REJECTED_PAYLOAD_CHARS = 200
+REJECTION_REASON_CHARS = 1_000

@@ -8,11 +8,12 @@ moves from step to step, and every move is checked against the table in `table.p
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from temporalio.common import RawValue, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -88,6 +89,10 @@ class CarriedState(BaseModel):
     restart_mode: str = "safe"  # of the restart in progress, fixed when Restarting is entered
     state_floor: int = 0  # checkpoints below this epoch are never restored (ignore_state, restore_epoch)
     last_error: Failure | None = None  # why the job recovers: the failure once the budget runs out
+    # Consecutive recoveries for the same failure (same operator, same message) with no checkpoint
+    # completed in between: a deterministic failure, which fails the job instead of the budget.
+    failure_streak: int = 0
+    streak_failure: Failure | None = None
 
 
 @workflow.defn(name="JobWorkflow")
@@ -123,6 +128,8 @@ class JobWorkflow:
         self.runners: list[RunnerInfo]
         self.failure: Failure | None
         self.last_error: Failure | None
+        self.failure_streak: int
+        self.streak_failure: Failure | None
         for name in CarriedState.model_fields:
             setattr(self, name, getattr(carried, name))
         self.cleanup: workflow.ActivityHandle[Any] | None = None
@@ -141,8 +148,21 @@ class JobWorkflow:
         self.show_details()
         while self.state not in TERMINAL:
             step = STEPS[self.state]
-            await step(self)
+            try:
+                await step(self)
+            except Exception as e:  # noqa: BLE001 - a controller bug must not wedge the job
+                if self.state in ("Failing", *TERMINAL):
+                    raise  # failing itself failed: let Temporal retry the task (a fix can be deployed)
+                self._controller_error(e)
         return await self._close()
+
+    def _controller_error(self, e: Exception) -> None:
+        """An unexpected error in a state's step: fail the job (runners released), never retry
+        a workflow task forever. The failure names the state and the error."""
+        message = f"controller error in {self.state}: {type(e).__name__}: {_short(str(e), 500)}"
+        workflow.logger.error("job %s: %s", self.job_id, message, exc_info=True)
+        self.failure = Failure(message=message, domain="internal")
+        self.transition("Failing", message)
 
     async def _close(self) -> JobResult:
         """Terminal (runners already released): let handlers finish, then close the run."""
@@ -172,9 +192,34 @@ class JobWorkflow:
         del self.transitions[: -C.TRANSITIONS_KEPT]
         if target == "Recovering":
             self.restarts += 1
+            self._count_repeat(self.last_error)
         self.state = target
         self._upsert_search_attributes()
         self.show_details()
+
+    def _count_repeat(self, failure: Failure | None) -> None:
+        """Track how often the same failure repeats in a row (see `repeats_deterministically`)."""
+        if failure is not None and self.streak_failure is not None and failure.signature() == self.streak_failure.signature():
+            self.failure_streak += 1
+        else:
+            self.failure_streak = 1 if failure is not None else 0
+        self.streak_failure = failure
+
+    def repeats_deterministically(self) -> bool:
+        """The same failure of the user's pipeline (an operator's, or a user error) came back
+        IDENTICAL_FAILURES_TO_FAIL times in a row with no checkpoint in between: restarting again
+        would only repeat it."""
+        f = self.streak_failure
+        return (
+            f is not None
+            and (f.domain == "user" or f.operator is not None)
+            and self.failure_streak >= C.IDENTICAL_FAILURES_TO_FAIL
+        )
+
+    def progress_made(self) -> None:
+        """A checkpoint completed: a later failure is not a repeat of an earlier one."""
+        self.failure_streak = 0
+        self.streak_failure = None
 
     def _upsert_search_attributes(self) -> None:
         workflow.upsert_search_attributes(
@@ -192,13 +237,14 @@ class JobWorkflow:
             f"- runners: {len(self.runners)}; stop: {self.config.stop}",
         ]
         if self.failure:
-            lines.append(f"- failure ({self.failure.domain}): {self.failure.message}")
+            where = f" in operator `{self.failure.operator}`" if self.failure.operator else ""
+            lines.append(f"- failure ({self.failure.domain}){where}: {_short(self.failure.message, 500)}")
         if self.rejected:
             r = self.rejected[-1]
-            lines.append(f"- last rejected command: `{r.command}`: {r.reason}")
+            lines.append(f"- last rejected command: `{r.command}`: {_short(r.reason, 300)}")
         if self.transitions:
             t = self.transitions[-1]
-            lines.append(f"- last transition: {t.from_state} → {t.to_state} ({t.reason})")
+            lines.append(f"- last transition: {t.from_state} → {t.to_state} ({_short(t.reason, 300)})")
         workflow.set_current_details("\n".join(lines))
 
     # ------------------------------------------------------------------ desired vs actual
@@ -327,9 +373,11 @@ class JobWorkflow:
     # ------------------------------------------------------------------ commands
 
     def _record_rejected(self, command: str, payload: Any, reason: str) -> None:
-        workflow.logger.warning("job %s: rejected %s %r: %s", self.job_id, command, payload, reason)
+        # A bad payload can be huge (or hostile): status, details and logs quote a short prefix.
+        command, reason, preview = _short(command, 100), _short(reason, C.REJECTION_REASON_CHARS), _preview(payload)
+        workflow.logger.warning("job %s: rejected %s %s: %s", self.job_id, command, preview, reason)
         self.rejected.append(
-            RejectedCommand(time=workflow.now(), command=command, payload=payload, reason=reason)
+            RejectedCommand(time=workflow.now(), command=command, payload=preview, reason=reason)
         )
         del self.rejected[: -C.REJECTED_COMMANDS_KEPT]
         self.show_details()
@@ -337,13 +385,14 @@ class JobWorkflow:
     def _parse(self, model: type[BaseModel], command: str, payload: Any) -> Any:
         if not isinstance(payload, dict):
             raise CommandRejected(
-                f"{command} expects one JSON object, e.g. {_EXAMPLES[command]}, got {payload!r}"
+                f"{command} expects one JSON object, e.g. {_EXAMPLES[command]}, got {_preview(payload)}"
             )
         try:
             return model.model_validate(payload)
         except ValidationError as e:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in e.errors()
+                f"{_short('.'.join(str(p) for p in err['loc']), 100) or 'payload'}: {err['msg']}"
+                for err in e.errors()[:5]
             )
             raise CommandRejected(f"invalid {command}: {problems}") from None
 
@@ -431,6 +480,13 @@ class JobWorkflow:
 
         self._signal("update_config", payload, apply, ConfigPatch)
 
+    @workflow.signal(dynamic=True)
+    def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        """A signal no handler knows (a typo, an old client): recorded as rejected, never dropped."""
+        self._record_rejected(
+            name, None, f"unknown signal {_short(name, 100)!r}; signals are {', '.join(sorted(_EXAMPLES))}"
+        )
+
     def _patched_config(self, patch: ConfigPatch) -> JobConfig:
         self._check_open("update_config")
         changes = patch.model_dump(exclude_none=True)
@@ -484,15 +540,30 @@ class JobWorkflow:
 
     @workflow.update(name="wait_for_state")
     async def wait_for_state(self, req: WaitForStateRequest) -> JobStatus:
+        """Returns when the job is in one of `req.states`. Every wait ends: on a terminal state
+        (the run is closing), on continue-as-new, or after `req.timeout_s` (the caller gave up), so
+        a waiter never keeps the workflow from closing."""
         wanted = set(req.states)
-        await workflow.wait_condition(
-            lambda: self.state in wanted or self.state == "Failed" or self.continuing
-        )
+        try:
+            await workflow.wait_condition(
+                lambda: self.state in wanted or self.state in TERMINAL or self.continuing,
+                timeout=req.timeout_s,
+                timeout_summary="wait_for_state timeout",
+            )
+        except asyncio.TimeoutError:
+            raise ApplicationError(
+                f"job did not reach {' or '.join(req.states)} within {req.timeout_s:g} s (it is {self.state})",
+                type="WaitTimedOut", non_retryable=True,
+            ) from None
         if self.state in wanted:
             return self.status()
         if self.state == "Failed":
             f = self.failure or Failure(message="job failed")
             raise ApplicationError(f"job failed: {f.message}", f.model_dump(), type="JobFailed", non_retryable=True)
+        if self.state in TERMINAL:
+            raise ApplicationError(
+                f"job is {self.state}; it will not reach {' or '.join(req.states)}", type="JobClosed", non_retryable=True
+            )
         raise ApplicationError("job continued as new; wait again", type="ContinuedAsNew", non_retryable=True)
 
     @wait_for_state.validator
@@ -557,6 +628,22 @@ def _rejection(e: CommandRejected) -> ApplicationError:
     """How a rejected update reaches the client: JobClosed lets it start a new run instead."""
     kind = "JobClosed" if isinstance(e, JobIsClosing) else "CommandRejected"
     return ApplicationError(str(e), type=kind, non_retryable=True)
+
+
+def _short(text: str, limit: int) -> str:
+    """At most `limit` characters of `text`, marked when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _preview(payload: Any) -> str | None:
+    """A rejected payload as users see it: its JSON, at most a short prefix."""
+    if payload is None:
+        return None
+    try:
+        text = json.dumps(payload, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(payload)
+    return _short(text, C.REJECTED_PAYLOAD_CHARS)
 
 
 _EXAMPLES = {

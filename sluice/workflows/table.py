@@ -58,9 +58,22 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition("Rescaling", "final checkpoint failed or runner lost", "Recovering"),
     Transition("Restarting", "final checkpoint failed or runner lost", "Recovering"),
     Transition("Recovering", "restart budget left: backoff, tear down", "Compiling"),
-    Transition("Recovering", "restart budget exhausted", "Failing"),
+    Transition(
+        "Recovering",
+        "restart budget exhausted, or the same failure of the pipeline 3 times in a row",
+        "Failing",
+    ),
     Transition("Recovering", "stop requested", "Stopping"),
     Transition("Failing", "tear down (best effort)", "Failed"),
+)
+
+# Any state may fail on a controller error (an unexpected exception in its step): the job fails
+# with the error named instead of retrying a workflow task for ever.
+CONTROLLER_ERROR = "controller error (internal)"
+TRANSITIONS += tuple(
+    Transition(s, CONTROLLER_ERROR, "Failing")
+    for s in STATES
+    if s not in TERMINAL and s != "Failing" and not any(t.source == s and t.target == "Failing" for t in TRANSITIONS)
 )
 
 _ALLOWED: frozenset[tuple[str, str]] = frozenset((t.source, t.target) for t in TRANSITIONS)

@@ -25,12 +25,18 @@ def cause_of(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def is_user_error(e: BaseException) -> bool:
+def error_type(e: BaseException | None) -> str | None:
+    """The type of the innermost ApplicationError in an activity failure's causes."""
+    found = None
     while e is not None:
-        if isinstance(e, ApplicationError) and e.type == C.USER_ERROR_TYPE:
-            return True
-        e = getattr(e, "cause", None)  # type: ignore[assignment]
-    return False
+        if isinstance(e, ApplicationError) and e.type:
+            found = e.type
+        e = getattr(e, "cause", None)
+    return found
+
+
+def is_user_error(e: BaseException) -> bool:
+    return error_type(e) == C.USER_ERROR_TYPE
 
 
 async def compile_program(wf: "JobWorkflow") -> bool:
@@ -65,10 +71,16 @@ async def compile_program(wf: "JobWorkflow") -> bool:
 
 
 def fail_or_recover(wf: "JobWorkflow", e: BaseException, *, user: str, other: str) -> None:
-    """A failed activity: a user error fails the job (domain user), anything else recovers."""
-    if is_user_error(e):
+    """A failed activity: a user error fails the job (domain user), a corrupt checkpoint fails it
+    too (domain external: restoring it again cannot help; the message names epoch and file and how
+    to restore an older one), anything else recovers."""
+    kind = error_type(e)
+    if kind == C.USER_ERROR_TYPE:
         wf.failure = Failure(message=cause_of(e), domain="user")
         wf.transition("Failing", f"{user}: {cause_of(e)}")
+    elif kind == C.CORRUPT_CHECKPOINT_TYPE:
+        wf.failure = Failure(message=cause_of(e), domain="external")
+        wf.transition("Failing", f"corrupt checkpoint: {cause_of(e)}")
     else:
         wf.last_error = Failure(message=f"{other}: {cause_of(e)}")
         wf.transition("Recovering", wf.last_error.message)
@@ -107,6 +119,7 @@ def take_checkpoint_result(wf: "JobWorkflow") -> str | None:
     except BaseException as e:  # noqa: BLE001
         return f"checkpoint failed: {cause_of(e)}"
     wf.epoch = info.epoch
+    wf.progress_made()
     wf.start_cleanup()
     return None
 

@@ -33,7 +33,19 @@ async def recovering(wf: "JobWorkflow") -> None:
     allowed = wf.config.allowed_restarts
     if allowed != -1 and wf.restarts > allowed:
         domain = wf.last_error.domain if wf.last_error else "internal"
-        wf.failure = Failure(message=f"exhausted {allowed} allowed restarts; last error: {reason}", domain=domain)
+        last = wf.last_error
+        wf.failure = Failure(
+            message=f"exhausted {allowed} allowed restarts; last error: {reason}", domain=domain,
+            operator=last.operator if last else None, traceback=last.traceback if last else None,
+        )
+        wf.transition("Failing", wf.failure.message)
+        return
+    if wf.repeats_deterministically():
+        f = wf.streak_failure
+        assert f is not None
+        wf.failure = f.model_copy(
+            update={"message": f"the same failure {wf.failure_streak} times in a row, not retried again: {f.message}"}
+        )
         wf.transition("Failing", wf.failure.message)
         return
     delay = restart_backoff_s(wf.restarts, workflow.random().random())

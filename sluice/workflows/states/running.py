@@ -1,9 +1,14 @@
-"""Running: periodic checkpoints, runner watch, commands, TTL, healthy-duration reset."""
+"""Running: periodic checkpoints, runner watch, commands, TTL, healthy-duration reset.
+
+Every decision here is taken on an event recorded in history (a timer fired, an activity finished,
+a command arrived), never by comparing `workflow.now()` with a deadline: a workflow task that runs
+late (a retry on another worker after a failover) must decide exactly what its replay decides.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from temporalio import workflow
@@ -11,7 +16,6 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from sluice.models import Failure
     from sluice.workflows.states.common import (
-        seconds_until,
         start_checkpoint,
         stop_transition,
         take_checkpoint_result,
@@ -20,7 +24,26 @@ with workflow.unsafe.imports_passed_through():
 if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
 
-FAR = timedelta(days=3650)
+# A timer must be positive; a deadline already past fires (almost) at once.
+MIN_TIMER_S = 0.001
+
+
+class Timer:
+    """A durable timer as a task: `fired` is true once its TimerFired event is in history."""
+
+    def __init__(self, seconds: float, summary: str) -> None:
+        self.seconds = seconds
+        self._task: asyncio.Task[None] = asyncio.ensure_future(
+            workflow.sleep(max(seconds, MIN_TIMER_S), summary=summary)
+        )
+
+    @property
+    def fired(self) -> bool:
+        return self._task.done() and not self._task.cancelled()
+
+    def cancel(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
 
 
 async def running(wf: "JobWorkflow") -> None:
@@ -28,86 +51,110 @@ async def running(wf: "JobWorkflow") -> None:
 
     if wf.monitor is None:
         wf.start_monitor(WATCH_ALL)
-    entered = workflow.now()
-    next_checkpoint = entered + timedelta(seconds=wf.config.checkpoint_interval_s)
-    while True:
-        # Commands first: they are the user's intent, and they are never dropped.
-        if wf.stop_requested():
-            if wf.config.stop != "checkpoint":
+    checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+    checkpoint_due = False
+    ttl_timer = _ttl_timer(wf)
+    ttl_s = wf.config.ttl_s
+    # The restart count resets after healthy_duration in Running (timed from entering it).
+    healthy_timer = Timer(wf.config.healthy_duration_s, "healthy duration") if wf.restarts > 0 else None
+    try:
+        while True:
+            # Commands first: they are the user's intent, and they are never dropped.
+            if wf.stop_requested():
+                if wf.config.stop != "checkpoint":
+                    await wf.cancel(wf.inflight_checkpoint)
+                    wf.inflight_checkpoint = None
+                stop_transition(wf, f"stop {wf.config.stop} requested", running=True)
+                return
+            if wf.restart_needed():
+                wf.restart_mode = wf.config.restart_mode
+                wf.transition("Restarting", f"restart requested ({wf.config.restart_mode})")
+                return
+            if wf.rescale_needed():
+                wf.transition("Rescaling", f"parallelism changed to {wf.desired_parallelism()}")
+                return
+            if ttl_timer is not None and ttl_timer.fired:
                 await wf.cancel(wf.inflight_checkpoint)
                 wf.inflight_checkpoint = None
-            stop_transition(wf, f"stop {wf.config.stop} requested", running=True)
-            return
-        if wf.restart_needed():
-            wf.restart_mode = wf.config.restart_mode
-            wf.transition("Restarting", f"restart requested ({wf.config.restart_mode})")
-            return
-        if wf.rescale_needed():
-            wf.transition("Rescaling", f"parallelism changed to {wf.desired_parallelism()}")
-            return
-        ttl_deadline = _ttl_deadline(wf)
-        if ttl_deadline is not None and workflow.now() >= ttl_deadline:
-            await wf.cancel(wf.inflight_checkpoint)
-            wf.inflight_checkpoint = None
-            wf.stop_mode = "immediate"
-            wf.transition("Stopping", f"TTL of {wf.config.ttl_s:g} s expired")
-            return
-
-        if wf.monitor is not None and wf.monitor.done():
-            outcome = wf.monitor_outcome()
-            if outcome.kind in ("sources_finished", "all_finished"):
-                wf.transition("Finishing", "all sources finished")
+                wf.stop_mode = "immediate"
+                wf.transition("Stopping", f"TTL of {wf.config.ttl_s:g} s expired")
                 return
-            await wf.cancel(wf.inflight_checkpoint)
-            wf.inflight_checkpoint = None
-            if outcome.kind == "task_failed" and not outcome.retryable:
-                wf.failure = Failure(message=outcome.message, domain=outcome.domain)
-                wf.transition("Failing", f"task failed (not retryable): {outcome.message}")
-            else:
-                wf.last_error = Failure(message=outcome.message, domain=outcome.domain)
-                wf.transition("Recovering", f"{outcome.kind.replace('_', ' ')}: {outcome.message}")
-            return
 
-        if wf.inflight_checkpoint is not None and wf.inflight_checkpoint.done():
-            problem = take_checkpoint_result(wf)
-            if problem:
-                wf.last_error = Failure(message=problem)
-                wf.transition("Recovering", problem)
+            if wf.monitor is not None and wf.monitor.done():
+                outcome = wf.monitor_outcome()
+                if outcome.kind in ("sources_finished", "all_finished"):
+                    wf.transition("Finishing", "all sources finished")
+                    return
+                await wf.cancel(wf.inflight_checkpoint)
+                wf.inflight_checkpoint = None
+                failure = Failure(
+                    message=outcome.message, domain=outcome.domain,
+                    operator=outcome.operator, traceback=outcome.traceback,
+                )
+                if outcome.kind == "task_failed" and not outcome.retryable:
+                    wf.failure = failure
+                    wf.transition("Failing", f"task failed (not retryable): {outcome.message}")
+                else:
+                    wf.last_error = failure
+                    wf.transition("Recovering", f"{outcome.kind.replace('_', ' ')}: {outcome.message}")
                 return
-            wf.show_details()
 
-        healthy_at = entered + timedelta(seconds=wf.config.healthy_duration_s)
-        if wf.restarts > 0 and workflow.now() >= healthy_at:
-            workflow.logger.info("job %s healthy for %s: restart count reset", wf.job_id, healthy_at - entered)
-            wf.restarts = 0
-            wf.show_details()
+            if wf.inflight_checkpoint is not None and wf.inflight_checkpoint.done():
+                problem = take_checkpoint_result(wf)
+                if problem:
+                    wf.last_error = Failure(message=problem)
+                    wf.transition("Recovering", problem)
+                    return
+                wf.show_details()
 
-        if wf.inflight_checkpoint is None:
-            if wf.continue_as_new_due():
-                await wf.continue_as_new()
-            if workflow.now() >= next_checkpoint:
-                start_checkpoint(wf, then_stop=False)
-                next_checkpoint = workflow.now() + timedelta(seconds=wf.config.checkpoint_interval_s)
+            if healthy_timer is not None and healthy_timer.fired:
+                healthy_timer = None
+                if wf.restarts > 0:
+                    workflow.logger.info("job %s healthy for %g s: restart count reset", wf.job_id,
+                                         wf.config.healthy_duration_s)
+                    wf.restarts = 0
+                    wf.failure_streak = 0
+                    wf.show_details()
 
-        wake_at = min(
-            next_checkpoint if wf.inflight_checkpoint is None else workflow.now() + FAR,
-            ttl_deadline or workflow.now() + FAR,
-            healthy_at if wf.restarts > 0 else workflow.now() + FAR,
-        )
-        seen = wf.commands_seen
-        monitor, inflight = wf.monitor, wf.inflight_checkpoint
-        try:
+            # A changed interval or TTL takes effect from the moment it was changed.
+            if wf.config.checkpoint_interval_s != checkpoint_timer.seconds and not checkpoint_timer.fired:
+                checkpoint_timer.cancel()
+                checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+            if wf.config.ttl_s != ttl_s:
+                if ttl_timer is not None:
+                    ttl_timer.cancel()
+                ttl_timer, ttl_s = _ttl_timer(wf), wf.config.ttl_s
+                continue  # a TTL already past fires at once: look again from the top
+
+            if checkpoint_timer.fired:
+                checkpoint_due = True
+                checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+            if wf.inflight_checkpoint is None:
+                if wf.continue_as_new_due():
+                    await wf.continue_as_new()
+                if checkpoint_due:
+                    checkpoint_due = False
+                    start_checkpoint(wf, then_stop=False)
+
+            seen = wf.commands_seen
+            monitor, inflight = wf.monitor, wf.inflight_checkpoint
+            timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer) if t is not None]
             await workflow.wait_condition(
                 lambda: wf.commands_seen != seen
                 or (monitor is not None and monitor.done())
-                or (inflight is not None and inflight.done()),
-                timeout=max(seconds_until(wf, wake_at), 0.001),
+                or (inflight is not None and inflight.done())
+                or any(t.fired for t in timers)
             )
-        except asyncio.TimeoutError:
-            pass
+    finally:
+        for t in (checkpoint_timer, ttl_timer, healthy_timer):
+            if t is not None:
+                t.cancel()
 
 
-def _ttl_deadline(wf: "JobWorkflow") -> datetime | None:
+def _ttl_timer(wf: "JobWorkflow") -> Timer | None:
+    """The TTL counts from the job's first Running (kept across restarts and continue-as-new)."""
     if wf.config.ttl_s is None or wf.started_at is None:
         return None
-    return wf.started_at + timedelta(seconds=wf.config.ttl_s)
+    # Only the timer's length uses the clock: whether the TTL expired is decided by its firing.
+    deadline = wf.started_at + timedelta(seconds=wf.config.ttl_s)
+    return Timer((deadline - workflow.now()).total_seconds(), "TTL")
