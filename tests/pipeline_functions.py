@@ -15,6 +15,7 @@ FAULT_DIR_ENV = "SLUICE_TEST_FAULT_DIR"
 HOLD_OPEN_FILE = "hold-open"  # while it exists, a runner importing this module waits (Scheduling)
 HOLD_FILE = "hold"  # while it exists, every batch of `steered` takes HOLD_SLICE_S
 HELD_FILE = "held"  # touched by `steered` once it held a batch: the hold is in effect
+HOLD_BLOCK_FILE = "hold-block"  # while it exists, a batch of `steered` does not return
 HANG_ONCE_FILE = "hang"  # the first batch to remove it never returns
 HANG_ALWAYS_FILE = "hang-always"  # while it exists, every batch never returns
 # One held batch is short, so a runner whose event loop runs user code still answers between
@@ -24,6 +25,8 @@ HOLD_SLICE_S = 0.25
 HOLD_OPEN_MAX_S = 60.0
 HOLD_OPEN_POLL_S = 0.05
 HANG_SLEEP_S = 3600.0
+# A blocking hold never lasts longer than this, even if a test forgot its file.
+HOLD_BLOCK_MAX_S = 120.0
 
 _IN_RUNNER = "sluice" in sys.argv[0] and "runner" in sys.argv[0]
 
@@ -103,6 +106,9 @@ def steered(batch: pa.RecordBatch) -> pa.RecordBatch:
     - `hold`: while it exists each batch takes HOLD_SLICE_S (and `held` is touched), so
       barriers, final checkpoints and graceful stops queue behind batches: the test holds the job
       in a state for as long as it needs, then removes the file and the backlog drains at once;
+    - `hold-block`: while it exists, a batch does not return (touching `held`): a hold of any
+      length, for runners that call user code off their event loop (JobConfig.task_hang_timeout_s
+      must be longer than the hold);
     - `hang`: the first batch that removes it never returns (a user function that hangs once);
     - `hang-always`: while it exists, every batch never returns (a hang that recurs).
     """
@@ -116,6 +122,13 @@ def steered(batch: pa.RecordBatch) -> pa.RecordBatch:
             pass
         else:
             time.sleep(HANG_SLEEP_S)
+    if _exists(HOLD_BLOCK_FILE):
+        held = _fault_file(HELD_FILE)
+        assert held is not None
+        open(held, "a").close()
+        until = time.monotonic() + HOLD_BLOCK_MAX_S
+        while _exists(HOLD_BLOCK_FILE) and time.monotonic() < until:
+            time.sleep(HOLD_OPEN_POLL_S)
     if _exists(HOLD_FILE):
         held = _fault_file(HELD_FILE)
         assert held is not None

@@ -52,6 +52,9 @@ HELD_CONFIG: dict[str, Any] = {
     "slots_per_runner": 4,
     "task_startup_timeout_s": 90.0,
     "finish_timeout_s": 90.0,
+    # The holds block one map call until released (all jobs wait for the last one to be ready):
+    # longer than any hold here, so a held call is not taken for a hang.
+    "task_hang_timeout_s": 150.0,
 }
 # Running is not held, and Recovering passes within seconds: they are entered last. The Running
 # job's source runs longer, so that it still runs when the crash comes.
@@ -92,6 +95,8 @@ async def _crash_in_every_state(
         s: factory.new(fault, s, client=job_client, limit=LIMITS.get(s, DEFAULT_LIMIT), **HELD_CONFIG)
         for s in STATES
     }
+    for job in jobs.values():
+        job.block_holds = True
     matrix = Matrix()
     ready: dict[str, JobStatus] = {}
 
