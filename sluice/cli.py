@@ -27,6 +27,7 @@ import typer
 
 from sluice import settings
 from sluice.models import TERMINAL_STATES, JobSpec, JobStatus
+from sluice.status_view import state_line, status_lines
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -187,10 +188,7 @@ def _load_spec(
 
 
 def _print_status_line(status: JobStatus) -> None:
-    typer.echo(
-        f"{status.job_id}: {status.state} (generation {status.generation}, epoch {status.epoch}, "
-        f"restarts {status.restarts})"
-    )
+    typer.echo(state_line(status))
 
 
 def web_ui_link(job_id: str, namespace: str = "default", ui_port: int = WEB_UI_PORT) -> str:
@@ -310,8 +308,10 @@ def _status_table(status: JobStatus | None, job_id: str, note: str) -> Any:
     if status.transitions:
         t = status.transitions[-1]
         table.add_row("last transition", f"{t.from_state} → {t.to_state}: {t.reason}")
-    if status.failure:
-        table.add_row("failure", f"[{status.failure.domain}] {status.failure.message}")
+    failure = status.failure or status.last_error
+    if failure:
+        where = f" operator {failure.operator!r}:" if failure.operator else ""
+        table.add_row("failure" if status.failure else "last error", f"[{failure.domain}]{where} {failure.message}")
     return table
 
 
@@ -571,9 +571,8 @@ def status(
         if as_json:
             typer.echo(st.model_dump_json(indent=2))
         else:
-            _print_status_line(st)
-            if st.failure:
-                typer.echo(f"failure ({st.failure.domain}): {st.failure.message}")
+            for line in status_lines(st):
+                typer.echo(line)
 
     main()
 

@@ -642,6 +642,10 @@ class StartRequest(Contract):
     restore: "CheckpointManifest | None" = None
     peers: list[RunnerInfo] = Field(default_factory=list)
     assignments: list[RunnerAssignment] = Field(default_factory=list)
+    task_hang_timeout_s: float = Field(
+        default=10.0, ge=0.01, le=MAX_TIMEOUT_S,
+        description="a batch busy in a chain with user code this long fails its task (JobConfig.task_hang_timeout_s)",
+    )
 
 
 class OperatorSnapshot(Contract):
@@ -757,6 +761,9 @@ class JobStatus(Contract):
     parallelism: dict[str, int] = Field(default_factory=dict)
     runners: list[RunnerInfo] = Field(default_factory=list)
     failure: Failure | None = None
+    last_error: Failure | None = Field(
+        default=None, description="the failure the job last recovered from (while it recovers: why)"
+    )
     rejected_commands: list[RejectedCommand] = Field(default_factory=list)
     transitions: list[TransitionRecord] = Field(default_factory=list)
 
@@ -802,6 +809,7 @@ class StartExecutionInput(Contract):
     runners: list[RunnerInfo]
     checkpoint_url: str
     restore_epoch: int | None
+    task_hang_timeout_s: float = 10.0  # JobConfig.task_hang_timeout_s, handed to every runner
 
 
 class MonitorInput(Contract):

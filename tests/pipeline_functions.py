@@ -135,3 +135,21 @@ def steered(batch: pa.RecordBatch) -> pa.RecordBatch:
         open(held, "a").close()
         time.sleep(HOLD_SLICE_S)
     return batch
+
+
+#: the one record `raises_on_one_record` refuses: split 0, seq BAD_SEQ
+BAD_SEQ = 123
+
+
+def raises_on_one_record(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Map: raises ValueError on the record of split 0 with seq BAD_SEQ (the same every run)."""
+    bad = pc.and_(pc.equal(batch.column("split"), 0), pc.equal(batch.column("seq"), BAD_SEQ))
+    if pc.any(bad).as_py():
+        raise ValueError(f"bad record: split 0 seq {BAD_SEQ}")
+    return batch
+
+
+def sleeps_forever(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Map: never returns (a call that hangs, e.g. on a dead network peer)."""
+    while True:
+        time.sleep(3600)

@@ -211,7 +211,13 @@ async def test_user_function_failure_is_user_error(fns: str, tmp_path: Path) -> 
         await st.run()
     e = err.value
     assert e.domain == "user" and e.retryable
-    assert "operator 'big' subtask 1" in e.message and "ValueError: seq too big" in e.message
+    # No subtask in the message: the same bad record fails the same way whichever subtask gets it.
+    assert e.message == f"operator 'big' (map {fns}:explode) raised ValueError: seq too big"
+    assert e.operator == "big"
+    module = tmp_path / f"{fns}.py"
+    line = module.read_text().splitlines().index('        raise ValueError("seq too big")') + 1
+    assert e.traceback is not None and f'{module}", line {line}, in explode' in e.traceback, e.traceback
+    assert "sluice" + os.sep + "engine" not in e.traceback, "only the user's frames"
     assert st.state == "failed"
 
 
@@ -247,4 +253,5 @@ async def test_open_failure_names_operator(tmp_path: Path) -> None:
     with pytest.raises(TaskError) as err:
         await st.open()
     assert err.value.domain == "user" and "operator 'm' subtask 0" in err.value.message
+    assert err.value.operator == "m" and "ImportError" in err.value.message
     assert st.state == "failed"

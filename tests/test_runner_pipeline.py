@@ -215,6 +215,11 @@ async def test_user_function_failure_is_a_task_failed_event(
             failed = next(e for e in events if e.kind == "task_failed")
             assert failed.domain == "user" and failed.retryable
             assert failed.message is not None and "kaboom" in failed.message and "'boom'" in failed.message
+            # Named for the user: operator, function, exception; and where in their file it raised.
+            assert failed.message == "operator 'boom' (filter e2e_userfns:explode) raised ValueError: kaboom"
+            assert failed.operator == "boom"
+            assert failed.traceback is not None and 'e2e_userfns.py", line 3, in explode' in failed.traceback
+            assert "sluice/engine" not in failed.traceback, failed.traceback
             assert (await c.health())["generation"] == GEN  # the runner keeps serving
             done, _, why = await c.wait_checkpoint(1, 0.1)
             assert not done and why is not None and "failed" in why
@@ -251,5 +256,47 @@ async def test_stop_ends_an_unbounded_pipeline(state_dir: Path, tmp_path: Path, 
             while sum(e.kind == "task_finished" for e in events) < 2:
                 assert time.monotonic() < deadline, [e.kind for e in events]
                 await asyncio.sleep(0.05)
+    finally:
+        await sched.stop_runners(JOB, grace_s=1.0)
+
+
+async def test_a_user_function_that_never_returns_fails_its_task_and_the_runner_keeps_serving(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """Through a real runner process: the hang is reported as a task_failed naming the operator,
+    function and the line it waits on; /health answers meanwhile; SIGTERM still ends the process
+    (the stuck thread does not keep it alive)."""
+    import os
+    import signal
+
+    from tests.e2e_helpers import pid_alive
+
+    hang_s = 1.0
+    sched = ProcessScheduler(state_dir, SECRET)
+    try:
+        infos = await sched.start_runners(JOB, GEN, 1, 2, START_TIMEOUT_S)
+        spec = pipeline(tmp_path / "out", {"id": "slow", "type": "map", "fn": "tests.pipeline_functions:sleeps_forever"})
+        reqs = [r.model_copy(update={"task_hang_timeout_s": hang_s}) for r in start_requests(spec, infos, tmp_path / "ckpt")]
+        async with collect_events(infos[0]) as events, client(infos[0]) as c:
+            await c.start(reqs[0])
+            deadline = time.monotonic() + 30
+            while not any(e.kind == "task_failed" for e in events):
+                assert time.monotonic() < deadline, [e.kind for e in events]
+                assert (await c.health())["generation"] == GEN  # the runner answers while the function hangs
+                await asyncio.sleep(0.1)
+            failed = next(e for e in events if e.kind == "task_failed")
+            assert failed.message == (
+                f"operator 'slow' (map tests.pipeline_functions:sleeps_forever) did not return within {hang_s:g} s"
+            )
+            assert (failed.operator, failed.domain, failed.retryable) == ("slow", "user", True)
+            assert failed.traceback is not None and "in sleeps_forever" in failed.traceback
+            assert "time.sleep(3600)" in failed.traceback, failed.traceback
+        pid = infos[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "a runner with a hung user function ignored SIGTERM"
+            await asyncio.sleep(0.1)
     finally:
         await sched.stop_runners(JOB, grace_s=1.0)

@@ -20,6 +20,7 @@ from sluice.models import (
     SubtaskSnapshot,
 )
 from sluice.storage import CheckpointStore, manifest_from_snapshots
+from sluice.workflows.constants import TASK_FAILED_TYPE
 
 # Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
 WAIT_POLL_S = 2.0
@@ -72,13 +73,29 @@ class CheckpointActivities:
     async def _collect(self, clients: list, epoch: int) -> list[SubtaskSnapshot]:
         async def one(client) -> list[SubtaskSnapshot]:
             while True:
-                done, snapshots, failed = await client.wait_checkpoint(epoch, WAIT_POLL_S)
-                if failed:
+                result = await client.wait_checkpoint_result(epoch, WAIT_POLL_S)
+                task = result.failed_task
+                if task is not None and task.message:
+                    # Not retried: the subtask is dead; the job recovers (or fails) from it.
                     raise ApplicationError(
-                        f"checkpoint epoch {epoch} failed on runner {client.info.runner_id}: {failed}"
+                        task.message,
+                        {
+                            "operator": task.operator,
+                            "traceback": task.traceback,
+                            "domain": task.domain,
+                            "retryable": task.retryable,
+                            "subtask": task.subtask.label() if task.subtask else None,
+                            "runner_id": client.info.runner_id,
+                        },
+                        type=TASK_FAILED_TYPE,
+                        non_retryable=True,
                     )
-                if done:
-                    return snapshots
+                if result.failed:
+                    raise ApplicationError(
+                        f"checkpoint epoch {epoch} failed on runner {client.info.runner_id}: {result.failed}"
+                    )
+                if result.done:
+                    return result.snapshots
 
         return [s for part in await asyncio.gather(*(one(c) for c in clients)) for s in part]
 

@@ -1,4 +1,10 @@
-"""Monitor: watch one generation's runners and return only when something needs the workflow."""
+"""Monitor: watch one generation's runners and return only when something needs the workflow.
+
+What it returns names what a user needs to act: a failed task's operator, message and user
+traceback (as the runner reported them), and for a lost runner its id, pid and host, why it is
+considered lost (silent for the heartbeat timeout: hung, stopped or cut off; or its connection
+closed: the process exited) and the operators it ran.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from temporalio import activity
 
 from sluice.activities.context import ControllerContext
 from sluice.errors import RunnerRefused, RunnerUnavailable
-from sluice.models import MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo, operator_role
-from sluice.runner.client import RunnerClient
+from sluice.engine.compiler import assign
+from sluice.models import MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo, SubtaskRef, operator_role
+from sluice.runner.client import RunnerClient, RunnerSilent
 
 HEARTBEAT_EVERY_S = 1.0
 
@@ -22,6 +29,28 @@ class JobView:
     program: Program
     tasks: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    ran: dict[str, set[str]] = field(default_factory=dict)  # runner id -> subtask labels it reported
+
+    def operators_of(self, runner: RunnerInfo, runners: list[RunnerInfo]) -> list[str]:
+        """``op[index]`` of every subtask `runner` ran: as it reported them, else as assigned."""
+        labels = self.ran.get(runner.runner_id)
+        if not labels:
+            try:
+                labels = {
+                    ref.label()
+                    for a in assign(self.program, runners)
+                    if a.runner_id == runner.runner_id
+                    for ref in a.subtasks
+                }
+            except Exception:  # noqa: BLE001 - naming the operators must never hide the loss
+                labels = set()
+        refs: list[SubtaskRef] = []
+        for label in labels:
+            chain, _, index = label.partition("/")
+            if chain.isdigit() and index.isdigit() and int(chain) < len(self.program.chains):
+                refs.append(SubtaskRef(chain=int(chain), index=int(index)))
+        refs.sort(key=lambda r: (r.chain, r.index))
+        return [f"{op}[{r.index}]" for r in refs for op in self.program.chains[r.chain].operators]
 
     def source_labels(self) -> set[str]:
         return {
@@ -90,11 +119,13 @@ class MonitorActivities:
                 continue
             if isinstance(item, Exception):
                 if "runner_lost" in watch:
-                    return MonitorResult(kind="runner_lost", message=f"runner {info.runner_id}: {item}")
+                    return MonitorResult(kind="runner_lost", message=lost_message(info, item, view, inp.runners))
                 continue
             event = item
             if event.tasks is not None:
                 view.tasks.update(event.tasks)
+                if event.tasks:
+                    view.ran[info.runner_id] = set(event.tasks)
             if event.metrics is not None:
                 view.metrics[info.runner_id] = event.metrics
             if event.subtask is not None:
@@ -113,6 +144,8 @@ class MonitorActivities:
                     message=event.message or f"subtask {event.subtask} failed",
                     retryable=event.retryable,
                     domain=event.domain,
+                    operator=event.operator,
+                    traceback=event.traceback,
                 )
             # A failure seen only in a heartbeat's task states (its event was missed) still counts;
             # not in `hello`, which the runner follows with the failure events it kept.
@@ -123,3 +156,17 @@ class MonitorActivities:
                 return MonitorResult(kind="all_finished", message="every task finished")
             if "sources_finished" in watch and view.sources_finished():
                 return MonitorResult(kind="sources_finished", message="every source reached its end")
+
+
+def lost_message(info: RunnerInfo, error: Exception, view: JobView, runners: list[RunnerInfo]) -> str:
+    """`runner r-1 (pid 123 on 127.0.0.1) sent nothing for 10 s (hung, stopped or cut off); it ran
+    window[0], out[0]`, or for a closed stream `... is gone: <why>; it ran ...`."""
+    who = f"runner {info.runner_id} ({f'pid {info.pid} on ' if info.pid else 'on '}{info.host})"
+    if isinstance(error, RunnerSilent):
+        why = f"sent nothing for {error.silent_s:g} s (hung, stopped or cut off)"
+    else:
+        text = str(error)
+        prefix = f"runner {info.runner_id} ({info.control_url}) event stream: "
+        why = f"is gone: {text[len(prefix):] if text.startswith(prefix) else text}"
+    ops = view.operators_of(info, runners)
+    return f"{who} {why}; it ran {', '.join(ops) if ops else 'no subtasks'}"

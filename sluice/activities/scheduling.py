@@ -68,6 +68,7 @@ class SchedulingActivities:
                                 restore=manifest,
                                 peers=inp.runners,
                                 assignments=assignments,
+                                task_hang_timeout_s=inp.task_hang_timeout_s,
                             )
                         )
                         for c, r in zip(clients, inp.runners)

@@ -24,6 +24,7 @@ Both formats share this one code path; only the :class:`StagingWriter` differs.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from typing import Any, BinaryIO
@@ -34,9 +35,12 @@ import pyarrow.parquet as pq
 from sluice.connectors.jsonl import encode_batch
 from sluice.engine.operators import OperatorContext, OperatorState
 from sluice.engine.sinks import Sink
+from sluice.errors import UserError
 from sluice.models import CheckpointManifest, FilesSinkOperator
 
 STAGING_DIR = ".staging"
+#: errors creating the output directory that mean the path is wrong, not that the disk is unwell
+UNCREATABLE_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS})
 WRITE_BUFFER_BYTES = 1 << 20
 #: a Parquet row group is written when this many rows (or PARQUET_ROW_GROUP_BYTES) are buffered, so
 #: that small input batches do not become tiny row groups
@@ -215,7 +219,16 @@ class FilesSink(Sink):
 
     def open(self, ctx: OperatorContext, restored: list[pa.Table]) -> None:
         super().open(ctx, restored)
-        os.makedirs(staging_dir(self.path), exist_ok=True)
+        try:
+            os.makedirs(staging_dir(self.path), exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in UNCREATABLE_ERRNOS:
+                raise  # e.g. a full or failing disk: may pass, so the task is retried
+            # The path itself is wrong (under a file, read-only, not ours): no retry can help.
+            raise UserError(
+                f"files sink {self.operator_id!r}: cannot create output directory {self.spec.path!r}: "
+                f"{os.strerror(exc.errno or 0)}{f' ({exc.filename})' if exc.filename else ''}"
+            ) from None
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:

@@ -37,9 +37,12 @@ class OperatorChain:
         self._body = operators[1:] if head_is_source else operators
         self.rows_in: dict[str, int] = {op.operator_id: 0 for op in operators}
         self.rows_out: dict[str, int] = {op.operator_id: 0 for op in operators}
+        #: the operator called last (the one still busy while a call is in progress): a call that
+        #: never returns is reported under this name
+        self.current: str | None = None
 
-    @staticmethod
-    def _call(op: Operator, fn: Callable[[], T]) -> T:
+    def _call(self, op: Operator, fn: Callable[[], T]) -> T:
+        self.current = op.operator_id
         try:
             return fn()
         except OperatorFailed:

@@ -59,6 +59,8 @@ class UserFunctionError(Exception):
         self.operator_id = operator_id
         self.fn_ref = fn_ref
         self.what = what
+        #: the user's exception (None when the function returned something unusable)
+        self.cause = cause if isinstance(cause, BaseException) else None
         # A function raises sluice.errors.UserError to say that retrying cannot help: the job
         # fails at once instead of spending its restart budget.
         self.retryable = not isinstance(cause, UserError)

@@ -17,11 +17,16 @@ Guarantees:
 * Watermarks follow the data: a source's after each batch, an input gate's when the lowest of its
   channels advances; operators may release rows for them (closed windows) before they go on.
 * ``run()`` yields to the event loop between batches and while rate limited or idle, so the same
-  process keeps serving HTTP and heartbeats.
-* A failure inside an operator becomes a :class:`TaskError` naming operator and subtask: user code
-  failing is domain ``user`` (retryable unless it raised ``UserError``), bad input data
-  (``UserError``: a malformed line, a schema mismatch, a key that cannot be hashed) is ``user`` and
-  not retryable, anything else is ``internal`` and retryable (a restart restores the last
+  process keeps serving HTTP and heartbeats. A chain with a user function (``fn``) runs its batches
+  on a thread of its own (:mod:`sluice.engine.offload`), so even a user function that blocks or
+  never returns leaves the loop alive; one batch that takes longer than the hang timeout fails the
+  task, naming the operator and function that is still busy (and where it waits).
+* A failure inside an operator becomes a :class:`TaskError` naming the operator: a user function
+  that raises is domain ``user``, retryable unless it raised ``UserError``, with the user's
+  traceback and a message that is the same in every generation for the same bad record
+  ("operator 'parse' (map m:parse) raised ValueError: ..."); bad input data (``UserError``: a
+  malformed line, a schema mismatch, a key that cannot be hashed) is ``user`` and not retryable,
+  named with the subtask; anything else is ``internal`` and retryable (a restart restores the last
   checkpoint).
 * Operators are closed exactly once, whatever way ``run()`` ends (return, failure, cancellation).
 """
@@ -33,7 +38,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pyarrow as pa
 
@@ -41,15 +46,18 @@ from sluice.engine.chain import OperatorChain, OperatorFailed
 from sluice.engine.channels import ChannelClosed
 from sluice.engine.functions import FunctionLoadError
 from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
+from sluice.engine.offload import CallThread
 from sluice.engine.operators import Operator, OperatorContext, OperatorState, UserFunctionError
 from sluice.engine.registry import build_operator
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
+from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
 from sluice.errors import UserError
 from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
 from sluice.storage import CheckpointStore
 
+T = TypeVar("T")
 TaskState = Literal["starting", "running", "source_finished", "finished", "failed"]
 StopMode = Literal["graceful", "immediate"]
 EventCallback = Callable[[str, SubtaskRef, dict], None]
@@ -68,16 +76,31 @@ PEER_STOP_GRACE_S = 2.0
 SOURCE_YIELD_BACKLOG = 4
 #: how long a held source sleeps between looks, after a few plain yields
 SOURCE_HOLD_SLEEP_S = 0.0005
+#: default of JobConfig.task_hang_timeout_s: one batch busy in a chain with user code this long
+#: fails the task (a user function that never returns)
+DEFAULT_HANG_TIMEOUT_S = 10.0
+#: the hang watchdog looks at most this often (and at least four times per timeout)
+HANG_CHECK_INTERVAL_S = 1.0
 
 
 class TaskError(Exception):
     """A subtask failed. `domain` is "user" when user code (a function, its import) is at fault."""
 
-    def __init__(self, message: str, *, retryable: bool = True, domain: Literal["user", "internal"] = "internal") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        domain: Literal["user", "internal"] = "internal",
+        operator: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.domain = domain
+        self.operator = operator  # the operator that failed, when known
+        self.traceback = traceback  # the user's frames, when user code raised or hangs
 
 
 def _origin(exc: BaseException) -> str:
@@ -89,6 +112,18 @@ def _origin(exc: BaseException) -> str:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
     return f" (at {os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name})"
+
+
+def _watermark_reaches_user_code(body: list[Operator]) -> bool:
+    """Whether a watermark through `body` (the chain's operators that take input) can call a user
+    function: only if an operator that may release rows on a watermark (one overriding
+    ``on_watermark``, e.g. a window) comes before or is an operator with a function."""
+    releases = False
+    for op in body:
+        releases = releases or type(op).on_watermark is not Operator.on_watermark
+        if releases and op.params.get("fn"):
+            return True
+    return False
 
 
 def _is_user_fault(exc: BaseException) -> bool:
@@ -111,6 +146,7 @@ class SubtaskRunner:
         on_event: EventCallback,
         inputs: list[InputChannel] | None = None,
         outputs: list[Output] | None = None,
+        hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S,
     ) -> None:
         if not 0 <= ref.chain < len(program.chains):
             raise ValueError(f"subtask {ref.label()}: program has {len(program.chains)} chains")
@@ -145,6 +181,12 @@ class SubtaskRunner:
         self._snapshotting: asyncio.Future[dict[str, OperatorState]] | None = None
         self._union_schema: pa.Schema | None = None
         self._neighbours_backlog: Callable[[], int] | None = None
+        self.hang_timeout_s = hang_timeout_s
+        # Chains running user code get their own thread (created by run()); others run inline.
+        self._uses_thread = any(program.operators[op].get("fn") for op in self.operator_ids)
+        self._calls: CallThread | None = None
+        self._waiting: asyncio.Future[object] | None = None  # the call run() is awaiting
+        self._watermark_runs_user_code = False  # set by open(): see _watermark_reaches_user_code
 
     # ------------------------------------------------------------------ control (same event loop)
 
@@ -207,16 +249,35 @@ class SubtaskRunner:
     def _where(self, operator_id: str) -> str:
         return f"operator {operator_id!r} subtask {self.ref.index}"
 
+    def _what(self, operator_id: str) -> str:
+        """``'parse' (map mod:fn)``: the operator, its type and its function, for messages."""
+        params = self.program.operators.get(operator_id, {})
+        kind = " ".join(str(p) for p in (params.get("type"), params.get("fn")) if p)
+        return f"operator {operator_id!r} ({kind})" if kind else f"operator {operator_id!r}"
+
     def _error(self, operator_id: str, exc: BaseException, doing: str) -> TaskError:
-        if _is_user_fault(exc):
+        if type(exc) is UserFunctionError:
+            # The message carries no subtask, generation or address: a record that fails the
+            # function fails it the same way in every generation, whichever subtask it reaches,
+            # and the controller recognises the repeat by the message.
+            cause = getattr(exc, "cause", None)
+            what = f"raised {exc.what}" if cause is not None else exc.what
             return TaskError(
-                f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user"
+                f"{self._what(operator_id)} {stable_text(what)}",
+                retryable=exc.retryable, domain="user", operator=operator_id,
+                traceback=user_traceback(cause) if cause is not None else None,
+            )
+        if _is_user_fault(exc):  # a function that cannot be loaded, an expression that fails
+            cause = exc.__cause__
+            return TaskError(
+                f"{self._where(operator_id)}: {exc}", retryable=getattr(exc, "retryable", True), domain="user",
+                operator=operator_id, traceback=user_traceback(cause) if cause is not None else None,
             )
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
-            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user")
+            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user", operator=operator_id)
         return TaskError(
             f"{self._where(operator_id)}: {doing} failed: {type(exc).__name__}: {exc}{_origin(exc)}",
-            retryable=True, domain="internal",
+            retryable=True, domain="internal", operator=operator_id,
         )
 
     def _restored_tables(self, operator_id: str) -> list[pa.Table]:
@@ -263,6 +324,9 @@ class SubtaskRunner:
                 raise TaskError(f"{self._where(head.operator_id)}: {type(head).__name__} is not a source")
             self._source = head
         self._chain = OperatorChain(operators, head_is_source=self.is_source)
+        self._watermark_runs_user_code = self._uses_thread and _watermark_reaches_user_code(
+            operators[1:] if self.is_source else operators
+        )
         self.state = "running"
 
     async def run(self) -> None:
@@ -270,6 +334,10 @@ class SubtaskRunner:
         cancellation; the outputs are closed whichever way it ends."""
         if self._chain is None:
             raise TaskError(f"subtask {self.ref.label()}: run() before a successful open()")
+        watchdog: asyncio.Task[None] | None = None
+        if self._uses_thread:
+            self._calls = CallThread(f"sluice-{self.ref.label()}")
+            watchdog = asyncio.ensure_future(self._watch_for_hangs())
         try:
             try:
                 if self._gate is not None:
@@ -299,6 +367,8 @@ class SubtaskRunner:
             self.state = "failed"
             raise TaskError(f"subtask {self.ref.label()}: {type(exc).__name__}: {exc}") from exc
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             # Operators first: closing channels may wait on slow peers, and may be cancelled.
             self._close()
             if self._gate is not None:
@@ -309,12 +379,52 @@ class SubtaskRunner:
         if self._closed or self._chain is None:
             return
         self._closed = True
-        chain, pending = self._chain, self._snapshotting
+        chain, pending, calls = self._chain, self._snapshotting, self._calls
         if pending is not None and not pending.done():
             # Cancelled during a snapshot: its thread still uses the operators; close after it.
             pending.add_done_callback(lambda _: chain.close())
+        elif calls is not None:
+            # A batch given up on (a hang, a cancel) may still be in the operators: close after it.
+            calls.after_current(chain.close)
         else:
             chain.close()
+        if calls is not None:
+            calls.close()
+
+    # ------------------------------------------------------------------ user code off the loop
+
+    async def _step(self, fn: Callable[[], T]) -> T:
+        """Run one synchronous step of the chain (a batch, a watermark, the end of stream): inline,
+        or on the subtask's thread when the chain runs user code, awaiting it without blocking the
+        loop. A step that the watchdog finds hung raises its TaskError here."""
+        calls = self._calls
+        if calls is None:
+            return fn()
+        fut = calls.submit(fn)
+        self._waiting = fut  # type: ignore[assignment]
+        try:
+            return await fut
+        finally:
+            self._waiting = None
+
+    async def _watch_for_hangs(self) -> None:
+        """Fail the awaited step once it has been busy for the hang timeout (the thread cannot be
+        stopped; it is left to finish, or to die with the process)."""
+        calls = self._calls
+        assert calls is not None
+        interval = min(HANG_CHECK_INTERVAL_S, self.hang_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            busy = calls.busy_for()
+            waiting = self._waiting
+            if busy is None or busy < self.hang_timeout_s or waiting is None or waiting.done():
+                continue
+            op = self._chain.current if self._chain is not None else None
+            op = op or self.operator_ids[0]
+            waiting.set_exception(TaskError(
+                f"{self._what(op)} did not return within {self.hang_timeout_s:g} s",
+                retryable=True, domain="user", operator=op, traceback=thread_traceback(calls.ident),
+            ))
 
     # ------------------------------------------------------------------ data flow
 
@@ -334,16 +444,25 @@ class SubtaskRunner:
         for out in self.outputs:
             await out.broadcast(msg)
 
-    async def _watermark(self, wm: Watermark) -> None:
+    async def _watermark(self, wm: Watermark, released: list[pa.RecordBatch] | None = None) -> None:
+        """Pass watermark `wm` through the chain and downstream; `released` is the chain's output
+        for it when the caller already ran it (in the same step as the batch before it)."""
         assert self._chain is not None
-        await self._emit(self._chain.watermark(wm))
+        chain = self._chain
+        if released is None:
+            if self._watermark_runs_user_code:
+                released = await self._step(lambda: chain.watermark(wm))
+            else:  # no user function can be reached: not worth a trip to the thread
+                released = chain.watermark(wm)
+        await self._emit(released)
         await self._broadcast(wm)
 
     async def _end_of_stream(self) -> None:
         if not self._ended:
             self._ended = True
             assert self._chain is not None
-            await self._emit(self._chain.end())
+            chain = self._chain
+            await self._emit(await self._step(chain.end))
             await self._broadcast(EndOfStream())
 
     async def _source_loop(self) -> None:
@@ -376,9 +495,15 @@ class SubtaskRunner:
                 raise OperatorFailed(source.operator_id, exc) from exc
             if poll.batch is not None:
                 announced_idle = False
-                await self._emit(chain.source_emitted(source.operator_id, poll.batch))
-                if wm is not None:
-                    await self._watermark(Watermark(wm))
+                batch, mark = poll.batch, Watermark(wm) if wm is not None else None
+                # The batch and the watermark after it in one step: one trip to the thread.
+                out, released = await self._step(lambda: (
+                    chain.source_emitted(source.operator_id, batch),
+                    chain.watermark(mark) if mark is not None else [],
+                ))
+                await self._emit(out)
+                if mark is not None:
+                    await self._watermark(mark, released)
                 await asyncio.sleep(0)  # let HTTP handlers and other subtasks run
             elif poll.finished:
                 await self._end_of_stream()
@@ -414,7 +539,8 @@ class SubtaskRunner:
             if isinstance(msg, pa.RecordBatch):
                 if union:
                     self._check_union(msg)
-                await self._emit(chain.process(msg))
+                batch = msg
+                await self._emit(await self._step(lambda: chain.process(batch)))
             elif isinstance(msg, Watermark):
                 await self._watermark(msg)
             elif isinstance(msg, Idle):

@@ -7,6 +7,10 @@ Every failure is one of two errors, so activities can decide without parsing HTT
   as the kernel closes its socket (well under a second on one host).
 - `RunnerRefused` (here as its subclass `RunnerRequestRefused`, which also carries the HTTP status
   and, for a failed /start, the failure's domain and retryability): the runner answered 4xx.
+
+A runner that is alive but silent (frozen by SIGSTOP, its loop blocked, or cut off by the network)
+closes nothing: its event stream is noticed by the heartbeat timeout of `events()`, which raises
+`RunnerSilent` (a `RunnerUnavailable`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ class RunnerRequestRefused(RunnerRefused):
         self.status = status
         self.domain = domain
         self.retryable = retryable
+
+
+class RunnerSilent(RunnerUnavailable):
+    """The runner's event stream stayed open but brought nothing (not even the heartbeat it sends
+    every second) for `silent_s` seconds: the runner is hung, stopped or cut off."""
+
+    def __init__(self, message: str, *, silent_s: float) -> None:
+        super().__init__(message)
+        self.silent_s = silent_s
 
 
 class RunnerClient:
@@ -177,6 +190,11 @@ class RunnerClient:
         Returns (done, snapshots so far, failure message or None). Long waits are split into
         several long-polls, each bounded by the runner's own maximum.
         """
+        result = await self.wait_checkpoint_result(epoch, timeout_s)
+        return result.done, result.snapshots, result.failed
+
+    async def wait_checkpoint_result(self, epoch: int, timeout_s: float) -> CheckpointWaitResult:
+        """`wait_checkpoint` with the runner's whole answer (also the failed task's event)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
         while True:
@@ -194,7 +212,7 @@ class RunnerClient:
                     f"runner {self.info.runner_id}: malformed checkpoint answer: {e}"
                 ) from e
             if result.done or result.failed is not None or loop.time() >= deadline:
-                return result.done, result.snapshots, result.failed
+                return result
 
     async def stop(self, mode: Literal["graceful", "immediate"]) -> None:
         """graceful: sources end and downstream drains; immediate: tasks are cancelled now."""
@@ -245,8 +263,11 @@ class RunnerClient:
                     except ValidationError as e:
                         raise RunnerUnavailable(f"{what}: malformed event {line[:200]!r}: {e}") from e
                     yield event
+        except aiohttp.ConnectionTimeoutError as e:
+            raise RunnerUnavailable(f"{what}: cannot connect within {CONNECT_TIMEOUT_S:g} s") from e
         except asyncio.TimeoutError as e:
-            raise RunnerUnavailable(f"{what}: no event for {heartbeat_timeout_s} s") from e
+            silent = heartbeat_timeout_s or 0.0
+            raise RunnerSilent(f"{what}: no event for {silent:g} s", silent_s=silent) from e
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
             # What a killed runner process looks like from here: its connection dropped mid-stream.
             raise RunnerUnavailable(f"{what}: connection lost (runner process exited?)") from e

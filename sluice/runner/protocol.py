@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from sluice.models import Contract, SubtaskSnapshot
+from sluice.models import Contract, RunnerEvent, SubtaskSnapshot
 
 # Runner-side task states (docs/runner-protocol.md). Terminal ones never change again.
 TASK_STATES: tuple[str, ...] = ("starting", "running", "source_finished", "finished", "failed")
@@ -39,6 +39,9 @@ class CheckpointWaitResult(Contract):
     done: bool
     snapshots: list[SubtaskSnapshot] = Field(default_factory=list)
     failed: str | None = None
+    #: when `failed` is because a subtask failed: its task_failed event (operator, message,
+    #: traceback, domain, retryable), so the controller reports the task's failure itself
+    failed_task: RunnerEvent | None = None
 
 
 def describe_validation_error(err: ValidationError) -> str:

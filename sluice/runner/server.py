@@ -7,7 +7,9 @@ One `RunnerServer` per process serves one (job, generation). It guarantees:
 - malformed bodies get a 400 naming the field, and no request or subtask failure ends the process:
   only SIGTERM/SIGINT, `POST /shutdown` or the orphan timeout do, and they exit cleanly (code 0);
 - each subtask runs in its own asyncio task; its end is reported once on the event stream as
-  `task_finished` or `task_failed` (with message, retryable and domain);
+  `task_finished` or `task_failed` (with message, retryable, domain, and the operator and user
+  traceback when known); a user function that never returns fails its task after the start
+  request's `task_hang_timeout_s` while the runner keeps serving;
 - the info file is written atomically once the control port is bound, and removed on exit.
 
 The wire contract is docs/runner-protocol.md.
@@ -95,6 +97,8 @@ class StartFailure(Exception):
     message: str
     domain: str = "internal"
     retryable: bool = True
+    operator: str | None = None
+    traceback: str | None = None
 
     def __str__(self) -> str:
         return self.message
@@ -525,6 +529,7 @@ class RunnerServer:
                     on_event=self._on_engine_event,
                     inputs=channels.inputs,
                     outputs=channels.outputs,
+                    hang_timeout_s=req.task_hang_timeout_s,
                 )
             except Exception as e:
                 await wiring.close()
@@ -546,7 +551,7 @@ class RunnerServer:
             if isinstance(res, BaseException):
                 failure = _start_failure(res, st.ref, st.operators)
                 failures.append(failure)
-                self._finish(st, "failed", failure.message, failure.retryable, failure.domain)
+                self._finish(st, "failed", failure)
         if failures:
             # Nothing runs half-started: the controller will tear this generation down; peers
             # waiting on our senders learn it now rather than then.
@@ -559,6 +564,8 @@ class RunnerServer:
                 "; ".join(f.message for f in failures),
                 domain=failures[0].domain,
                 retryable=all(f.retryable for f in failures),
+                operator=failures[0].operator,
+                traceback=failures[0].traceback,
             )
         consumers = [st.task for st in subtasks if not st.is_source]
         for st in subtasks:
@@ -579,30 +586,29 @@ class RunnerServer:
             self._finish(st, "finished", "cancelled")
         except Exception as e:
             failure = _start_failure(e, st.ref, st.operators, opening=False)
-            log.warning("subtask %s failed: %s", st.label, failure.message)
-            self._finish(st, "failed", failure.message, failure.retryable, failure.domain)
+            log.warning("subtask %s failed: %s%s", st.label, failure.message,
+                        f"\n{failure.traceback}" if failure.traceback else "")
+            self._finish(st, "failed", failure)
         else:
             self._finish(st, "finished")
 
-    def _finish(
-        self,
-        st: _Subtask,
-        outcome: str,
-        message: str | None = None,
-        retryable: bool = True,
-        domain: str = "internal",
-    ) -> None:
+    def _finish(self, st: _Subtask, outcome: str, why: StartFailure | str | None = None) -> None:
+        """Record a subtask's end (`why`: the failure, or a note on a finish) and announce it once."""
         if st.outcome is not None:
             return
         st.outcome = outcome
+        failure = why if isinstance(why, StartFailure) else None
+        message = failure.message if failure is not None else why
         st.error = message if outcome == "failed" else None
         if outcome == "failed":
             event = self._event(
                 "task_failed",
                 subtask=st.ref,
                 message=message,
-                retryable=retryable,
-                domain=domain if domain in _DOMAINS else "internal",
+                retryable=failure.retryable if failure is not None else True,
+                domain=failure.domain if failure is not None and failure.domain in _DOMAINS else "internal",
+                operator=failure.operator if failure is not None else None,
+                traceback=failure.traceback if failure is not None else None,
                 tasks=self.task_states(),
             )
             st.failed_event = event
@@ -674,7 +680,8 @@ class RunnerServer:
         for st in missing:
             if st.outcome == "failed":
                 return CheckpointWaitResult(
-                    done=False, snapshots=snapshots, failed=f"subtask {st.label} failed: {st.error}"
+                    done=False, snapshots=snapshots, failed=f"subtask {st.label} failed: {st.error}",
+                    failed_task=st.failed_event,
                 )
             if st.outcome is not None or st.state in TERMINAL_TASK_STATES:
                 return CheckpointWaitResult(
@@ -823,6 +830,8 @@ def _start_failure(
             message,
             domain=domain if domain in _DOMAINS else "internal",
             retryable=bool(retryable) if retryable is not None else True,
+            operator=getattr(exc, "operator", None),
+            traceback=getattr(exc, "traceback", None),
         )
     verb = "failed to open" if opening else "failed"
     return StartFailure(

@@ -11,7 +11,10 @@ USER_ERROR_TYPE = "UserError"
 # A checkpoint whose manifest or state files fail verification: restoring it again cannot help.
 # Details: [{"epoch": N, "file": "path", "problem": "..."}].
 CORRUPT_CHECKPOINT_TYPE = "CorruptCheckpoint"
-NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE]
+# A task failed while the checkpoint activity waited on it (it saw the failure before the monitor
+# did). Details: [{"operator", "traceback", "domain", "retryable", "subtask", "runner_id"}].
+TASK_FAILED_TYPE = "TaskFailed"
+NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE, TASK_FAILED_TYPE]
 
 # Compile: validation and function imports take milliseconds; three tries cover a flaky worker.
 COMPILE_TIMEOUT = timedelta(seconds=60)
@@ -66,6 +69,10 @@ RESTART_BACKOFF_MAX_S = 60.0
 # many times in a row, with no checkpoint completed in between, fails the job: it is deterministic
 # (a bad record, a bad path) and the rest of the restart budget would only repeat it.
 IDENTICAL_FAILURES_TO_FAIL = 3
+
+# A run continues as new (at its next safe point) once its history has this many events, well
+# before the server's suggestion (4,096 by default): replays and history fetches stay cheap.
+CONTINUE_AS_NEW_EVENTS = 2_000
 
 # How much history the status query keeps, and how much of a bad command it quotes.
 TRANSITIONS_KEPT = 50

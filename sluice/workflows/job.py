@@ -584,6 +584,7 @@ class JobWorkflow:
             parallelism=self.program.parallelism if self.program else self.desired_parallelism(),
             runners=self.runners,
             failure=self.failure,
+            last_error=self.last_error,
             rejected_commands=self.rejected,
             transitions=self.transitions,
         )
@@ -591,7 +592,10 @@ class JobWorkflow:
     # ------------------------------------------------------------------ continue-as-new
 
     def continue_as_new_due(self) -> bool:
-        return workflow.info().is_continue_as_new_suggested()
+        """Renew history well before Temporal's own suggestion (4,096 events by default), so a run's
+        history stays small to fetch and replay. Both inputs come from history: deterministic."""
+        info = workflow.info()
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() >= C.CONTINUE_AS_NEW_EVENTS
 
     async def continue_as_new(self) -> None:
         """Renew history at a safe point; runners keep running, the next run adopts them."""

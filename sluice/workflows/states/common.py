@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -9,7 +10,15 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from sluice.models import CheckpointInfo, CheckpointInput, CompileInput, CompileResult, Failure, JobSpec
+    from sluice.models import (
+        CheckpointInfo,
+        CheckpointInput,
+        CompileInput,
+        CompileResult,
+        Failure,
+        JobSpec,
+        MonitorResult,
+    )
     from sluice.workflows import constants as C
 
 if TYPE_CHECKING:
@@ -110,27 +119,61 @@ def start_checkpoint(wf: "JobWorkflow", then_stop: bool) -> None:
     )
 
 
-def take_checkpoint_result(wf: "JobWorkflow") -> str | None:
-    """Consume the finished in-flight checkpoint: None on success, else the failure message."""
+@dataclass(frozen=True)
+class CheckpointFailed:
+    """Why a checkpoint failed; `retryable` is False when a task failed for good during it."""
+
+    failure: Failure
+    retryable: bool = True
+
+
+def checkpoint_failure(e: BaseException) -> CheckpointFailed:
+    """A failed checkpoint activity as the job reports it. A task that failed during the
+    checkpoint (the activity saw it before the monitor did) is reported exactly as the monitor
+    would: its own message, operator and traceback, so a repeating failure is recognised."""
+    app = innermost_application_error(e)
+    if app is not None and app.type == C.TASK_FAILED_TYPE and app.details and isinstance(app.details[0], dict):
+        d = app.details[0]
+        return CheckpointFailed(
+            Failure(
+                message=app.message, domain=d.get("domain") or "internal",
+                operator=d.get("operator"), traceback=d.get("traceback"),
+            ),
+            retryable=bool(d.get("retryable", True)),
+        )
+    return CheckpointFailed(Failure(message=f"checkpoint failed: {cause_of(e)}"))
+
+
+def innermost_application_error(e: BaseException | None) -> ApplicationError | None:
+    found = None
+    while e is not None:
+        if isinstance(e, ApplicationError):
+            found = e
+        e = getattr(e, "cause", None)
+    return found
+
+
+def take_checkpoint_result(wf: "JobWorkflow") -> CheckpointFailed | None:
+    """Consume the finished in-flight checkpoint: None on success, else why it failed."""
     handle, wf.inflight_checkpoint = wf.inflight_checkpoint, None
     assert handle is not None and handle.done()
     try:
         info: CheckpointInfo = handle.result()
     except BaseException as e:  # noqa: BLE001
-        return f"checkpoint failed: {cause_of(e)}"
+        return checkpoint_failure(e)
     wf.epoch = info.epoch
     wf.progress_made()
     wf.start_cleanup()
     return None
 
 
-async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> str | None:
+async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> Failure | str | None:
     """Checkpoint with then-stop and wait until every task finished.
 
     A periodic checkpoint in flight is waited for first (its result kept). Meanwhile runner
     liveness and task failures are watched, and `escalate()` is honoured at any moment, so a
     lost runner or a force stop never leaves the job hanging here. Returns None on success,
-    ESCALATED, or the failure message.
+    ESCALATED, or the failure.
     """
     await wf.cancel_monitor()
     wf.start_monitor(["task_failed", "runner_lost"])
@@ -154,12 +197,22 @@ async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> s
             problem = take_checkpoint_result(wf)
             if problem and final_started:
                 await wf.cancel_monitor()
-                return problem
+                return problem.failure
             continue  # a failed periodic checkpoint does not matter: the final one follows
         outcome = wf.monitor_outcome()
         await wf.cancel(handle)
         wf.inflight_checkpoint = None
-        return f"{outcome.kind.replace('_', ' ')} during the final checkpoint: {outcome.message}"
+        failure = outcome_failure(outcome)
+        if outcome.kind == "runner_lost":
+            return failure.model_copy(update={"message": f"runner lost during the final checkpoint: {failure.message}"})
+        return failure
+
+
+def outcome_failure(outcome: MonitorResult) -> Failure:
+    """What the monitor reported, as the job's failure (operator and traceback kept)."""
+    return Failure(
+        message=outcome.message, domain=outcome.domain, operator=outcome.operator, traceback=outcome.traceback
+    )
 
 
 def stop_transition(wf: "JobWorkflow", reason: str, running: bool) -> None:

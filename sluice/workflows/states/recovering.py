@@ -48,6 +48,10 @@ async def recovering(wf: "JobWorkflow") -> None:
         )
         wf.transition("Failing", wf.failure.message)
         return
+    if wf.continue_as_new_due():
+        # A job that keeps recovering (an unlimited budget) must renew its history too; the next
+        # run resumes here, in Recovering, with the same count.
+        await wf.continue_as_new()
     delay = restart_backoff_s(wf.restarts, workflow.random().random())
     try:
         await workflow.wait_condition(

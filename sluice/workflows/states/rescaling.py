@@ -42,8 +42,9 @@ async def _through_final_checkpoint(wf: "JobWorkflow", what: str, switch_to_forc
             stop_transition(wf, f"stop {wf.config.stop} requested during {what}", running=False)
             return True
         return False
-    wf.last_error = Failure(message=result)
-    wf.transition("Recovering", f"{what}: {result}")
+    assert isinstance(result, Failure)
+    wf.last_error = result
+    wf.transition("Recovering", f"{what}: {result.message}")
     return True
 
 

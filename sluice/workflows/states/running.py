@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from sluice.models import Failure
     from sluice.workflows.states.common import (
+        outcome_failure,
         start_checkpoint,
         stop_transition,
         take_checkpoint_result,
@@ -87,10 +87,7 @@ async def running(wf: "JobWorkflow") -> None:
                     return
                 await wf.cancel(wf.inflight_checkpoint)
                 wf.inflight_checkpoint = None
-                failure = Failure(
-                    message=outcome.message, domain=outcome.domain,
-                    operator=outcome.operator, traceback=outcome.traceback,
-                )
+                failure = outcome_failure(outcome)
                 if outcome.kind == "task_failed" and not outcome.retryable:
                     wf.failure = failure
                     wf.transition("Failing", f"task failed (not retryable): {outcome.message}")
@@ -101,9 +98,13 @@ async def running(wf: "JobWorkflow") -> None:
 
             if wf.inflight_checkpoint is not None and wf.inflight_checkpoint.done():
                 problem = take_checkpoint_result(wf)
+                if problem and not problem.retryable:
+                    wf.failure = problem.failure
+                    wf.transition("Failing", f"task failed (not retryable): {problem.failure.message}")
+                    return
                 if problem:
-                    wf.last_error = Failure(message=problem)
-                    wf.transition("Recovering", problem)
+                    wf.last_error = problem.failure
+                    wf.transition("Recovering", problem.failure.message)
                     return
                 wf.show_details()
 

@@ -78,6 +78,7 @@ async def scheduling(wf: "JobWorkflow") -> None:
             runners=runners,
             checkpoint_url=wf.checkpoint_url,
             restore_epoch=restore,
+            task_hang_timeout_s=wf.config.task_hang_timeout_s,
         ),
         start_to_close_timeout=timedelta(seconds=wf.config.task_startup_timeout_s),
         heartbeat_timeout=C.HEARTBEAT_TIMEOUT,

@@ -25,8 +25,9 @@ async def checkpoint_stopping(wf: "JobWorkflow") -> None:
         wf.stop_mode = wf.config.stop
         wf.transition("Stopping", f"stop {wf.config.stop} requested during the final checkpoint")
     else:
+        assert isinstance(result, Failure)
         wf.stop_mode = "force"
-        wf.transition("Stopping", f"{result}; killing runners (restore point stays epoch {wf.epoch})")
+        wf.transition("Stopping", f"{result.message}; killing runners (restore point stays epoch {wf.epoch})")
 
 
 async def stopping(wf: "JobWorkflow") -> None:
@@ -79,5 +80,6 @@ async def finishing(wf: "JobWorkflow") -> None:
         wf.stop_mode = wf.non_running_stop_mode()
         wf.transition("Stopping", f"stop {wf.config.stop} requested while finishing")
     else:
-        wf.last_error = Failure(message=result)
-        wf.transition("Recovering", result)
+        assert isinstance(result, Failure)
+        wf.last_error = result
+        wf.transition("Recovering", result.message)

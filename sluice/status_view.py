@@ -1,0 +1,67 @@
+"""The plain-text view of a job's status that `sluice status JOB` prints.
+
+Besides the state line it answers what a user asks when a job misbehaves: why did it last change
+state, what failed last (domain, operator, message, and the user function's traceback), and which
+command was last refused and why. `sluice status --json` prints every field instead.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sluice.models import Failure, JobStatus
+
+#: longest payload of a rejected command shown on its line (the JSON view has all of it)
+MAX_PAYLOAD_CHARS = 200
+TRACEBACK_INDENT = "    "
+
+
+def state_line(status: JobStatus) -> str:
+    """`job: State (generation G, epoch E, restarts R)`."""
+    return (
+        f"{status.job_id}: {status.state} (generation {status.generation}, epoch {status.epoch}, "
+        f"restarts {status.restarts})"
+    )
+
+
+def _when(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _failure_lines(label: str, failure: Failure) -> list[str]:
+    where = f", operator {failure.operator!r}" if failure.operator else ""
+    lines = [f"{label} ({failure.domain}{where}): {failure.message}"]
+    if failure.traceback:
+        lines += [TRACEBACK_INDENT + line for line in failure.traceback.rstrip("\n").splitlines()]
+    return lines
+
+
+def _payload(payload: object) -> str:
+    if payload is None:
+        return ""
+    try:
+        text = json.dumps(payload, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        text = repr(payload)
+    if len(text) > MAX_PAYLOAD_CHARS:
+        text = text[: MAX_PAYLOAD_CHARS - 3] + "..."
+    return f" {text}"
+
+
+def status_lines(status: JobStatus) -> list[str]:
+    """Every line of the plain view, in order: state, last transition, failure (and the error
+    the job last recovered from, when it differs), last rejected command."""
+    lines = [state_line(status)]
+    if status.transitions:
+        t = status.transitions[-1]
+        lines.append(f"last transition: {t.from_state} -> {t.to_state} at {_when(t.time)}: {t.reason}")
+    if status.failure is not None:
+        lines += _failure_lines("failure", status.failure)
+    last_error = status.last_error
+    if last_error is not None and (status.failure is None or last_error.signature() != status.failure.signature()):
+        lines += _failure_lines("last error", last_error)
+    if status.rejected_commands:
+        r = status.rejected_commands[-1]
+        lines.append(f"last rejected command: {r.command}{_payload(r.payload)} at {_when(r.time)}: {r.reason}")
+    return lines
