@@ -10,7 +10,8 @@ is not a failure of the pipeline: the job retries within its restart budget, the
 problem (No space left on device); freed, a restart finishes the job.
 A corrupt checkpoint is found when it is restored: the job fails at once, naming the epoch and the
 file, and a run started with `restore_epoch` of an older checkpoint finishes. The sink's directory
-read-only fails writing, pre-committing or publishing output; the job recovers once it is back.
+read-only fails writing, pre-committing or publishing output; the job recovers once it is back
+(while Scheduling a fresh job, its sink cannot be opened at all: the job fails naming the path).
 Output is exactly-once throughout (see the corrupt case for the one documented exception).
 """
 
@@ -49,10 +50,11 @@ SINK_STATES = ("Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Sto
 PERSISTENT = "Running, stays full"
 CORRUPT_STATES = ("Recovering", "Scheduling")
 STAYS_FULL_RESTARTS = 2
+STORE_LIMIT = 800  # rows per split: 8 s of source time
 STOPS = (["Stopping", "Stopped"], "Stopped")
 # The path after a write fault (the job reacts in the state it is in).
 EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
-    "Scheduling": ([], RUNS_ON),  # the sink is written once the job runs: see _sink_case
+    "Scheduling": (["Failing", "Failed"], "Failed"),  # see _sink_case
     "Running": (RECOVERS, RUNS_ON),
     "Checkpoint": (RECOVERS, RUNS_ON),
     "CheckpointStopping": STOPS,
@@ -89,7 +91,9 @@ async def _store_case(jobs: JobFactory, how: str, state: str) -> None:
     fault = f"checkpoint store {how}"
     name = "".join(c if c.isalnum() else "-" for c in f"{fault}-{state}".lower())
     with mounted_tmpfs(jobs.work_dir / f"{name}-store", TMPFS_BYTES) as fs:
-        job = jobs.new(fault, state, checkpoint_url=fs.path)
+        # A longer stream: a checkpoint's failure (after its retries) must come before the
+        # sources end, or the job would meet it in Finishing instead (also legal, another row).
+        job = jobs.new(fault, state, checkpoint_url=fs.path, limit=STORE_LIMIT)
         try:
             st = await job.enter(state)
             _break(fs, how)
@@ -212,11 +216,17 @@ async def _sink_case(jobs: JobFactory, state: str) -> None:
             job.fault_injected(st)
             path, end = EXPECTED[state]
             if state == "Scheduling":
-                # The runners open their sink only now; the first write fails in Scheduling or
-                # right after, in Running: either way the job recovers and runs again.
-                await job.until(lambda s: "Recovering" in path_after(s, job.fault_time), "a recovery", 60.0)
+                # The runners open the sink now, on a directory they cannot create their staging
+                # directory in: a job that cannot start its sink fails at once (not retryable),
+                # naming the path; once it is writable again, a restart runs the job.
+                failed = await job.outcome(["Failing", "Failed"], end="Failed")
+                assert failed.failure is not None and "Read-only file system" in failed.failure.message, (
+                    describe_status(failed)
+                )
+                assert str(fs.path) in failed.failure.message, describe_status(failed)
                 fs.restore()
-                path = []
+                await job.finish()
+                return
             after = await job.outcome(path, end=end, on_change=_reacted(job, fs))
             if state == "Rescaling":
                 assert set(after.parallelism.values()) == {RESCALE_TO}, after.parallelism
