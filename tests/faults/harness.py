@@ -476,6 +476,7 @@ class FaultJob:
             f"{self.fault}: the fault landed in {state_at(st, self.fault_time)}, not Running: {describe_status(st)}"
         )
         assert st.generation == before.generation, f"rescheduled: {describe_status(st)}"
+        self.check_old_generations(st)
         self.result = CaseResult(self.fault, self.state, f"{st.state} (no transition)", recovery_s)
         return st
 

@@ -19,6 +19,9 @@ from sluice.client import JobClient
 from tests.faults.harness import Controls, FaultJob, fault_pipeline, fault_spec
 
 CONCURRENCY = 4
+# pytest-timeout of a matrix test: the first test of a module also runs the module's whole matrix
+# (its fixture), several minutes on a loaded 2-core machine when cases fail by timing out.
+MATRIX_TIMEOUT_S = 900
 
 
 @dataclass

@@ -30,9 +30,9 @@ from sluice.devserver import DevServer
 from sluice.models import JobStatus
 from tests.conftest import ManagedProcess, run_process_worker
 from tests.faults.harness import RUNS_ON, STATES, FaultJob
-from tests.faults.matrix import JobFactory, Matrix
+from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 
 # After the crash: the path each job was on anyway. None: it stays where it is (and must
 # complete a checkpoint).

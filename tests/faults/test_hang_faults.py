@@ -17,10 +17,10 @@ import pytest_asyncio
 
 from tests.e2e_helpers import describe_status
 from tests.faults.harness import NAMES_MAP, RECOVERS, RESCALE_TO, RUNS_ON
-from tests.faults.matrix import JobFactory, Matrix, run_matrix, selected
+from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
 from tests.pipeline_functions import HANG_ALWAYS_FILE, HANG_ONCE_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 
 FAULT = "hanging map"
 # (path after the fault, end state, a text the first transition after the fault must contain)

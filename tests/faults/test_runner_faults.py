@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 
 from tests.faults.harness import RECOVERS, RESCALE_TO, RUNS_ON, STATES, release_stopped, signal_runner
-from tests.faults.matrix import JobFactory, Matrix, run_matrix, selected
+from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 
 # After the fault: the states the job goes through first, and where it is when we look.
 EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
