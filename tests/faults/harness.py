@@ -477,7 +477,7 @@ class FaultJob:
         )
         assert st.generation == before.generation, f"rescheduled: {describe_status(st)}"
         self.check_old_generations(st)
-        self.result = CaseResult(self.fault, self.state, f"{st.state} (no transition)", recovery_s)
+        self.result = CaseResult(self.fault, self.state, "Running (no transition; next checkpoint)", recovery_s)
         return st
 
     def check_old_generations(self, st: JobStatus) -> None:
