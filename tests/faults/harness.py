@@ -431,9 +431,10 @@ class FaultJob:
                 on_change(st)
             after = path_after(st, t0)
             if after[: len(path)] != path[: len(after)]:  # off the expected path: fail now
+                times = "; ".join(f"{t.to_state} at {t.time.time()}" for t in st.transitions[-6:])
                 raise AssertionError(
                     f"{self.fault} in {self.state}: expected {' -> '.join(path)}, "
-                    f"saw {' -> '.join(after)}: {describe_status(st)}"
+                    f"saw {' -> '.join(after)} (fault at {t0.time()}; {times}): {describe_status(st)}"
                 )
             return st.state in ends and after[: len(path)] == path
 
