@@ -393,9 +393,10 @@ class FaultJob:
         assert pids, f"no live runner to inject the fault into: {describe_status(st)}; live {live}"
         return pids[index]
 
-    def fault_injected(self, st: JobStatus, *, release: bool = True) -> None:
-        """Record the moment of the fault; release the holds so that the job can move on."""
-        self.fault_time = now_utc()
+    def fault_injected(self, st: JobStatus, *, release: bool = True, at: datetime | None = None) -> None:
+        """Record the moment of the fault (now, or `at`); release the holds so that the job can
+        move on."""
+        self.fault_time = at or now_utc()
         self.fault_status = st
         if release:
             self.release()

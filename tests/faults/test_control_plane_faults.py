@@ -29,7 +29,7 @@ from sluice.client import JobClient, connect
 from sluice.devserver import DevServer
 from sluice.models import JobStatus
 from tests.conftest import ManagedProcess, run_process_worker
-from tests.faults.harness import RUNS_ON, STATES, FaultJob
+from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc
 from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
@@ -114,9 +114,10 @@ async def _crash_in_every_state(
         await enter([s for s in STATES if s not in LATE])
         for group in LATE_GROUPS:
             await enter(group)
+        crashed_at = now_utc()
         worker = await crash(worker)
         for s, st in ready.items():
-            jobs[s].fault_injected(st)
+            jobs[s].fault_injected(st, at=crashed_at)  # the fault is the crash, not the restart
         results = await asyncio.gather(*(_follow(jobs[s]) for s in ready), return_exceptions=True)
         for s, res in zip(ready, results):
             matrix.failures[s] = res if isinstance(res, BaseException) else None
