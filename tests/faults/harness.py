@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sluice.client import JobClient
 from sluice.models import JobConfig, JobSpec, JobStatus, PipelineSpec
 from tests.e2e_helpers import (
@@ -554,8 +556,6 @@ class FaultJob:
 def mounted_tmpfs(path: Path, size_bytes: int) -> Iterator[Tmpfs]:
     """A tmpfs at `path` for the body of the `with`; always unmounted. Skips the case (with the
     reason) where this process may not mount."""
-    import pytest
-
     fs = Tmpfs(path, size_bytes)
     try:
         fs.mount()
