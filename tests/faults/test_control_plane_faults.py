@@ -29,7 +29,8 @@ from sluice.client import JobClient, connect
 from sluice.devserver import DevServer
 from sluice.models import JobStatus
 from tests.conftest import ManagedProcess, run_process_worker
-from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc
+from tests.e2e_helpers import describe_status
+from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc, path_after
 from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
@@ -74,7 +75,15 @@ async def _follow(job: FaultJob) -> None:
     else:
         path, end = expected
         await job.outcome(path, end=end)
-    await job.finish()
+    before = await job.status()
+    done = await job.finish()
+    assert job.fault_time is not None
+    # Nothing the crash caused, later either: no recovery in this run after the crash (a resumed
+    # Stopped job is a new run, whose record starts afresh).
+    for st in (before, done):
+        assert "Recovering" not in path_after(st, job.fault_time), (
+            f"{job.fault} in {job.state}: the job recovered after the crash: {describe_status(st)}"
+        )
 
 
 async def _crash_in_every_state(
