@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow bench venv clean histories
+.PHONY: run test test-slow test-faults bench bench-faults venv clean histories
 
 venv: $(STAMP)
 
@@ -29,6 +29,15 @@ test-slow: $(STAMP)
 # Regenerate the JobWorkflow history corpus (tests/histories/README.md); commit what it writes.
 histories: $(STAMP)
 	$(VENV)/bin/python -m tests.histories.generate
+
+# The fault x state suite alone (docs/reliability.md); `make test` runs it too.
+test-faults: $(STAMP)
+	$(VENV)/bin/pytest -q tests/faults $(PYTEST_ARGS)
+
+# The fault x state table of docs/reliability.md: the suite run FAULT_RUNS times, medians.
+FAULT_RUNS ?= 3
+bench-faults: $(STAMP)
+	PYTHONPATH=. $(VENV)/bin/python bench/faults.py --runs $(FAULT_RUNS)
 
 # The bench extra (bytewax, for the data-plane comparison) is installed on first use.
 # Options for the data-plane benchmark: make bench DATAPLANE_ARGS=--quick

@@ -44,9 +44,14 @@ def _add_one(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "value": row["value"] + 1}
 
 
+def _identity(row: dict[str, Any]) -> dict[str, Any]:
+    return row
+
+
 REFERENCE_FUNCTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "tests.pipeline_functions:keep_even": _keep_even,
     "tests.pipeline_functions:add_one": _add_one,
+    "tests.pipeline_functions:steered": _identity,  # steered only delays or hangs; rows pass as they are
 }
 
 KEEP_EVEN = "tests.pipeline_functions:keep_even"
