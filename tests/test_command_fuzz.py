@@ -341,21 +341,9 @@ UNFIT_ARGUMENTS = [
     Signal("stop", (raw_json('{"mode": '),), ""),
     Signal("restart", (RawValue(Payload(metadata={"encoding": b"binary/plain"}, data=b"\xff\x00")),), ""),
 ]
-#: Invariant violations that remain, by the name of their case in KNOWN_CASES, with the workflow
-#: change they need. Their cases are expected to fail (strictly: once fixed, remove them here) and
-#: the random sequences leave their kind of signal out until then.
-KNOWN_VIOLATIONS: dict[str, str] = {
-    "signal_without_argument": "a named signal handler called without its argument raises TypeError: "
-    "the workflow task fails on every attempt and the job is wedged (no status, no stop)",
-    "signal_with_two_arguments": "a named signal handler called with two arguments raises TypeError: "
-    "the workflow task fails on every attempt and the job is wedged (no status, no stop)",
-    "signal_payload_not_json": "the SDK drops a signal whose payload it cannot decode (worker log "
-    "only): nothing in rejected_commands",
-}
-
 invalid_signals = st.one_of(
     st.sampled_from(_bad_number_signals()),
-    *([] if KNOWN_VIOLATIONS else [st.sampled_from(UNFIT_ARGUMENTS)]),
+    st.sampled_from(UNFIT_ARGUMENTS),
     st.sampled_from(
         [
             # wrong types
@@ -683,15 +671,7 @@ KNOWN_CASES: dict[str, list[Step]] = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_VIOLATIONS[c], strict=True))
-        if c in KNOWN_VIOLATIONS
-        else c
-        for c in KNOWN_CASES
-    ],
-)
+@pytest.mark.parametrize("case", list(KNOWN_CASES))
 async def test_known_hostile_sequences(controller: ControllerWorker, case: str) -> None:
     """The sequences that once broke the contract, each alone: a small reproduction apiece."""
     await run_sequence(KNOWN_CASES[case], None, controller)

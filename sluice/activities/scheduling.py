@@ -13,7 +13,7 @@ from sluice.activities.sinks import recover_sinks
 from sluice.engine.compiler import assign, runners_needed
 from sluice.errors import CorruptCheckpointError, RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo, ScheduleInput, StartExecutionInput, StartRequest
-from sluice.runner.client import RunnerRequestRefused
+from sluice.runner.client import RunnerClient, RunnerRequestRefused
 from sluice.schedulers import RunnerStartError
 from sluice.storage import CheckpointProblem, CheckpointStore
 
@@ -46,12 +46,15 @@ class SchedulingActivities:
             # of every new generation failing on it again.
             async with heartbeating(lambda: {"verifying epoch": inp.restore_epoch}):
                 manifest = await asyncio.to_thread(restore_point, store, inp.restore_epoch)
-        # Finish the restore point's commit phase and drop output of epochs that never completed,
-        # before any task can write new output (only where this job still owns the destination).
-        await asyncio.to_thread(recover_sinks, inp.program, inp.job_id, manifest)
         assignments = assign(inp.program, inp.runners)
         by_runner = {a.runner_id: a for a in assignments}
         async with heartbeating(), self.ctx.runner_clients(inp.job_id, inp.generation, inp.runners) as clients:
+            # Finish the restore point's commit phase and drop output of epochs that never
+            # completed, before any task can write new output (only where this job still owns the
+            # destination). A retry after a lost worker may find tasks of this generation already
+            # writing: recovery then already ran, and running it again would delete their files.
+            if activity.info().attempt == 1 or not await _any_start_requested(clients):
+                await asyncio.to_thread(recover_sinks, inp.program, inp.job_id, manifest)
             try:
                 await asyncio.gather(
                     *(
@@ -81,3 +84,12 @@ class SchedulingActivities:
                 raise ApplicationError(f"starting tasks failed: {e.message}") from None
             except (RunnerRefused, RunnerUnavailable) as e:
                 raise ApplicationError(f"starting tasks failed: {e}") from None
+
+
+async def _any_start_requested(clients: list[RunnerClient]) -> bool:
+    """Whether any runner of the generation was already asked to start its tasks."""
+    try:
+        answers = await asyncio.gather(*(c.health() for c in clients))
+    except (RunnerRefused, RunnerUnavailable, RunnerRequestRefused) as e:
+        raise ApplicationError(f"starting tasks failed: {e}") from None
+    return any(a.get("start_requested") or a.get("tasks") for a in answers)

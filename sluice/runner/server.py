@@ -441,6 +441,9 @@ class RunnerServer:
                 "generation": self.generation,
                 "pid": os.getpid(),
                 "started": self._started_ok(),
+                # A start was asked for (perhaps still opening): a retried start activity must not
+                # recover sinks under the tasks that request began.
+                "start_requested": self._start_future is not None,
                 "tasks": self.task_states(),
             }
         )

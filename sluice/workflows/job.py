@@ -440,52 +440,67 @@ class JobWorkflow:
         self.commands_seen += 1
         self.show_details()
 
-    def _signal(self, command: str, payload: Any, apply: Callable[[Any], None], model: type[BaseModel]) -> None:
-        """Signals never fail the workflow: a bad one is recorded as rejected and logged."""
-        try:
-            cmd = self._parse(model, command, payload)
-            apply(cmd)
-        except CommandRejected as e:
-            self._record_rejected(command, payload, str(e))
-            return
-        self._accepted()
+    # Signals are commands: each is parsed into its model, checked against the job's state, then
+    # applied. None of them is a typed @workflow.signal handler: the SDK would fail the workflow task
+    # (for good, on every retry) on a signal with no or two arguments and silently drop one whose
+    # payload it cannot decode. One dynamic handler takes every signal as raw payloads instead, so a
+    # bad one is always recorded as rejected (sluice status shows it) and never wedges the job.
 
-    @workflow.signal(name="stop")
-    def stop_signal(self, payload: Any) -> None:
-        def apply(cmd: StopCommand) -> None:
-            self._check_stop(cmd)
-            self._apply_stop(cmd)
+    def _apply_stop_command(self, cmd: StopCommand) -> None:
+        self._check_stop(cmd)
+        self._apply_stop(cmd)
 
-        self._signal("stop", payload, apply, StopCommand)
+    def _apply_rescale_command(self, cmd: RescaleCommand) -> None:
+        self.config = self._check_parallelism(cmd.parallelism, cmd.overrides)
 
-    @workflow.signal(name="rescale")
-    def rescale_signal(self, payload: Any) -> None:
-        def apply(cmd: RescaleCommand) -> None:
-            self.config = self._check_parallelism(cmd.parallelism, cmd.overrides)
+    def _apply_restart_command(self, cmd: RestartCommand) -> None:
+        self._check_restart()
+        self._apply_restart(cmd)
 
-        self._signal("rescale", payload, apply, RescaleCommand)
+    def _apply_config_patch(self, patch: ConfigPatch) -> None:
+        self.config = self._patched_config(patch)
 
-    @workflow.signal(name="restart")
-    def restart_signal(self, payload: Any) -> None:
-        def apply(cmd: RestartCommand) -> None:
-            self._check_restart()
-            self._apply_restart(cmd)
-
-        self._signal("restart", payload, apply, RestartCommand)
-
-    @workflow.signal(name="update_config")
-    def update_config_signal(self, payload: Any) -> None:
-        def apply(patch: ConfigPatch) -> None:
-            self.config = self._patched_config(patch)
-
-        self._signal("update_config", payload, apply, ConfigPatch)
+    def _signal_commands(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], None]]]:
+        """Each signal name with the model its one argument must fit and what applies it."""
+        return {
+            "stop": (StopCommand, self._apply_stop_command),
+            "rescale": (RescaleCommand, self._apply_rescale_command),
+            "restart": (RestartCommand, self._apply_restart_command),
+            "update_config": (ConfigPatch, self._apply_config_patch),
+        }
 
     @workflow.signal(dynamic=True)
-    def unknown_signal(self, name: str, args: Sequence[RawValue]) -> None:
-        """A signal no handler knows (a typo, an old client): recorded as rejected, never dropped."""
-        self._record_rejected(
-            name, None, f"unknown signal {_short(name, 100)!r}; signals are {', '.join(sorted(_EXAMPLES))}"
-        )
+    def command_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        """Every signal: a known command is applied or rejected; an unknown name is rejected too."""
+        command = self._signal_commands().get(name)
+        if command is None:
+            self._record_rejected(
+                name, None, f"unknown signal {_short(name, 100)!r}; signals are {', '.join(sorted(_EXAMPLES))}"
+            )
+            return
+        if len(args) != 1:
+            self._record_rejected(
+                name, None, f"{name} expects one JSON object, e.g. {_EXAMPLES[name]}, got {len(args)} arguments"
+            )
+            return
+        try:
+            payload = workflow.payload_converter().from_payload(args[0].payload)
+        except Exception as e:  # any undecodable payload is the caller's error, never the workflow's
+            encoding = args[0].payload.metadata.get("encoding", b"").decode("utf-8", "replace")
+            self._record_rejected(
+                name,
+                None,
+                f"{name} expects one JSON object, e.g. {_EXAMPLES[name]}; its payload "
+                f"(encoding {_short(encoding, 50)!r}) could not be decoded: {_short(str(e), 200)}",
+            )
+            return
+        model, apply = command
+        try:
+            apply(self._parse(model, name, payload))
+        except CommandRejected as e:
+            self._record_rejected(name, payload, str(e))
+            return
+        self._accepted()
 
     def _patched_config(self, patch: ConfigPatch) -> JobConfig:
         self._check_open("update_config")

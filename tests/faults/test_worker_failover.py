@@ -259,7 +259,7 @@ async def test_sticky_worker_killed(
             st = await _status(job, lambda s: s.state == "Stopped", "Stopped", timeout_s=FAILOVER_TIMEOUT_S)
             await wait_until(lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed")
             await job_client.stop(job.job_id, "none")  # resume: a new run restores the final checkpoint
-        st = await _status(job, lambda s: s.state == "Finished", "Finished", timeout_s=END_TIMEOUT_S)
+        await _status(job, lambda s: s.state == "Finished", "Finished", timeout_s=END_TIMEOUT_S)
         await wait_until(lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed")
 
         # Once closed, a query replays the whole history on the surviving worker.
