@@ -22,7 +22,9 @@ HANG_ALWAYS_FILE = "hang-always"  # while it exists, every batch never returns
 # batches; a hold lasts as long as batches queue up behind it.
 HOLD_SLICE_S = 0.25
 # A runner never waits longer than this at startup, even if a test forgot its hold-open file.
-HOLD_OPEN_MAX_S = 60.0
+# Longer than the control-plane fault tests take to bring their eight jobs into place on a loaded
+# machine (their Scheduling job is held the whole time; a hold that ran out let it reach Running).
+HOLD_OPEN_MAX_S = 150.0
 HOLD_OPEN_POLL_S = 0.05
 HANG_SLEEP_S = 3600.0
 # A blocking hold never lasts longer than this, even if a test forgot its file.

@@ -51,7 +51,7 @@ EXPECTED: dict[str, tuple[list[str], str | tuple[str, ...]] | None] = {
 # could end a hold is long here; one runner per job keeps eight jobs light.
 HELD_CONFIG: dict[str, Any] = {
     "slots_per_runner": 4,
-    "task_startup_timeout_s": 90.0,
+    "task_startup_timeout_s": 180.0,  # above HOLD_OPEN_MAX_S: the held start never times out
     "finish_timeout_s": 90.0,
     # The holds block one map call until released (all jobs wait for the last one to be ready):
     # longer than any hold here, so a held call is not taken for a hang.
