@@ -33,7 +33,6 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from temporalio import activity
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
@@ -41,29 +40,16 @@ from temporalio.common import RawValue
 from temporalio.worker import Worker
 
 from sluice.client import JobClient, JobClosed
-from sluice.engine.compiler import compile_program as build_program
-from sluice.engine.compiler import runners_needed
 from sluice.models import (
-    CheckpointInfo,
-    CheckpointInput,
-    CleanupInput,
-    CompileInput,
-    CompileResult,
     WORKFLOW_TYPE,
     JobConfig,
     JobInput,
     JobSpec,
     JobStatus,
-    MonitorInput,
-    MonitorResult,
     PipelineSpec,
-    RunnerInfo,
-    ScheduleInput,
-    StartExecutionInput,
-    StopInput,
-    TeardownInput,
 )
 from sluice.workflows.job import JobWorkflow
+from tests.fake_controller import FakeController
 from tests.e2e_helpers import unique_job_id, wait_closed, wait_until
 
 # Bounds (waits, not timing goals).
@@ -73,7 +59,6 @@ REJECTIONS_SEEN_TIMEOUT_S = 15.0
 UPDATE_TIMEOUT_S = 15.0
 SEQUENCE_TIMEOUT_S = 120.0  # a whole sequence and its checks; beyond it something hangs
 GIVE_UP_AFTER_S = 0.3  # a wait_for_state caller that gives up this soon
-FAKE_HEARTBEAT_S = 0.5
 # A restarted worker gets the job's next task after the old worker's sticky queue times out.
 STICKY_TIMEOUT = timedelta(seconds=1)
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=2)
@@ -91,56 +76,6 @@ PIPELINE = PipelineSpec.model_validate(
         "operators": [{"id": "events", "type": "generator", "splits": 2}, {"id": "out", "type": "null"}],
     }
 )
-
-
-# ------------------------------------------------------------------------------ fake activities
-
-
-class FakeController:
-    """The controller activities under their real names: no runner process ever exists.
-
-    The monitor watches until it is cancelled (a healthy job), checkpoints always succeed, and
-    compiling uses the real (pure) compiler so that the workflow sees a real program.
-    """
-
-    @activity.defn(name="compile_program")
-    async def compile_program(self, inp: CompileInput) -> CompileResult:
-        program = build_program(inp.spec.pipeline, inp.spec.config)
-        return CompileResult(program=program, checkpoint_url="memory://fuzz", latest_epoch=0, highest_epoch=0)
-
-    @activity.defn(name="schedule_runners")
-    async def schedule_runners(self, inp: ScheduleInput) -> list[RunnerInfo]:
-        count = runners_needed(inp.program, inp.slots_per_runner)
-        return [
-            RunnerInfo(runner_id=f"r{i}", generation=inp.generation, control_port=1, slots=inp.slots_per_runner)
-            for i in range(count)
-        ]
-
-    @activity.defn(name="start_execution")
-    async def start_execution(self, inp: StartExecutionInput) -> None:
-        return None
-
-    @activity.defn(name="monitor_runners")
-    async def monitor_runners(self, inp: MonitorInput) -> MonitorResult:
-        while True:  # until cancelled: the runners are healthy
-            activity.heartbeat()
-            await asyncio.sleep(FAKE_HEARTBEAT_S)
-
-    @activity.defn(name="checkpoint")
-    async def checkpoint(self, inp: CheckpointInput) -> CheckpointInfo:
-        return CheckpointInfo(epoch=inp.epoch, manifest_path="memory://fuzz", then_stop=inp.then_stop, duration_s=0.0)
-
-    @activity.defn(name="cleanup_checkpoints")
-    async def cleanup_checkpoints(self, inp: CleanupInput) -> int:
-        return 0
-
-    @activity.defn(name="stop_runners")
-    async def stop_runners(self, inp: StopInput) -> None:
-        return None
-
-    @activity.defn(name="teardown_runners")
-    async def teardown_runners(self, inp: TeardownInput) -> int:
-        return 0
 
 
 class ControllerWorker:
@@ -162,10 +97,7 @@ class ControllerWorker:
             self.client,
             task_queue=self.task_queue,
             workflows=[JobWorkflow],
-            activities=[
-                fakes.compile_program, fakes.schedule_runners, fakes.start_execution, fakes.monitor_runners,
-                fakes.checkpoint, fakes.cleanup_checkpoints, fakes.stop_runners, fakes.teardown_runners,
-            ],  # fmt: skip
+            activities=fakes.activities(),
             sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         )
         self.task = asyncio.create_task(self.worker.run(), name=f"fuzz-worker-{self.task_queue}")

@@ -13,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio import activity
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -38,29 +36,18 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 
 from sluice.devserver import SEARCH_ATTRIBUTES
 
-from sluice.engine.compiler import compile_program
 from sluice.models import (
-    CheckpointInfo,
-    CheckpointInput,
-    CleanupInput,
-    CompileInput,
-    CompileResult,
     JobConfig,
     JobInput,
     JobSpec,
     JobStatus,
-    MonitorInput,
     MonitorResult,
     PipelineSpec,
-    RunnerInfo,
-    ScheduleInput,
-    StartExecutionInput,
-    StopInput,
-    TeardownInput,
     WaitForStateRequest,
 )
 from sluice.workflows.constants import CORRUPT_CHECKPOINT_TYPE, IDENTICAL_FAILURES_TO_FAIL
 from sluice.workflows.job import JobWorkflow
+from tests.fake_controller import FakeController
 
 pytestmark = pytest.mark.timeout(120)
 TEST_SERVER = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "temporal-test-server"
@@ -73,63 +60,6 @@ PIPELINE = PipelineSpec.model_validate(
 def _test_server() -> str | None:
     found = shutil.which("temporal-test-server")
     return found or (str(TEST_SERVER) if TEST_SERVER.exists() else None)
-
-
-@dataclass
-class FakeController:
-    """Activities that answer at once; `monitor` decides what each generation's monitor reports."""
-
-    monitor: Callable[[int], MonitorResult | None] = lambda generation: None
-    start_error: Callable[[int], BaseException | None] = lambda generation: None
-    checkpoints: list[int] = field(default_factory=list)
-    generations: list[int] = field(default_factory=list)
-
-    def activities(self) -> list[Callable[..., Any]]:
-        fake = self
-
-        @activity.defn(name="compile_program")
-        async def compile_(inp: CompileInput) -> CompileResult:
-            program = compile_program(inp.spec.pipeline, inp.spec.config)
-            return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
-
-        @activity.defn(name="schedule_runners")
-        async def schedule(inp: ScheduleInput) -> list[RunnerInfo]:
-            fake.generations.append(inp.generation)
-            return [RunnerInfo(runner_id=f"r{inp.generation}", generation=inp.generation, control_port=1, slots=4)]
-
-        @activity.defn(name="start_execution")
-        async def start(inp: StartExecutionInput) -> None:
-            error = fake.start_error(inp.generation)
-            if error is not None:
-                raise error
-
-        @activity.defn(name="monitor_runners")
-        async def monitor(inp: MonitorInput) -> MonitorResult:
-            result = fake.monitor(inp.generation)
-            if result is not None:
-                return result
-            while True:  # nothing to report: run until cancelled
-                activity.heartbeat()
-                await asyncio.sleep(1)
-
-        @activity.defn(name="checkpoint")
-        async def checkpoint(inp: CheckpointInput) -> CheckpointInfo:
-            fake.checkpoints.append(inp.epoch)
-            return CheckpointInfo(epoch=inp.epoch, manifest_path="m", then_stop=inp.then_stop, duration_s=0.0)
-
-        @activity.defn(name="cleanup_checkpoints")
-        async def cleanup(inp: CleanupInput) -> int:
-            return 0
-
-        @activity.defn(name="stop_runners")
-        async def stop(inp: StopInput) -> None:
-            return None
-
-        @activity.defn(name="teardown_runners")
-        async def teardown(inp: TeardownInput) -> int:
-            return 0
-
-        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

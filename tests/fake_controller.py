@@ -1,0 +1,100 @@
+"""The controller's activities faked under their real names, for workflow tests without runners.
+
+No runner process ever exists: runners are records, starting them does nothing, checkpoints
+always succeed. Compiling uses the real (pure) compiler so that the workflow sees a real program.
+Each test steers what it needs: what a generation's monitor reports, whether its start fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from temporalio import activity
+
+from sluice.engine.compiler import compile_program, runners_needed
+from sluice.models import (
+    CheckpointInfo,
+    CheckpointInput,
+    CleanupInput,
+    CompileInput,
+    CompileResult,
+    MonitorInput,
+    MonitorResult,
+    RunnerInfo,
+    ScheduleInput,
+    StartExecutionInput,
+    StopInput,
+    TeardownInput,
+)
+
+FAKE_HEARTBEAT_S = 0.5  # a healthy monitor heartbeats this often until it is cancelled
+
+
+@dataclass
+class FakeController:
+    """Activities that answer at once.
+
+    `monitor(generation)`: what that generation's monitor reports (None: healthy, it runs until
+    cancelled). `start_error(generation)`: an error its start raises (None: it starts).
+    `generations` and `checkpoints` record what the workflow asked for.
+    """
+
+    monitor: Callable[[int], MonitorResult | None] = lambda generation: None
+    start_error: Callable[[int], BaseException | None] = lambda generation: None
+    checkpoints: list[int] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
+
+    def activities(self) -> list[Callable[..., Any]]:
+        fake = self
+
+        @activity.defn(name="compile_program")
+        async def compile_(inp: CompileInput) -> CompileResult:
+            program = compile_program(inp.spec.pipeline, inp.spec.config)
+            return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
+
+        @activity.defn(name="schedule_runners")
+        async def schedule(inp: ScheduleInput) -> list[RunnerInfo]:
+            fake.generations.append(inp.generation)
+            count = runners_needed(inp.program, inp.slots_per_runner)
+            return [
+                RunnerInfo(runner_id=f"g{inp.generation}-r{i}", generation=inp.generation, control_port=1,
+                           slots=inp.slots_per_runner)
+                for i in range(count)
+            ]  # fmt: skip
+
+        @activity.defn(name="start_execution")
+        async def start(inp: StartExecutionInput) -> None:
+            error = fake.start_error(inp.generation)
+            if error is not None:
+                raise error
+
+        @activity.defn(name="monitor_runners")
+        async def monitor(inp: MonitorInput) -> MonitorResult:
+            result = fake.monitor(inp.generation)
+            if result is not None:
+                return result
+            while True:  # nothing to report: run until cancelled
+                activity.heartbeat()
+                await asyncio.sleep(FAKE_HEARTBEAT_S)
+
+        @activity.defn(name="checkpoint")
+        async def checkpoint(inp: CheckpointInput) -> CheckpointInfo:
+            fake.checkpoints.append(inp.epoch)
+            return CheckpointInfo(epoch=inp.epoch, manifest_path="/nonexistent", then_stop=inp.then_stop,
+                                  duration_s=0.0)  # fmt: skip
+
+        @activity.defn(name="cleanup_checkpoints")
+        async def cleanup(inp: CleanupInput) -> int:
+            return 0
+
+        @activity.defn(name="stop_runners")
+        async def stop(inp: StopInput) -> None:
+            return None
+
+        @activity.defn(name="teardown_runners")
+        async def teardown(inp: TeardownInput) -> int:
+            return 0
+
+        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown]
