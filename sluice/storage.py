@@ -40,7 +40,14 @@ import pyarrow.ipc as ipc
 from pydantic import ValidationError
 
 from sluice.errors import CorruptCheckpointError
-from sluice.models import CheckpointManifest, OperatorCheckpoint, Program, StateFileDigest, SubtaskSnapshot
+from sluice.fsutil import fsync_dir
+from sluice.models import (
+    CheckpointManifest,
+    OperatorCheckpoint,
+    Program,
+    StateFileDigest,
+    SubtaskSnapshot,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "manifest.json"
@@ -180,7 +187,7 @@ class CheckpointStore:
                 except FileNotFoundError:
                     pass
                 raise
-            _fsync_dir(self.epoch_path(manifest.epoch))
+            fsync_dir(self.epoch_path(manifest.epoch), best_effort=True)
         else:
             # Object stores make a single PUT visible atomically when the stream closes.
             with self._fs.open_output_stream(final) as out:
@@ -509,17 +516,3 @@ class _DigestingSink:
 
     def digest(self) -> StateFileDigest:
         return StateFileDigest(size=self._size, sha256=self._hash.hexdigest())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

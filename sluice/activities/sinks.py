@@ -10,50 +10,49 @@ where another job has taken over the destination.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from sluice.activities.context import user_error
 from sluice.connectors import sink_class
+from sluice.engine.sinks import Sink
 from sluice.errors import UserError
 from sluice.models import CheckpointManifest, Program
 
 
-def claim_sinks(program: Program, job_id: str) -> None:
-    """Make `job_id` the owner of every sink destination of `program`, or confirm it is."""
-    for params in program.operators.values():
+def _each_sink(program: Program, act: Callable[[str, type[Sink], dict[str, Any]], int | None]) -> int:
+    """`act(operator id, sink class, params)` for every sink of `program`; the sum of what it
+    returns. A sink's UserError becomes the activity's non-retryable user failure."""
+    total = 0
+    for op_id, params in program.operators.items():
         sink = sink_class(params)
         if sink is None:
             continue
         try:
-            sink.claim(params, job_id)
+            total += act(op_id, sink, params) or 0
         except UserError as e:
             raise user_error(str(e)) from None
+    return total
+
+
+def claim_sinks(program: Program, job_id: str) -> None:
+    """Make `job_id` the owner of every sink destination of `program`, or confirm it is."""
+    _each_sink(program, lambda op_id, sink, params: sink.claim(params, job_id))
 
 
 def recover_sinks(program: Program, job_id: str, manifest: CheckpointManifest | None) -> None:
     """Before a run restores `manifest` (None = fresh start): each sink, once its ownership is
     confirmed, publishes the manifest's commits and discards its own uncommitted output."""
     claim_sinks(program, job_id)
-    for params in program.operators.values():
-        sink = sink_class(params)
-        if sink is None:
-            continue
-        try:
-            sink.recover(params, manifest)
-        except UserError as e:
-            raise user_error(str(e)) from None
+    _each_sink(program, lambda op_id, sink, params: sink.recover(params, manifest))
 
 
 def commit_sinks(program: Program, job_id: str, manifest: CheckpointManifest) -> int:
     """The commit phase of two-phase-commit sinks; idempotent, so retries are safe. Returns how
     many items were published."""
     claim_sinks(program, job_id)
-    published = 0
-    for op_id, params in program.operators.items():
-        sink = sink_class(params)
+
+    def commit(op_id: str, sink: type[Sink], params: dict[str, Any]) -> int:
         part = manifest.operators.get(op_id)
-        if sink is None or part is None or not part.commits:
-            continue
-        try:
-            published += sink.commit(params, part.commits)
-        except UserError as e:
-            raise user_error(str(e)) from None
-    return published
+        return sink.commit(params, part.commits) if part is not None and part.commits else 0
+
+    return _each_sink(program, commit)

@@ -47,6 +47,7 @@ from sluice.connectors.sink_owner import claim_path
 from sluice.engine.operators import OperatorContext, OperatorState
 from sluice.engine.sinks import Sink
 from sluice.errors import UserError
+from sluice.fsutil import fsync_dir
 from sluice.models import CheckpointManifest, FilesSinkOperator
 
 STAGING_DIR = ".staging"
@@ -94,14 +95,6 @@ def committed_files(path: str) -> list[str]:
         dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
         out.extend(os.path.join(root, f) for f in files if not f.startswith((".", "_")))
     return sorted(out)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- writers, one per format
@@ -270,7 +263,7 @@ class FilesSink(Sink):
         ext = writer.ext
         staged = staged_name(self.path, epoch, self.ctx.subtask_index, self.ctx.generation, ext)
         os.replace(writer.path, staged)
-        _fsync_dir(staging_dir(self.path))
+        fsync_dir(staging_dir(self.path))
         self._rows = 0
         final = final_name(self.path, epoch, self.ctx.subtask_index, self._token, ext)
         return OperatorState(commits=[{"staged": staged, "final": final}])
@@ -329,11 +322,11 @@ class FilesSink(Sink):
                 )
             published += 1
         for d in final_dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
         for staged in linked:
             os.unlink(staged)
         for d in {os.path.dirname(staged) for staged in linked}:
-            _fsync_dir(d)
+            fsync_dir(d)
         return published
 
     @classmethod

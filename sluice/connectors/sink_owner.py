@@ -29,6 +29,7 @@ import uuid
 from datetime import datetime, timezone
 
 from sluice.errors import UserError
+from sluice.fsutil import fsync_dir
 
 #: the owner marker's file name inside a sink path (leading '_': not committed output)
 OWNER_MARKER = "_sluice_owner.json"
@@ -141,7 +142,7 @@ def _create_marker(path: str, job_id: str) -> bool:
             os.link(tmp, marker_path(path))  # atomic; fails if another claim got there first
         except FileExistsError:
             return False
-        _fsync_dir(path)
+        fsync_dir(path)
         return True
     finally:
         try:
@@ -181,11 +182,3 @@ def _owner_quiet(path: str) -> str | None:
         return owner_of(path)
     except (UnreadableOwnerMarker, OSError):
         return None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
