@@ -50,7 +50,7 @@ FINISH_TIMEOUT_S = 120.0
 # growing to a minute) takes far longer than this.
 FAIL_FAST_TIMEOUT_S = 90.0
 CLI_TIMEOUT_S = 60.0
-PART_EPOCH = re.compile(r"^part-(\d{10})-\d{4}\.")
+PART_EPOCH = re.compile(r"^part-(\d{10})-\d{4}(?:-[0-9a-f]+)?\.")  # part-<epoch>-<subtask>[-<token>]
 
 
 async def _stopped_with_checkpoints(job_client: JobClient, state_dir: Path, name: str) -> tuple[Any, Any, int, int]:

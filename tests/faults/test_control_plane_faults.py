@@ -30,7 +30,7 @@ from sluice.devserver import DevServer
 from sluice.models import JobStatus
 from tests.conftest import ManagedProcess, run_process_worker
 from tests.e2e_helpers import describe_status
-from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc, path_after
+from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc
 from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
@@ -81,7 +81,7 @@ async def _follow(job: FaultJob) -> None:
     # Nothing the crash caused, later either: no recovery in this run after the crash (a resumed
     # Stopped job is a new run, whose record starts afresh).
     for st in (before, done):
-        assert "Recovering" not in path_after(st, job.fault_time), (
+        assert "Recovering" not in job.after_fault(st), (
             f"{job.fault} in {job.state}: the job recovered after the crash: {describe_status(st)}"
         )
 
@@ -123,9 +123,13 @@ async def _crash_in_every_state(
         await enter([s for s in STATES if s not in LATE])
         for group in LATE_GROUPS:
             await enter(group)
+        # Each job's status right before the crash: where the crash meets it (by position in its
+        # transition record, see FaultJob.fault_by_position).
+        ready = dict(zip(ready, await asyncio.gather(*(jobs[s].status() for s in ready))))
         crashed_at = now_utc()
         worker = await crash(worker)
         for s, st in ready.items():
+            jobs[s].fault_by_position = True
             jobs[s].fault_injected(st, at=crashed_at)  # the fault is the crash, not the restart
         results = await asyncio.gather(*(_follow(jobs[s]) for s in ready), return_exceptions=True)
         for s, res in zip(ready, results):
