@@ -569,7 +569,7 @@ class JobClient:
         and `TimeoutError` after `timeout_s`. Survives continue-as-new (retries on the new run).
         """
         wanted = [states] if isinstance(states, str) else list(states)
-        request = WaitForStateRequest(states=wanted)  # type: ignore[arg-type]  # validates names
+        WaitForStateRequest(states=wanted)  # type: ignore[arg-type]  # validates the names before any call
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
         def remaining() -> float | None:

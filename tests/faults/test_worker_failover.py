@@ -254,9 +254,9 @@ async def test_sticky_worker_killed(
         survivors = [w for w in workers if w is not victim]
         assert all(w.alive() for w in survivors), "the other controller worker died too"
 
-        st = await _answers_status(job)
+        await _answers_status(job)
         if case.stops_first:
-            st = await _status(job, lambda s: s.state == "Stopped", "Stopped", timeout_s=FAILOVER_TIMEOUT_S)
+            await _status(job, lambda s: s.state == "Stopped", "Stopped", timeout_s=FAILOVER_TIMEOUT_S)
             await wait_until(lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed")
             await job_client.stop(job.job_id, "none")  # resume: a new run restores the final checkpoint
         await _status(job, lambda s: s.state == "Finished", "Finished", timeout_s=END_TIMEOUT_S)
