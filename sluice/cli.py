@@ -267,8 +267,19 @@ def server(
 
 
 @app.command()
-def worker(state_dir: Path = StateDirOpt) -> None:
-    """Run a controller worker (hosts JobWorkflow and its activities) until Ctrl-C."""
+def worker(
+    state_dir: Path = StateDirOpt,
+    local_slots: int = typer.Option(
+        64, "--local-slots", min=0,
+        help="runner slots of the local host run beside the controller (0: control only; every "
+        "runner then lives on a `sluice host`)",
+    ),
+    max_concurrent_activities: int = typer.Option(
+        100, "--max-concurrent-activities", min=1, help="controller activities this worker runs at once"
+    ),
+) -> None:
+    """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
+    unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
     base = settings.state_dir(state_dir)
     extend_import_path(Path.cwd())
 
@@ -278,8 +289,18 @@ def worker(state_dir: Path = StateDirOpt) -> None:
         from sluice.worker import run_worker
 
         client = await connect()
-        typer.echo(f"controller worker on task queue 'sluice' at {client.service_client.config.target_host}; state in {base}")
-        await run_worker(client, base)
+        where = client.service_client.config.target_host
+        host = f"; local host with {local_slots} runner slots" if local_slots else "; no local host"
+        typer.echo(f"controller worker on task queue 'sluice' at {where}{host}; state in {base}")
+        await run_worker(
+            client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities
+        )
+
+    _serve_until_term(main)
+
+
+def _serve_until_term(main: Callable[[], None]) -> None:
+    """Run a long-lived command; SIGTERM stops it as Ctrl-C does (cleanly)."""
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -291,6 +312,96 @@ def worker(state_dir: Path = StateDirOpt) -> None:
         if exc.exit_code == EXIT_INTERRUPTED:
             return
         raise
+
+
+def _parse_labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--label {item!r}: expected KEY=VALUE, e.g. --label zone=eu", EXIT_USAGE)
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@app.command()
+def host(
+    slots: int = typer.Option(16, "--slots", min=0, help="runner processes this host runs at once"),
+    host_id: str | None = typer.Option(
+        None, "--host-id", help="the host's id (default: machine name and a digest of the state directory)"
+    ),
+    advertise: str | None = typer.Option(
+        None, "--advertise", help="address runners give peers and controllers (default: the bind address)"
+    ),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="address runners listen on (0.0.0.0: every interface)"),
+    label: list[str] = typer.Option([], "--label", help="KEY=VALUE a pipeline's host_labels can require; repeatable"),
+    hang_timeout: float = typer.Option(
+        10.0, "--hang-timeout", min=0.5, help="seconds of silence after which a runner is reported lost (hung)"
+    ),
+    state_dir: Path = StateDirOpt,
+) -> None:
+    """Run a runner host: offers runner slots to every job, registered in Temporal, until Ctrl-C
+    or SIGTERM (then it deregisters: its jobs recover on other hosts)."""
+    base = settings.state_dir(state_dir)
+    extend_import_path(Path.cwd())
+    labels = _parse_labels(label)
+
+    @run_async
+    async def main() -> None:
+        from sluice.client import connect
+        from sluice.hosts.host import HostConfig, RunnerHost, default_host_id
+
+        client = await connect()
+        config = HostConfig(
+            host_id=host_id or default_host_id(base), slots=slots, bind=bind, advertise=advertise,
+            labels=labels, hang_timeout_s=hang_timeout,
+        )  # fmt: skip
+        async with RunnerHost(client, base, config) as runner_host:
+            typer.echo(
+                f"host {config.host_id}: {slots} runner slots on task queue {runner_host.task_queue}, "
+                f"runners at {config.address}; state in {base}"
+            )
+            await asyncio.Event().wait()
+
+    _serve_until_term(main)
+
+
+@app.command()
+def hosts(
+    output: str = typer.Option("table", "--output", "-o", help="table or json"),
+) -> None:
+    """List the runner hosts registered in Temporal: slots in use and free, labels, jobs."""
+    if output not in ("table", "json"):
+        fail(f"--output {output!r}: expected table or json", EXIT_USAGE)
+
+    @run_async
+    async def main() -> None:
+        from sluice.client import connect
+        from sluice.hosts.registry_client import list_hosts
+
+        records = await list_hosts(await connect())
+        if output == "json":
+            import json
+
+            typer.echo(json.dumps([
+                {**r.model_dump(mode="json"), "slots_free": r.slots_free} for r in records
+            ], indent=2))  # fmt: skip
+            return
+        if not records:
+            typer.echo("no runner hosts registered (start one with `sluice host`, or `sluice worker`)")
+            return
+        rows = [
+            (r.host_id, r.address, f"{r.slots_in_use}/{r.slots}", str(r.slots_free),
+             ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-", r.version or "?",
+             ",".join(sorted(r.jobs)) or "-")
+            for r in records
+        ]  # fmt: skip
+        header = ("HOST", "ADDRESS", "IN USE", "FREE", "LABELS", "VERSION", "JOBS")
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        for row in (header, *rows):
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+    main()
 
 
 # ------------------------------------------------------------------------------ run

@@ -358,6 +358,10 @@ class PipelineSpec(Contract):
     name: str = Field(max_length=MAX_NAME_LENGTH)
     parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM)
     operators: list[OperatorSpec] = Field(min_length=1, max_length=MAX_OPERATORS)
+    host_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="runners go only to hosts that have every one of these labels (sluice host --label k=v)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -620,6 +624,7 @@ class RunnerInfo(Contract):
     data_port: int | None = None
     pid: int | None = None
     slots: int
+    host_id: str | None = None  # the runner host that started it (None: the worker's own scheduler)
 
     @property
     def control_url(self) -> str:
@@ -779,6 +784,9 @@ class JobStatus(Contract):
     )
     rejected_commands: list[RejectedCommand] = Field(default_factory=list)
     transitions: list[TransitionRecord] = Field(default_factory=list)
+    waiting_for: str | None = Field(
+        default=None, description="Scheduling: why the job waits (e.g. no free runner slot), else null"
+    )
 
 
 class MonitorResult(Contract):

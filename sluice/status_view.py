@@ -56,6 +56,14 @@ def status_lines(status: JobStatus) -> list[str]:
     if status.transitions:
         t = status.transitions[-1]
         lines.append(f"last transition: {t.from_state} -> {t.to_state} at {_when(t.time)}: {t.reason}")
+    if status.waiting_for:
+        lines.append(f"waiting: {status.waiting_for}")
+    if status.runners:
+        hosts: dict[str, int] = {}
+        for r in status.runners:
+            where = r.host_id or r.host
+            hosts[where] = hosts.get(where, 0) + 1
+        lines.append("runners: " + ", ".join(f"{n} on {h}" for h, n in sorted(hosts.items())))
     if status.failure is not None:
         lines += _failure_lines("failure", status.failure)
     last_error = status.last_error

@@ -1,4 +1,6 @@
-"""The controller worker: hosts JobWorkflow and the controller activities on task queue `sluice`."""
+"""The controller worker: JobWorkflow, the host registry and the controller activities on task
+queue `sluice`, plus (by default) a local runner host, so one `sluice worker` on one machine runs
+jobs with nothing else started."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -14,28 +17,94 @@ from sluice.activities.checkpointing import CheckpointActivities
 from sluice.activities.compiling import CompileActivities
 from sluice.activities.context import ControllerContext
 from sluice.activities.monitoring import MonitorActivities
+from sluice.activities.placing import PlacingActivities
 from sluice.activities.scheduling import SchedulingActivities
 from sluice.activities.stopping import StopActivities
+from sluice.hosts.host import LOCAL_SLOTS, HostConfig, RunnerHost, default_host_id
+from sluice.hosts.registry import HostRegistryWorkflow
 from sluice.models import TASK_QUEUE
 from sluice.schedulers.process import ProcessScheduler
 from sluice.settings import load_secret
 from sluice.workflows.job import JobWorkflow
 
-# Monitors are long-lived (one per running job), so allow many concurrent activities.
-MAX_CONCURRENT_ACTIVITIES = 1000
+MAX_CONCURRENT_ACTIVITIES = 100
+"""Controller activities are short (compile, place, checkpoint, stop): no job holds one for its
+life (hosts watch runners), so a modest limit serves many jobs. `sluice worker
+--max-concurrent-activities N` changes it."""
 
 
-def create_worker(client: Client, state_dir: Path) -> Worker:
-    """A worker for `client`'s namespace; runners it starts keep their files under `state_dir`."""
+class ControllerWorker:
+    """A controller worker and, unless local_slots is 0, the local runner host beside it.
+
+    Use as an async context manager, or `run()` until cancelled / `shutdown()`."""
+
+    def __init__(self, worker: Worker, host: RunnerHost | None) -> None:
+        self.worker = worker
+        self.host = host
+        self._stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve until `shutdown()` (or cancellation); the local host deregisters on the way out."""
+        # The controller worker first: registering the host is an update that this very worker
+        # may have to process (the registry workflow runs on the controller task queue).
+        worker_task = asyncio.create_task(self.worker.run())
+        try:
+            if self.host is not None:
+                await self.host.start()
+            done, _ = await asyncio.wait(
+                [worker_task, asyncio.create_task(self._stopped.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
+            if worker_task in done:
+                worker_task.result()  # a worker that failed says why
+        finally:
+            if self.host is not None:
+                await self.host.close()
+            if not worker_task.done():
+                await self.worker.shutdown()
+            await asyncio.gather(worker_task, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        self._stopped.set()
+        if self.host is not None:
+            await self.host.close()
+        await self.worker.shutdown()
+
+    async def __aenter__(self) -> "ControllerWorker":
+        self._task = asyncio.create_task(self.run())
+        if self.host is not None:
+            # Ready once the local host is registered (placement can see it).
+            while not self._task.done() and not self.host.registered:
+                await asyncio.sleep(0.01)
+            if self._task.done():
+                self._task.result()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._stopped.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def create_worker(
+    client: Client,
+    state_dir: Path,
+    *,
+    local_slots: int = LOCAL_SLOTS,
+    max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
+    host_config: HostConfig | None = None,
+) -> ControllerWorker:
+    """A controller worker for `client`'s namespace; its local host (local_slots > 0) keeps its
+    runners' files under `state_dir`."""
     # User functions (`module:function`) are imported relative to the working directory, as the
     # runners (started with this cwd) do.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     secret = load_secret(state_dir)
+    # The controller's own process scheduler serves runs from before runner hosts.
     ctx = ControllerContext(state_dir=state_dir, secret=secret, scheduler=ProcessScheduler(state_dir, secret))
     groups = [
         CompileActivities(ctx),
         SchedulingActivities(ctx),
+        PlacingActivities(ctx),
         MonitorActivities(ctx),
         CheckpointActivities(ctx),
         StopActivities(ctx),
@@ -46,16 +115,20 @@ def create_worker(client: Client, state_dir: Path) -> Worker:
         for name in dir(g)
         if hasattr(getattr(g, name), "__temporal_activity_definition")
     ]
-    return Worker(
+    worker = Worker(
         client,
         task_queue=TASK_QUEUE,
-        workflows=[JobWorkflow],
+        workflows=[JobWorkflow, HostRegistryWorkflow],
         activities=activities,
-        max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
+        max_concurrent_activities=max_concurrent_activities,
     )
+    host = None
+    if local_slots > 0 or host_config is not None:
+        config = host_config or HostConfig(host_id=default_host_id(state_dir), slots=local_slots)
+        host = RunnerHost(client, state_dir, config, secret=secret)
+    return ControllerWorker(worker, host)
 
 
-async def run_worker(client: Client, state_dir: Path) -> None:
-    """Run a controller worker until cancelled."""
-    async with create_worker(client, state_dir):
-        await asyncio.Event().wait()
+async def run_worker(client: Client, state_dir: Path, **options: Any) -> None:
+    """Run a controller worker (and its local host) until cancelled."""
+    await create_worker(client, state_dir, **options).run()

@@ -3,6 +3,10 @@
 No runner process ever exists: runners are records, starting them does nothing, checkpoints
 always succeed. Compiling uses the real (pure) compiler so that the workflow sees a real program.
 Each test steers what it needs: what a generation's monitor reports, whether its start fails.
+
+Runs on runner hosts (every new run) place their runners through `place_runners` and start them
+with `host_start_runners`; the fake places every generation on one fake host whose task queue is
+the test worker's own, and what "the monitor reports" reaches the job as the host's signal would.
 """
 
 from __future__ import annotations
@@ -14,6 +18,18 @@ from typing import Any, Callable
 from temporalio import activity
 
 from sluice.engine.compiler import compile_program, runners_needed
+from sluice.hosts.contracts import (
+    HOST_START_RUNNERS,
+    HOST_STOP_RUNNERS,
+    SIGNAL_RUNNER_REPORT,
+    HostShare,
+    HostStartInput,
+    HostStopInput,
+    Placement,
+    PlaceRequest,
+    ReleaseRequest,
+    RunnerReport,
+)
 from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
@@ -45,6 +61,7 @@ class FakeController:
     start_error: Callable[[int], BaseException | None] = lambda generation: None
     checkpoints: list[int] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
+    programs: dict[str, Any] = field(default_factory=dict)  # job id -> its compiled program
 
     def activities(self) -> list[Callable[..., Any]]:
         fake = self
@@ -52,6 +69,7 @@ class FakeController:
         @activity.defn(name="compile_program")
         async def compile_(inp: CompileInput) -> CompileResult:
             program = compile_program(inp.spec.pipeline, inp.spec.config)
+            fake.programs[inp.spec.job_id] = program
             return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
 
         @activity.defn(name="schedule_runners")
@@ -97,4 +115,50 @@ class FakeController:
         async def teardown(inp: TeardownInput) -> int:
             return 0
 
-        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown]
+        @activity.defn(name="place_runners")
+        async def place(req: PlaceRequest) -> Placement:
+            share = HostShare(host_id="fake-host", task_queue=activity.info().task_queue, address="127.0.0.1",
+                              runners=max(1, req.runners), first_index=0)  # fmt: skip
+            return Placement(shares=[share])
+
+        @activity.defn(name="release_slots")
+        async def release(req: ReleaseRequest) -> int:
+            return 0
+
+        @activity.defn(name=HOST_START_RUNNERS)
+        async def host_start(inp: HostStartInput) -> list[RunnerInfo]:
+            fake.generations.append(inp.generation)
+            error = fake.start_error(inp.generation)
+            result = fake.monitor(inp.generation)
+            if result is not None and error is None:
+                report = fake.report(inp.job_id, inp.generation, result)
+                handle = activity.client().get_workflow_handle(inp.job_id)
+                # After this activity's result is in history, as a host's report would arrive.
+                asyncio.get_running_loop().call_later(
+                    0.05, lambda: asyncio.ensure_future(handle.signal(SIGNAL_RUNNER_REPORT, report))
+                )
+            return [
+                RunnerInfo(runner_id=f"g{inp.generation}-r{i}", generation=inp.generation, control_port=1,
+                           slots=inp.slots_per_runner, host_id="fake-host")
+                for i in range(inp.first_index, inp.first_index + inp.count)
+            ]  # fmt: skip
+
+        @activity.defn(name=HOST_STOP_RUNNERS)
+        async def host_stop(inp: HostStopInput) -> int:
+            return 0
+
+        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown,
+                place, release, host_start, host_stop]  # fmt: skip
+
+    def report(self, job_id: str, generation: int, result: MonitorResult) -> RunnerReport:
+        """What a host would signal for what the monitor would have returned."""
+        common = dict(job_id=job_id, generation=generation, runner_id=f"g{generation}-r0", host_id="fake-host")
+        if result.kind == "task_failed":
+            return RunnerReport(
+                **common, kind="task_failed", message=result.message, retryable=result.retryable,
+                domain=result.domain, operator=result.operator, traceback=result.traceback,
+            )  # fmt: skip
+        if result.kind == "runner_lost":
+            return RunnerReport(**common, kind="lost", message=result.message)
+        program = self.programs[job_id]
+        return RunnerReport(**common, kind="tasks", tasks={s.label(): "finished" for s in program.subtasks()})

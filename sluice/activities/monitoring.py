@@ -15,9 +15,9 @@ from temporalio import activity
 
 from sluice.activities.context import ControllerContext
 from sluice.errors import RunnerRefused, RunnerUnavailable
-from sluice.engine.compiler import assign
-from sluice.models import MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo, SubtaskRef, operator_role
+from sluice.models import MonitorInput, MonitorResult, Program, RunnerEvent, RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerSilent
+from sluice.workflows.runner_view import operators_of, source_labels
 
 HEARTBEAT_EVERY_S = 1.0
 
@@ -33,31 +33,10 @@ class JobView:
 
     def operators_of(self, runner: RunnerInfo, runners: list[RunnerInfo]) -> list[str]:
         """``op[index]`` of every subtask `runner` ran: as it reported them, else as assigned."""
-        labels = self.ran.get(runner.runner_id)
-        if not labels:
-            try:
-                labels = {
-                    ref.label()
-                    for a in assign(self.program, runners)
-                    if a.runner_id == runner.runner_id
-                    for ref in a.subtasks
-                }
-            except Exception:  # noqa: BLE001 - naming the operators must never hide the loss
-                labels = set()
-        refs: list[SubtaskRef] = []
-        for label in labels:
-            chain, _, index = label.partition("/")
-            if chain.isdigit() and index.isdigit() and int(chain) < len(self.program.chains):
-                refs.append(SubtaskRef(chain=int(chain), index=int(index)))
-        refs.sort(key=lambda r: (r.chain, r.index))
-        return [f"{op}[{r.index}]" for r in refs for op in self.program.chains[r.chain].operators]
+        return operators_of(self.program, self.ran.get(runner.runner_id) or set(), runner, runners)
 
     def source_labels(self) -> set[str]:
-        return {
-            s.label()
-            for s in self.program.subtasks()
-            if operator_role(self.program.operators[self.program.chains[s.chain].operators[0]]) == "source"
-        }
+        return set(source_labels(self.program))
 
     def all_labels(self) -> set[str]:
         return {s.label() for s in self.program.subtasks()}

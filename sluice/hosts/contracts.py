@@ -123,6 +123,9 @@ class HostStartInput(Contract):
     first_index: int = Field(ge=0)
     slots_per_runner: int = Field(ge=1)
     startup_timeout_s: float = Field(gt=0)
+    hang_timeout_s: float | None = Field(
+        default=None, gt=0, description="the job's runner heartbeat timeout (the host's own applies when shorter)"
+    )
 
 
 class HostStopInput(Contract):
@@ -152,6 +155,7 @@ class RunnerReport(Contract):
     domain: ErrorDomain = "internal"
     operator: str | None = None
     traceback: str | None = None
+    ran: list[str] = Field(default_factory=list, description="lost: the subtask labels it ran")
 
 
 class HostLost(Contract):

@@ -67,14 +67,20 @@ class ProcessScheduler:
         host: str = "127.0.0.1",
         orphan_timeout_s: float = DEFAULT_ORPHAN_TIMEOUT_S,
         python: str = sys.executable,
+        advertise_host: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         # Only starting runners needs the secret (to derive their token); stopping and listing
         # work without it, e.g. from a cleanup script.
         self._secret = secret
         self.host = host
+        # What runners write into their info file as their address (peers and controllers on
+        # other machines connect to it); default: derived from the bind address by the runner.
+        self.advertise_host = advertise_host
         self.orphan_timeout_s = orphan_timeout_s
         self.python = python
+        # Runners this process started (by PID), for their exit codes: a host reports how one ended.
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
 
     # ---------------------------------------------------------------------------- layout
 
@@ -85,7 +91,11 @@ class ProcessScheduler:
         return self.job_dir(job_id) / f"gen-{generation}"
 
     def _info_files(
-        self, job_id: str, generation: int | None = None, below_generation: int | None = None
+        self,
+        job_id: str,
+        generation: int | None = None,
+        below_generation: int | None = None,
+        indices: range | None = None,
     ) -> list[tuple[int, Path]]:
         """(generation, info file) of every runner on disk for the job, filtered."""
         out: list[tuple[int, Path]] = []
@@ -101,23 +111,31 @@ class ProcessScheduler:
                 continue
             if below_generation is not None and gen >= below_generation:
                 continue
-            out.extend((gen, p) for p in sorted(gen_dir.glob("runner-*.json")))
+            for p in sorted(gen_dir.glob("runner-*.json")):
+                if indices is None or _index_of(p) in indices:
+                    out.append((gen, p))
         return sorted(out)
 
     # ---------------------------------------------------------------------------- start
 
     async def start_runners(
-        self, job_id: str, generation: int, count: int, slots: int, timeout_s: float
+        self, job_id: str, generation: int, count: int, slots: int, timeout_s: float, first_index: int = 0
     ) -> list[RunnerInfo]:
         """Start `count` runners of `slots` slots for (job, generation); return once all serve.
 
-        Leftovers of an earlier attempt at the same generation are stopped first, so a retried
-        call starts a clean set. Raises RunnerStartError with the log tail when a runner exits
-        early or `timeout_s` passes; then every runner this call started has been killed.
+        Runners are numbered `first_index ..` (a generation spread over several hosts numbers its
+        runners across them). Leftovers of an earlier attempt at the same runners are stopped
+        first, so a retried call starts a clean set. Raises RunnerStartError with the log tail
+        when a runner exits early or `timeout_s` passes; then every runner this call started has
+        been killed.
         """
-        if count < 0 or slots < 1:
-            raise ValueError(f"count must be >= 0 and slots >= 1 (got count={count}, slots={slots})")
-        await self.stop_runners(job_id, generation=generation, grace_s=LEFTOVER_GRACE_S)
+        if count < 0 or slots < 1 or first_index < 0:
+            raise ValueError(
+                f"count and first_index must be >= 0 and slots >= 1 "
+                f"(got count={count}, slots={slots}, first_index={first_index})"
+            )
+        indices = range(first_index, first_index + count)
+        await self.stop_runners(job_id, generation=generation, grace_s=LEFTOVER_GRACE_S, indices=indices)
         gen_dir = self.generation_dir(job_id, generation)
         gen_dir.mkdir(parents=True, exist_ok=True)
         secret = self._secret if self._secret is not None else load_secret(self.state_dir)
@@ -126,7 +144,7 @@ class ProcessScheduler:
 
         spawned: list[tuple[str, subprocess.Popen[bytes], Path, Path]] = []
         try:
-            for i in range(count):
+            for i in indices:
                 runner_id = f"g{generation}-r{i}"
                 info_path = gen_dir / f"runner-{i}.json"
                 log_path = gen_dir / f"runner-{i}.log"
@@ -171,6 +189,8 @@ class ProcessScheduler:
             "--host", self.host,
             "--orphan-timeout", str(self.orphan_timeout_s),
         ]  # fmt: skip
+        if self.advertise_host:
+            cmd += ["--advertise-host", self.advertise_host]
         with open(log_path, "ab") as log_file:
             # Not asyncio's subprocess: its transport kills the child when closed or collected,
             # and runners must outlive this event loop and this process.
@@ -184,6 +204,7 @@ class ProcessScheduler:
                 close_fds=True,
             )
         threading.Thread(target=proc.wait, name=f"reap-runner-{proc.pid}", daemon=True).start()
+        self.children[proc.pid] = proc
         log.info("started runner %s (pid %d) for job %s generation %d", runner_id, proc.pid, job_id, generation)
         return proc
 
@@ -226,13 +247,14 @@ class ProcessScheduler:
         generation: int | None = None,
         below_generation: int | None = None,
         grace_s: float = DEFAULT_GRACE_S,
+        indices: range | None = None,
     ) -> int:
         """SIGTERM the job's runners (all, one generation, or every generation below N), SIGKILL
         what is left after `grace_s`, and remove their info files. Returns how many live runners
         were signalled; idempotent (a second call finds none). Works from any process: runners
         are found on disk and verified by PID and command line before any signal."""
         targets: list[tuple[RunnerInfo, int, Path]] = []
-        for gen, info_path in self._info_files(job_id, generation, below_generation):
+        for gen, info_path in self._info_files(job_id, generation, below_generation, indices):
             info = _read_info(info_path)
             if info is None or info.pid is None:
                 continue  # not a complete info file: nothing we could safely signal
@@ -259,6 +281,21 @@ class ProcessScheduler:
                 info_path.unlink(missing_ok=True)
         return len(targets)
 
+    def runner_infos(self, job_id: str) -> list[RunnerInfo]:
+        """Every complete runner info file of the job on disk, live or not (a host adopts them
+        and reports those whose process is gone)."""
+        out: list[RunnerInfo] = []
+        for _, info_path in self._info_files(job_id):
+            info = _read_info(info_path)
+            if info is not None and info.pid is not None:
+                out.append(info)
+        return out
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit code of a runner this process started and that has exited (else None)."""
+        proc = self.children.get(pid)
+        return None if proc is None else proc.returncode
+
     def runners(self, job_id: str, generation: int | None = None) -> list[RunnerInfo]:
         """The job's live runners (optionally of one generation), read from their info files."""
         out: list[RunnerInfo] = []
@@ -270,6 +307,12 @@ class ProcessScheduler:
 
 
 # -------------------------------------------------------------------------------- processes
+
+
+def _index_of(info_path: Path) -> int:
+    """The runner index in an info file's name (`runner-3.json` -> 3; -1 if malformed)."""
+    raw = info_path.stem.removeprefix("runner-")
+    return int(raw) if raw.isdigit() else -1
 
 
 def _read_info(path: Path) -> RunnerInfo | None:

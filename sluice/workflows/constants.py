@@ -79,3 +79,19 @@ TRANSITIONS_KEPT = 50
 REJECTED_COMMANDS_KEPT = 20
 REJECTED_PAYLOAD_CHARS = 200
 REJECTION_REASON_CHARS = 1_000
+
+# Runner hosts (runs started with this patch; older histories replay without it).
+PATCH_RUNNER_HOSTS = "runner-hosts"
+
+# Placement asks the host registry (one update): quick, retried on a flaky worker.
+PLACE_TIMEOUT = timedelta(seconds=30)
+PLACE_RETRY = RetryPolicy(maximum_attempts=5, initial_interval=timedelta(seconds=0.5))
+# No free runner slot: the job waits in Scheduling until the registry signals that slots were
+# freed or a host joined, and asks again at least this often in case a signal was missed.
+PLACEMENT_RECHECK = timedelta(seconds=30)
+
+# Activities on a host's own task queue: a host that does not pick one up within this is gone
+# or cut off (the registry declares it lost soon after); the job does not wait for it longer.
+HOST_PICKUP_TIMEOUT = timedelta(seconds=5)
+HOST_START_MARGIN = timedelta(seconds=15)
+HOST_ACTIVITY_RETRY = RetryPolicy(maximum_attempts=2, initial_interval=timedelta(seconds=0.5))

@@ -43,7 +43,18 @@ with workflow.unsafe.imports_passed_through():
         SEARCH_ATTRIBUTE_PIPELINE,
         SEARCH_ATTRIBUTE_STATE,
     )
+    from sluice.hosts.contracts import (
+        HOST_STOP_RUNNERS,
+        SIGNAL_HOST_LOST,
+        SIGNAL_RUNNER_REPORT,
+        SIGNAL_SLOTS_FREED,
+        HostLost,
+        HostStopInput,
+        ReleaseRequest,
+        RunnerReport,
+    )
     from sluice.workflows import constants as C
+    from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
     from sluice.engine.compiler import plan_problem
@@ -93,6 +104,26 @@ class CarriedState(BaseModel):
     # completed in between: a deterministic failure, which fails the job instead of the budget.
     failure_streak: int = 0
     streak_failure: Failure | None = None
+    # Runner hosts (runs that started with the `runner-hosts` patch): the current generation as
+    # its hosts reported it, and every host that may still run a runner of the job
+    # (host id -> its task queue), so that a teardown reaches them all.
+    view: RunnerView = Field(default_factory=RunnerView)
+    runner_hosts: dict[str, str] = Field(default_factory=dict)
+
+
+class ViewMonitor:
+    """The monitor of a run on runner hosts: done once the hosts' reports (folded into the job's
+    RunnerView) show something the watch set cares about. Holds no activity slot."""
+
+    def __init__(self, wf: "JobWorkflow", watch: list[WatchKind]) -> None:
+        self.wf = wf
+        self.watch = watch
+
+    def outcome(self) -> MonitorResult | None:
+        return self.wf.view.outcome(self.watch, self.wf.program)
+
+    def done(self) -> bool:
+        return self.outcome() is not None
 
 
 @workflow.defn(name="JobWorkflow")
@@ -130,10 +161,18 @@ class JobWorkflow:
         self.last_error: Failure | None
         self.failure_streak: int
         self.streak_failure: Failure | None
+        self.view: RunnerView
+        self.runner_hosts: dict[str, str]
         for name in CarriedState.model_fields:
             setattr(self, name, getattr(carried, name))
         self.cleanup: workflow.ActivityHandle[Any] | None = None
-        self.monitor: workflow.ActivityHandle[MonitorResult] | None = None
+        self.monitor: workflow.ActivityHandle[MonitorResult] | ViewMonitor | None = None
+        # Runs that started with this patch place runners on runner hosts, learn of them from
+        # the hosts' signals and tear them down through the hosts; older runs (their histories
+        # replay unchanged) keep the controller worker's own process scheduler.
+        self.on_hosts = False
+        self.waiting_for: str | None = None  # Scheduling: why it waits (no free runner slot)
+        self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
         self.continuing = False
         self.commands_seen = 0  # bumped by every accepted command: wakes waiting states
@@ -144,6 +183,7 @@ class JobWorkflow:
     async def run(self, raw: dict[str, Any]) -> JobResult:
         from sluice.workflows.states import STEPS  # one module per state group
 
+        self.on_hosts = workflow.patched(C.PATCH_RUNNER_HOSTS)
         self._upsert_search_attributes()
         self.show_details()
         while self.state not in TERMINAL:
@@ -236,6 +276,8 @@ class JobWorkflow:
             f"- parallelism: {', '.join(f'{k}={v}' for k, v in par.items())}",
             f"- runners: {len(self.runners)}; stop: {self.config.stop}",
         ]
+        if self.waiting_for:
+            lines.append(f"- waiting: {_short(self.waiting_for, 300)}")
         if self.failure:
             where = f" in operator `{self.failure.operator}`" if self.failure.operator else ""
             lines.append(f"- failure ({self.failure.domain}){where}: {_short(self.failure.message, 500)}")
@@ -287,6 +329,9 @@ class JobWorkflow:
 
     def start_monitor(self, watch: list[str]) -> None:
         assert self.program is not None
+        if self.on_hosts:
+            self.monitor = ViewMonitor(self, watch)  # type: ignore[arg-type]
+            return
         self.monitor = workflow.start_activity(
             "monitor_runners",
             MonitorInput(
@@ -305,13 +350,18 @@ class JobWorkflow:
         )
 
     async def cancel_monitor(self) -> None:
-        await self.cancel(self.monitor)
+        if not isinstance(self.monitor, ViewMonitor):
+            await self.cancel(self.monitor)
         self.monitor = None
 
     def monitor_outcome(self) -> MonitorResult:
         """The finished monitor's result; an activity failure counts as a lost runner."""
         assert self.monitor is not None and self.monitor.done()
         handle, self.monitor = self.monitor, None
+        if isinstance(handle, ViewMonitor):
+            outcome = handle.outcome()
+            assert outcome is not None
+            return outcome
         try:
             return handle.result()
         except BaseException as e:  # noqa: BLE001
@@ -362,6 +412,11 @@ class JobWorkflow:
         self.runners = []
 
     async def teardown(self, generation: int | None) -> None:
+        if self.on_hosts:
+            await self._teardown_on_hosts()
+            if all(r.host_id is not None for r in self.runners):
+                return
+            # Runners of an older run (before runner hosts) were started by a controller worker.
         await workflow.execute_activity(
             "teardown_runners",
             TeardownInput(job_id=self.job_id, generation=generation),
@@ -369,6 +424,58 @@ class JobWorkflow:
             retry_policy=C.TEARDOWN_RETRY,
             summary="tear down runners" if generation is None else f"tear down generation {generation}",
         )
+
+    async def _teardown_on_hosts(self) -> None:
+        """Stop every runner of the job on every host that may have one, then release its slots.
+
+        A host that does not answer within HOST_PICKUP_TIMEOUT is gone or cut off: its runners
+        die with it or are stopped when it learns it was declared lost, and the store's
+        generation fence refuses whatever they try to commit meanwhile."""
+        hosts = sorted(self.runner_hosts.items())
+        results = await asyncio.gather(
+            *(
+                workflow.execute_activity(
+                    HOST_STOP_RUNNERS,
+                    HostStopInput(job_id=self.job_id),
+                    task_queue=task_queue,
+                    schedule_to_start_timeout=C.HOST_PICKUP_TIMEOUT,
+                    start_to_close_timeout=C.TEARDOWN_TIMEOUT,
+                    retry_policy=C.HOST_ACTIVITY_RETRY,
+                    summary=f"tear down runners on host {host_id}",
+                )
+                for host_id, task_queue in hosts
+            ),
+            return_exceptions=True,
+        )
+        for (host_id, _), result in zip(hosts, results):
+            if isinstance(result, BaseException):
+                workflow.logger.warning(
+                    "job %s: host %s did not tear down its runners: %s", self.job_id, host_id, cause_of(result)
+                )
+            else:
+                del self.runner_hosts[host_id]
+        await workflow.execute_activity(
+            "release_slots",
+            ReleaseRequest(job_id=self.job_id),
+            start_to_close_timeout=C.PLACE_TIMEOUT,
+            retry_policy=C.PLACE_RETRY,
+            summary="release runner slots",
+        )
+
+    def _host_signals(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], None]]]:
+        """Signals from runner hosts and the host registry (not user commands)."""
+        return {
+            SIGNAL_RUNNER_REPORT: (RunnerReport, self._apply_runner_report),
+            SIGNAL_HOST_LOST: (HostLost, self._apply_host_lost),
+        }
+
+    def _apply_runner_report(self, report: RunnerReport) -> None:
+        if report.job_id == self.job_id:
+            self.view.apply_report(report, self.program, self.runners)
+
+    def _apply_host_lost(self, lost: HostLost) -> None:
+        self.runner_hosts.pop(lost.host_id, None)  # nothing left there to tear down
+        self.view.apply_host_lost(lost, self.program, self.runners)
 
     # ------------------------------------------------------------------ commands
 
@@ -471,7 +578,22 @@ class JobWorkflow:
 
     @workflow.signal(dynamic=True)
     def command_signal(self, name: str, args: Sequence[RawValue]) -> None:
-        """Every signal: a known command is applied or rejected; an unknown name is rejected too."""
+        """Every signal: a known command is applied or rejected; an unknown name is rejected too.
+        Runner hosts' reports and the registry's notices arrive here as well (never rejected for
+        being about another generation: they are then simply ignored)."""
+        if name == SIGNAL_SLOTS_FREED:
+            self.slots_freed_seen += 1  # any payload: it only says "ask again"
+            return
+        host_signal = self._host_signals().get(name)
+        if host_signal is not None:
+            model, apply = host_signal
+            try:
+                if len(args) != 1:
+                    raise CommandRejected(f"{name} expects one JSON object, got {len(args)} arguments")
+                apply(model.model_validate(workflow.payload_converter().from_payload(args[0].payload)))
+            except Exception as e:  # a malformed notice must never wedge the job
+                self._record_rejected(name, None, f"invalid {name}: {_short(str(e), 300)}")
+            return
         command = self._signal_commands().get(name)
         if command is None:
             self._record_rejected(
@@ -602,6 +724,7 @@ class JobWorkflow:
             last_error=self.last_error,
             rejected_commands=self.rejected,
             transitions=self.transitions,
+            waiting_for=self.waiting_for,
         )
 
     # ------------------------------------------------------------------ continue-as-new

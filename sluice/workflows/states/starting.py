@@ -11,7 +11,9 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from sluice.models import Failure, RunnerInfo, ScheduleInput, StartExecutionInput
     from sluice.workflows import constants as C
+    from sluice.workflows.runner_view import RunnerView
     from sluice.workflows.states.common import cause_of, compile_program, fail_or_recover, stop_transition
+    from sluice.workflows.states.placing import PlacementFailed, place_runners, start_placed_runners
 
 if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
@@ -48,26 +50,11 @@ async def scheduling(wf: "JobWorkflow") -> None:
         wf.epoch = 0
     restore = wf.epoch or None
     wf.runners = []
+    wf.view = RunnerView(generation=wf.generation)  # reports of older generations no longer count
     wf.show_details()
-    try:
-        runners: list[RunnerInfo] = await workflow.execute_activity(
-            "schedule_runners",
-            ScheduleInput(
-                job_id=wf.job_id,
-                generation=wf.generation,
-                program=wf.program,
-                slots_per_runner=wf.config.slots_per_runner,
-                startup_timeout_s=wf.config.runner_startup_timeout_s,
-            ),
-            result_type=list[RunnerInfo],
-            start_to_close_timeout=timedelta(seconds=wf.config.runner_startup_timeout_s) + C.SCHEDULE_MARGIN,
-            retry_policy=C.SCHEDULE_RETRY,
-            summary=f"schedule generation {wf.generation}",
-        )
-    except ActivityError as e:
-        wf.last_error = Failure(message=f"scheduling failed: {cause_of(e)}")
-        wf.transition("Recovering", wf.last_error.message)
-        return
+    runners = await (_schedule_on_hosts(wf) if wf.on_hosts else _schedule_here(wf))
+    if runners is None:
+        return  # transitioned
     wf.runners = runners
     handle = workflow.start_activity(
         "start_execution",
@@ -102,3 +89,47 @@ async def scheduling(wf: "JobWorkflow") -> None:
         f"generation {wf.generation}: {len(runners)} runners, all subtasks started"
         + (f", restored epoch {restore}" if restore else ""),
     )
+
+
+async def _schedule_here(wf: "JobWorkflow") -> list[RunnerInfo] | None:
+    """Runs from before runner hosts: the controller worker starts the runners itself."""
+    assert wf.program is not None
+    try:
+        return await workflow.execute_activity(
+            "schedule_runners",
+            ScheduleInput(
+                job_id=wf.job_id,
+                generation=wf.generation,
+                program=wf.program,
+                slots_per_runner=wf.config.slots_per_runner,
+                startup_timeout_s=wf.config.runner_startup_timeout_s,
+            ),
+            result_type=list[RunnerInfo],
+            start_to_close_timeout=timedelta(seconds=wf.config.runner_startup_timeout_s) + C.SCHEDULE_MARGIN,
+            retry_policy=C.SCHEDULE_RETRY,
+            summary=f"schedule generation {wf.generation}",
+        )
+    except ActivityError as e:
+        wf.last_error = Failure(message=f"scheduling failed: {cause_of(e)}")
+        wf.transition("Recovering", wf.last_error.message)
+        return None
+
+
+async def _schedule_on_hosts(wf: "JobWorkflow") -> list[RunnerInfo] | None:
+    """Place the generation's runners on hosts with free slots and start them there; None if
+    the job transitioned (a stop requested while waiting for slots, or a failed start)."""
+    try:
+        placement = await place_runners(wf)
+    except ActivityError as e:
+        wf.last_error = Failure(message=f"placing runners failed: {cause_of(e)}")
+        wf.transition("Recovering", wf.last_error.message)
+        return None
+    if placement is None:
+        stop_transition(wf, f"stop {wf.config.stop} requested while waiting for runner slots", running=False)
+        return None
+    try:
+        return await start_placed_runners(wf, placement)
+    except PlacementFailed as e:
+        wf.last_error = Failure(message=f"scheduling failed: {e}")
+        wf.transition("Recovering", wf.last_error.message)
+        return None
