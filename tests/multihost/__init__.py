@@ -1,0 +1,1 @@
+"""Multi-host tests: several "machines" made of Linux network namespaces (see `netns`)."""
