@@ -14,8 +14,10 @@ from sluice.activities.checkpointing import CheckpointActivities
 from sluice.activities.compiling import CompileActivities
 from sluice.activities.context import ControllerContext
 from sluice.activities.monitoring import MonitorActivities
+from sluice.activities.placing import PlacingActivities
 from sluice.activities.scheduling import SchedulingActivities
 from sluice.activities.stopping import StopActivities
+from sluice.hosts.registry import HostRegistryWorkflow
 from sluice.models import TASK_QUEUE
 from sluice.schedulers.process import ProcessScheduler
 from sluice.settings import load_secret
@@ -39,6 +41,7 @@ def create_worker(client: Client, state_dir: Path) -> Worker:
         MonitorActivities(ctx),
         CheckpointActivities(ctx),
         StopActivities(ctx),
+        PlacingActivities(ctx),
     ]
     activities = [
         getattr(g, name)
@@ -49,7 +52,7 @@ def create_worker(client: Client, state_dir: Path) -> Worker:
     return Worker(
         client,
         task_queue=TASK_QUEUE,
-        workflows=[JobWorkflow],
+        workflows=[JobWorkflow, HostRegistryWorkflow],
         activities=activities,
         max_concurrent_activities=MAX_CONCURRENT_ACTIVITIES,
     )
