@@ -150,8 +150,7 @@ def test_spread_evens_out_free_slots(case: tuple[list[HostRecord], PlaceRequest]
     runners=st.integers(min_value=1, max_value=200),
 )
 def test_equal_hosts_with_capacity_to_spare_get_shares_within_one(n: int, free: int, runners: int) -> None:
-    if runners > n * free:
-        runners = n * free
+    runners = min(runners, n * free)
     p = place([host(f"h{i}", free) for i in range(n)], PlaceRequest(job_id=JOB, generation=1, runners=runners))
     counts = [shares_by_host(p).get(f"h{i}", 0) for i in range(n)]
     assert max(counts) - min(counts) <= 1
