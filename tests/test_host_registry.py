@@ -97,6 +97,7 @@ class Registry:
     env: WorkflowEnvironment
     jobs: list[WorkflowHandle[Any, Any]]
     host_workers: list[Worker]
+    hosts_added: list[str]
 
     @property
     def client(self) -> Client:
@@ -158,6 +159,7 @@ class Registry:
             await self.start_host_worker(host_id, fake, grace)
         result = await rc.register(self.client, registration(host_id, slots, labels))
         assert result.declared_lost is False
+        self.hosts_added.append(host_id)
         return host_id, fake
 
     async def place(self, job_id: str, runners: int, generation: int = 1, **labels: str) -> Any:
@@ -184,7 +186,7 @@ async def _terminate_registry(client: Client) -> None:
 @pytest_asyncio.fixture(loop_scope="session")
 async def registry(env: WorkflowEnvironment) -> AsyncIterator[Registry]:
     await _terminate_registry(env.client)  # a fresh registry per test
-    reg = Registry(env=env, jobs=[], host_workers=[])
+    reg = Registry(env=env, jobs=[], host_workers=[], hosts_added=[])
     async with Worker(env.client, task_queue=TASK_QUEUE, workflows=[HostRegistryWorkflow, FakeJobWorkflow]):
         try:
             yield reg
@@ -283,6 +285,14 @@ async def test_release_tells_waiting_jobs(registry: Registry) -> None:
     await received(registry, waiter, SIGNAL_SLOTS_FREED)
     assert await registry.signals(holder) == []
     assert _shares(await registry.place(waiter, 1)) == {host: 1}
+    # A job that gives up waiting (releases everything) is not told any more.
+    quitter, third = await registry.start_job("quitter"), await registry.start_job("third")
+    assert (await registry.place(quitter, 2)).waiting_reason is not None
+    assert (await registry.place(third, 2)).waiting_reason is not None
+    assert await rc.release(registry.client, ReleaseRequest(job_id=quitter)) == 0
+    assert await rc.release(registry.client, ReleaseRequest(job_id=waiter)) == 1
+    await received(registry, third, SIGNAL_SLOTS_FREED)
+    assert await registry.signals(quitter) == []
 
 
 async def test_stale_and_malformed_requests_are_refused(registry: Registry) -> None:
@@ -296,6 +306,9 @@ async def test_stale_and_malformed_requests_are_refused(registry: Registry) -> N
     bad = registration("bad", 1).model_copy(update={"task_queue": TASK_QUEUE})
     with pytest.raises(rc.RegistryRejected, match="controller's"):
         await rc.register(registry.client, bad)
+    taken = registration("other", 1).model_copy(update={"task_queue": host_task_queue(registry.hosts_added[0])})
+    with pytest.raises(rc.RegistryRejected, match="already host"):
+        await rc.register(registry.client, taken)
     assert await rc.deregister(registry.client, "never-registered") == []
     # The placing activity turns a refusal into a non-retryable failure.
     acts = PlacingActivities(ctx=None)  # type: ignore[arg-type]  # the context is not used

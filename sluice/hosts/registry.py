@@ -349,6 +349,12 @@ class HostRegistryWorkflow:
             raise ValueError(
                 f"host {reg.host_id}: task queue {TASK_QUEUE!r} is the controller's; a host polls its own"
             )
+        # A shared queue would hand one host's leases to the other: neither's liveness would count.
+        for other in self.hosts.values():
+            if other.task_queue == reg.task_queue and other.host_id != reg.host_id:
+                raise ValueError(
+                    f"host {reg.host_id}: task queue {reg.task_queue!r} is already host {other.host_id}'s"
+                )
         for key in reg.labels:
             _check_id("label name", key)
 
@@ -421,8 +427,11 @@ class HostRegistryWorkflow:
     @workflow.update(name=UPDATE_RELEASE)
     def release(self, req: ReleaseRequest) -> int:
         """Drop the job's reservations (all, or generations below N); the runners released.
-        Anything freed is announced to every waiting job."""
+        Anything freed is announced to every waiting job. Releasing all also ends the job's own
+        wait: it needs nothing more."""
         released = sum(self._drop_job(req.job_id, req.below_generation).values())
+        if req.below_generation is None:
+            self.waiting.pop(req.job_id, None)
         if released:
             self._notify_waiting(f"job {req.job_id} released {released} slots")
             self._show_details()
