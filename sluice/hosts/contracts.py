@@ -20,6 +20,17 @@ REGISTRY_WORKFLOW_TYPE = "HostRegistryWorkflow"
 #: Each host polls its own task queue (the worker-specific task queue pattern).
 HOST_TASK_QUEUE_PREFIX = "sluice-host-"
 
+# The registry's updates and query (see sluice/hosts/registry.py).
+UPDATE_REGISTER = "register"
+UPDATE_DEREGISTER = "deregister"
+UPDATE_PLACE = "place"
+UPDATE_RELEASE = "release"
+QUERY_HOSTS = "hosts"
+
+# Activities a job workflow runs on the controller task queue to reserve and release slots.
+ACTIVITY_PLACE_RUNNERS = "place_runners"
+ACTIVITY_RELEASE_SLOTS = "release_slots"
+
 # Activities that run on a host's own task queue.
 HOST_START_RUNNERS = "host_start_runners"
 HOST_STOP_RUNNERS = "host_stop_runners"
