@@ -131,12 +131,10 @@ class FakeController:
             error = fake.start_error(inp.generation)
             result = fake.monitor(inp.generation)
             if result is not None and error is None:
+                # Sent before the runners are "started": the job holds it (its view of the
+                # generation) and acts on it once Running, as the monitor activity's result was.
                 report = fake.report(inp.job_id, inp.generation, result)
-                handle = activity.client().get_workflow_handle(inp.job_id)
-                # After this activity's result is in history, as a host's report would arrive.
-                asyncio.get_running_loop().call_later(
-                    0.05, lambda: asyncio.ensure_future(handle.signal(SIGNAL_RUNNER_REPORT, report))
-                )
+                await activity.client().get_workflow_handle(inp.job_id).signal(SIGNAL_RUNNER_REPORT, report)
             return [
                 RunnerInfo(runner_id=f"g{inp.generation}-r{i}", generation=inp.generation, control_port=1,
                            slots=inp.slots_per_runner, host_id="fake-host")

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -173,6 +174,10 @@ class RunnerHost:
             activities=self.activities(),
             # One lease, and starts/stops of runners: a few at a time is plenty.
             max_concurrent_activities=max(16, self.config.slots + 4),
+            # The lease's heartbeats must reach the server every second: by default the SDK sends
+            # them only every 0.8 x the heartbeat timeout, which would stretch the loss bound.
+            max_heartbeat_throttle_interval=timedelta(seconds=HOST_HEARTBEAT_EVERY_S),
+            default_heartbeat_throttle_interval=timedelta(seconds=HOST_HEARTBEAT_EVERY_S),
         )
         self._tasks.append(asyncio.create_task(self._worker.run(), name=f"host-worker-{self.config.host_id}"))
         self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"host-watch-{self.config.host_id}"))
