@@ -194,6 +194,17 @@ class HostRegistryWorkflow:
                 if isinstance(cause, TemporalTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
                     self._declare_lost(host_id, self._lost_reason(host_id, record.task_queue, previous))
                     return
+                if (
+                    isinstance(cause, TemporalTimeoutError)
+                    and cause.type == TimeoutType.HEARTBEAT
+                    and previous is not None
+                    and not cause.last_heartbeat_details
+                ):
+                    # A renewed lease that never heartbeated was handed to a poll the host had
+                    # open before it died or was cut off (the server keeps such polls for up to
+                    # a minute): nobody took it up, as with a schedule-to-start timeout.
+                    self._declare_lost(host_id, self._lost_reason(host_id, record.task_queue, previous))
+                    return
                 if isinstance(cause, TemporalTimeoutError):
                     # Missed heartbeats (or the long start-to-close): another process serving
                     # the queue (a restarted host) may take the next lease up at once.

@@ -1,7 +1,11 @@
-"""A sluice cluster over a `Network`: one Temporal server on the bridge address (root namespace),
-controller workers (`sluice worker --local-slots 0`, in the root namespace or in a host's), and a
-`sluice host` per namespace, each with its own state directory; the checkpoint store and the
-sinks' output live in a directory every host reaches (the shared file system).
+"""A sluice cluster over a `Network`: the first namespace is the Temporal server's machine, each
+other namespace a runner host's (`sluice host`, its own state directory); controller workers
+(`sluice worker --local-slots 0`) run in the root namespace or in a host's. The checkpoint store
+and the sinks' output live in a directory every host reaches (the shared file system).
+
+The dev server binds every address of its own namespace (0.0.0.0 there: its loopback and its
+link, nothing of the machine's): bound to one non-loopback address, `temporal server start-dev`
+dials its internal services on 127.0.0.1 and fails.
 
 Every process is started here and stopped here, by PID (the namespaces' own processes are also
 killed by the Network when it closes).
@@ -9,15 +13,17 @@ killed by the Network when it closes).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from sluice.client import JobClient, connect
-from sluice.devserver import DevServer, free_port
+from sluice.client import JobClient, connect, server_reachable
+from sluice.devserver import DevServer
 from sluice.models import JobConfig, JobSpec, PipelineSpec
 from tests.e2e_helpers import unique_job_id
 from tests.multihost.netns import Namespace, Network
@@ -25,6 +31,8 @@ from tests.multihost.netns import Namespace, Network
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "multihost-test-secret"
 STOP_TIMEOUT_S = 15.0
+SERVER_PORT = 7233  # inside the server's own namespace: nothing else is there
+SERVER_START_TIMEOUT_S = 60.0
 
 
 class Cluster:
@@ -33,7 +41,9 @@ class Cluster:
         self.root = root
         self.shared = root / "shared"  # checkpoints and output: reachable from every host
         self.shared.mkdir(parents=True, exist_ok=True)
-        self.server: DevServer | None = None
+        self.server_ns = network.hosts[0]
+        self.machines = network.hosts[1:]  # one runner host each
+        self.server: subprocess.Popen[bytes] | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.hosts: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -41,12 +51,17 @@ class Cluster:
 
     @property
     def address(self) -> str:
-        assert self.server is not None
-        return f"{self.network.bridge_address}:{self.server.port}"
+        return f"{self.server_ns.address}:{SERVER_PORT}"
 
-    def start_server(self) -> None:
-        ip = self.network.bridge_address
-        self.server = DevServer(self.root / "temporal", ip=ip, port=free_port(ip), headless=True).start()
+    async def start_server(self) -> None:
+        server = DevServer(self.root / "temporal", ip="0.0.0.0", port=SERVER_PORT, headless=True)
+        server.state_dir.mkdir(parents=True, exist_ok=True)
+        self.server = self.server_ns.popen(server.command(), log_path=server.log_path)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not await server_reachable(self.address):
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the dev server did not start; see {server.log_path}")
+            await asyncio.sleep(0.2)
 
     def env(self, state_dir: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -110,8 +125,13 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=STOP_TIMEOUT_S)
-        if self.server is not None:
-            self.server.stop()
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(timeout=STOP_TIMEOUT_S)
 
     # ---------------------------------------------------------------------------- jobs
 
