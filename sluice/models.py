@@ -620,6 +620,10 @@ class RunnerInfo(Contract):
     data_port: int | None = None
     pid: int | None = None
     slots: int
+    #: the process's start time (clock ticks since boot, /proc/PID/stat field 22) as the runner
+    #: read it itself; with `pid` it names exactly this process, even after the PID is reused.
+    #: None where the system does not report it, and in files written before it existed.
+    started_ticks: int | None = None
 
     @property
     def control_url(self) -> str:
