@@ -53,6 +53,9 @@ DEFAULT_ORPHAN_TIMEOUT_S = 300.0
 """Passed to runners: they exit when no controller contacted them for this long."""
 POLL_INTERVAL_S = 0.05
 """How often we look for info files and for processes that are gone."""
+FIRST_READY_POLL_S = 0.005
+"""First wait between looks for info files; doubles up to POLL_INTERVAL_S. A warm runner serves
+within a few tens of milliseconds, so a fixed 50 ms poll would be most of its start time."""
 KILL_WAIT_S = 5.0
 """After SIGKILL, how long we wait for the process to disappear before giving up on it."""
 LEFTOVER_GRACE_S = 1.0
@@ -280,6 +283,7 @@ class ProcessScheduler:
     async def _wait_ready(self, spawned: list[_Starting], timeout_s: float) -> list[RunnerInfo]:
         deadline = time.monotonic() + timeout_s
         ready: dict[int, RunnerInfo] = {}
+        poll_s = FIRST_READY_POLL_S
         while len(ready) < len(spawned):
             for i, s in enumerate(spawned):
                 if i in ready:
@@ -302,7 +306,8 @@ class ProcessScheduler:
                     f"{len(late)} runner(s) not serving after {timeout_s:g} s (first: {first.runner_id}); "
                     f"log {first.log_path}{self._warm_note(first)}:\n{_tail(first.log_path)}"
                 )
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 2, POLL_INTERVAL_S)
         return [ready[i] for i in range(len(spawned))]
 
     def _warm_note(self, s: _Starting) -> str:
