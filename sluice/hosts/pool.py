@@ -16,9 +16,10 @@ Guarantees:
 - A warm process that dies, or has not finished its imports within `ready_timeout_s`, is
   discarded (killed if needed) and replaced; processes that keep dying before they are ready are
   replaced with a growing back-off, so a broken installation does not spin.
-- `close()` ends every warm process the pool still holds (stdin EOF: they exit 0; SIGKILL after
-  a grace) and starts no more; processes already taken are runners now and are not touched. If
-  the pool's process dies without `close()`, the warm processes see EOF and exit by themselves.
+- `close()` ends every warm process the pool still holds (stdin EOF: they exit 0; one still
+  importing gets SIGTERM too; SIGKILL after a grace) and starts no more; processes already taken
+  are runners now and are not touched. If the pool's process dies without `close()`, the warm
+  processes see EOF and exit by themselves.
 - Where the system reports no process start times (no /proc), a warm-started runner could not be
   told from a later process under the same PID, so could never be stopped safely: there the pool
   stays empty and every runner starts cold.
@@ -151,9 +152,10 @@ class WarmPool:
             return False
 
     def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
-        """Stop refilling and end every warm process the pool holds: close its stdin (it exits 0),
-        SIGKILL it if it is still there after `grace_s`. Returns once they are all gone (or,
-        for one that survived SIGKILL for KILL_WAIT_S, logs it). Idempotent."""
+        """Stop refilling and end every warm process the pool holds: close its stdin (it exits 0;
+        one not ready yet is also sent SIGTERM), SIGKILL it if it is still there after `grace_s`.
+        Returns once they are all gone (or, for one that survived SIGKILL for KILL_WAIT_S, logs
+        it). Idempotent."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -164,6 +166,10 @@ class WarmPool:
             held, self._held = self._held, []
         for w in held:
             _close_stdin(w.proc)
+            if not w.ready:
+                # Still importing: it would only see the EOF after its imports, and it has nothing
+                # to lose (no signal handlers before an assignment). Our unreaped child: PID is its.
+                w.proc.terminate()
         deadline = time.monotonic() + grace_s
         for w in held:
             try:

@@ -198,7 +198,8 @@ class ProcessScheduler:
         except BaseException:
             # Nothing half-started survives a failed (or cancelled) start.
             for s in spawned:
-                _kill_group(s.proc.pid, signal.SIGKILL)
+                if s.proc.returncode is None:  # once reaped, its PID may be someone else's
+                    _kill_group(s.proc.pid, signal.SIGKILL)
                 s.info_path.unlink(missing_ok=True)
             raise
 
