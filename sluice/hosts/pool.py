@@ -39,7 +39,8 @@ from pathlib import Path
 from types import TracebackType
 
 from sluice.procstat import start_ticks_supported
-from sluice.schedulers.process import RUNNER_MODULE, WARM_FLAG, runner_env
+from sluice.runner.protocol import READY_LINE, WARM_FLAG
+from sluice.schedulers.process import RUNNER_MODULE, runner_env
 
 log = logging.getLogger("sluice.hosts.pool")
 
@@ -58,8 +59,6 @@ MAX_RESPAWN_BACKOFF_S = 30.0
 SUPERVISE_INTERVAL_S = 1.0
 """How often the refill thread looks for warm processes past READY_TIMEOUT_S when nothing else
 wakes it."""
-READY_LINE = b"ready\n"
-"""What a warm process writes on its stdout once its imports are done (sluice.runner.__main__)."""
 
 
 @dataclass(eq=False)

@@ -29,14 +29,17 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sluice.auth import TOKEN_ENV
-from sluice.runner.protocol import MAX_ASSIGNMENT_LINE_BYTES, WarmAssignment, describe_validation_error
+from sluice.runner.protocol import (
+    MAX_ASSIGNMENT_LINE_BYTES,
+    READY_LINE,
+    WARM_FLAG,
+    WarmAssignment,
+    describe_validation_error,
+)
 from sluice.runner.server import DEFAULT_ORPHAN_TIMEOUT_S, RunnerServer
 
 log = logging.getLogger("sluice.runner")
 
-WARM_FLAG = "--warm"
-READY_LINE = b"ready\n"
-"""What a warm runner writes on its stdout once its imports are done (WarmPool waits for it)."""
 EXIT_BAD_ARGUMENTS = 2
 
 # What a runner imports lazily on its first POST /start (engine, storage, wiring, pyarrow's compute

@@ -20,6 +20,10 @@ TERMINAL_TASK_STATES: frozenset[str] = frozenset({"finished", "failed"})
 
 HEARTBEAT_INTERVAL_S = 1.0
 """How often an open /events stream gets a heartbeat (protocol: every second)."""
+WARM_FLAG = "--warm"
+"""`python -m sluice.runner --warm`: a warm runner (no job on its command line; see __main__)."""
+READY_LINE = b"ready\n"
+"""What a warm runner writes on its stdout once its imports are done (WarmPool waits for it)."""
 MAX_ASSIGNMENT_LINE_BYTES = 64 * 1024
 """Longest assignment line a warm runner reads; a real one is well under 1 KiB."""
 MAX_PORT = 65535

@@ -37,7 +37,7 @@ from urllib.parse import quote
 from sluice.auth import TOKEN_ENV, runner_token
 from sluice.models import RunnerInfo
 from sluice.procstat import process_start_ticks
-from sluice.runner.protocol import WarmAssignment
+from sluice.runner.protocol import WARM_FLAG, WarmAssignment
 from sluice.schedulers import RunnerStartError
 from sluice.settings import SECRET_ENV, load_secret, runners_dir
 
@@ -62,10 +62,6 @@ LEFTOVER_GRACE_S = 1.0
 """Grace for leftovers of a previous attempt at the same generation (a retried start)."""
 LOG_TAIL_BYTES = 4000
 """How much of a failed runner's log goes into the error message."""
-
-
-WARM_FLAG = "--warm"
-"""The command-line flag of a warm-started runner (its job is not on its command line)."""
 
 
 def runner_env(token: str | None) -> dict[str, str]:
@@ -180,6 +176,7 @@ class ProcessScheduler:
         gen_dir.mkdir(parents=True, exist_ok=True)
         secret = self._secret if self._secret is not None else load_secret(self.state_dir)
         token = runner_token(secret, job_id, generation)
+        env = self._child_env(token)
 
         spawned: list[_Starting] = []
         try:
@@ -191,7 +188,6 @@ class ProcessScheduler:
                 proc = self._hand_to_warm(job_id, generation, runner_id, slots, info_path, log_path, token)
                 warm = proc is not None
                 if proc is None:
-                    env = self._child_env(token)
                     proc = self._spawn(job_id, generation, runner_id, slots, info_path, log_path, env)
                 spawned.append(_Starting(runner_id, proc, info_path, log_path, warm))
             return await self._wait_ready(spawned, timeout_s)
