@@ -113,8 +113,8 @@ class WarmPool:
     def take(self) -> subprocess.Popen[bytes] | None:
         """A ready warm process (oldest first), now the caller's to assign with
         `sluice.schedulers.process.send_assignment`; None when none is ready. Never waits for a
-        start. The pool keeps reaping it (do not wait on it from another thread for its exit
-        status; `returncode` is set when it exits)."""
+        start. The pool's thread keeps reaping it, so its `returncode` is set when it exits (the
+        scheduler relies on that, as on its own reaper thread for a cold runner)."""
         with self._cond:
             if self._closed:
                 return None
