@@ -218,6 +218,10 @@ def web_ui_link(job_id: str, namespace: str = "default", ui_port: int = WEB_UI_P
     return f"http://localhost:{ui_port}/namespaces/{namespace}/workflows/{job_id}"
 
 
+WarmRunnersOpt = typer.Option(
+    2, "--warm-runners", min=0, envvar="SLUICE_WARM_RUNNERS",
+    help="runner processes kept started and ready, so a job's start and recovery skip process start-up",
+)
 StateDirOpt = typer.Option(None, "--state-dir", help="state directory (default $SLUICE_STATE_DIR or ./.sluice)")
 JobIdOpt = typer.Option(None, "--job-id", help="job id (default: the pipeline name)")
 ParallelismOpt = typer.Option(None, "--parallelism", min=1, help="parallelism of every operator")
@@ -277,6 +281,7 @@ def worker(
     max_concurrent_activities: int = typer.Option(
         100, "--max-concurrent-activities", min=1, help="controller activities this worker runs at once"
     ),
+    warm_runners: int = WarmRunnersOpt,
 ) -> None:
     """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
     unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
@@ -293,7 +298,8 @@ def worker(
         host = f"; local host with {local_slots} runner slots" if local_slots else "; no local host"
         typer.echo(f"controller worker on task queue 'sluice' at {where}{host}; state in {base}")
         await run_worker(
-            client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities
+            client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
+            warm_runners=warm_runners,
         )
 
     _serve_until_term(main)
@@ -338,6 +344,7 @@ def host(
     hang_timeout: float = typer.Option(
         10.0, "--hang-timeout", min=0.5, help="seconds of silence after which a runner is reported lost (hung)"
     ),
+    warm_runners: int = WarmRunnersOpt,
     state_dir: Path = StateDirOpt,
 ) -> None:
     """Run a runner host: offers runner slots to every job, registered in Temporal, until Ctrl-C
@@ -354,7 +361,7 @@ def host(
         client = await connect()
         config = HostConfig(
             host_id=host_id or default_host_id(base), slots=slots, bind=bind, advertise=advertise,
-            labels=labels, hang_timeout_s=hang_timeout,
+            labels=labels, hang_timeout_s=hang_timeout, warm_runners=warm_runners,
         )  # fmt: skip
         async with RunnerHost(client, base, config) as runner_host:
             typer.echo(

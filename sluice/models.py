@@ -625,6 +625,10 @@ class RunnerInfo(Contract):
     pid: int | None = None
     slots: int
     host_id: str | None = None  # the runner host that started it (None: the worker's own scheduler)
+    #: the process's start time (clock ticks since boot, /proc/PID/stat field 22) as the runner
+    #: read it itself; with `pid` it names exactly this process, even after the PID is reused.
+    #: None where the system does not report it, and in files written before it existed.
+    started_ticks: int | None = None
 
     @property
     def control_url(self) -> str:

@@ -21,6 +21,7 @@ from sluice.activities.placing import PlacingActivities
 from sluice.activities.scheduling import SchedulingActivities
 from sluice.activities.stopping import StopActivities
 from sluice.hosts.host import LOCAL_SLOTS, HostConfig, RunnerHost, default_host_id
+from sluice.hosts.pool import DEFAULT_POOL_SIZE
 from sluice.hosts.registry import HostRegistryWorkflow
 from sluice.models import TASK_QUEUE
 from sluice.schedulers.process import ProcessScheduler
@@ -89,6 +90,7 @@ def create_worker(
     state_dir: Path,
     *,
     local_slots: int = LOCAL_SLOTS,
+    warm_runners: int = DEFAULT_POOL_SIZE,
     max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
     host_config: HostConfig | None = None,
 ) -> ControllerWorker:
@@ -124,7 +126,9 @@ def create_worker(
     )
     host = None
     if local_slots > 0 or host_config is not None:
-        config = host_config or HostConfig(host_id=default_host_id(state_dir), slots=local_slots)
+        config = host_config or HostConfig(
+            host_id=default_host_id(state_dir), slots=local_slots, warm_runners=warm_runners
+        )
         host = RunnerHost(client, state_dir, config, secret=secret)
     return ControllerWorker(worker, host)
 

@@ -55,6 +55,7 @@ from sluice.hosts.contracts import (
 )
 from sluice.models import RunnerEvent, RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerSilent
+from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.schedulers import RunnerStartError
 from sluice.schedulers.process import ProcessScheduler, is_runner_process
 from sluice.settings import load_secret, runners_dir
@@ -99,6 +100,7 @@ class HostConfig:
     advertise: str | None = None  # the address runners advertise; default: the bind address
     labels: dict[str, str] = field(default_factory=dict)
     hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S
+    warm_runners: int = DEFAULT_POOL_SIZE  # pre-started runner processes kept ready (0: none)
 
     @property
     def address(self) -> str:
@@ -138,6 +140,7 @@ class RunnerHost:
         self.state_dir = Path(state_dir)
         self.config = config
         self.secret = secret if secret is not None else load_secret(self.state_dir)
+        self.pool: WarmPool | None = None  # made at start(): its processes start at once
         self.scheduler = ProcessScheduler(
             self.state_dir, self.secret, host=config.bind, advertise_host=config.address
         )
@@ -168,6 +171,9 @@ class RunnerHost:
 
     async def start(self) -> None:
         """Serve the host's task queue, register, and watch runners (adopting leftovers)."""
+        if self.config.warm_runners > 0:
+            self.pool = WarmPool(self.state_dir / "warm-runners.log", size=self.config.warm_runners)
+            self.scheduler.pool = self.pool
         self._worker = Worker(
             self.client,
             task_queue=self.task_queue,
@@ -202,6 +208,8 @@ class RunnerHost:
         except Exception as e:  # noqa: BLE001 - shutting down regardless; the lease will expire
             log.warning("host %s could not deregister (%s): its lease expires instead", self.config.host_id, e)
         await self.stop_all_runners()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
         if self._recheck is not None:
             self._recheck.cancel()
         for t in self._tasks[1:]:
@@ -350,7 +358,7 @@ class RunnerHost:
                     self._forget(w)
                 continue
             assert w.info.pid is not None
-            if not is_runner_process(w.info.pid, w.job_id, w.generation):
+            if not is_runner_process(w.info.pid, w.job_id, w.generation, started_ticks=w.info.started_ticks):
                 code = self.scheduler.exit_code(w.info.pid)
                 how = f"exited with code {code}" if code is not None else "exited"
                 self._lost(w, f"{_who(w, self.config.host_id)} {how}")

@@ -41,6 +41,7 @@ from sluice.models import (
     SubtaskRef,
     SubtaskSnapshot,
 )
+from sluice.procstat import process_start_ticks
 from sluice.runner.metrics import RunnerMetrics, heartbeat_metrics
 from sluice.runner.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -255,6 +256,9 @@ class RunnerServer:
             data_port=self._data_server.port,
             pid=os.getpid(),
             slots=self.slots,
+            # Lets a scheduler verify this PID is still this process before it signals it, also
+            # when the command line does not name the job (a warm-started runner).
+            started_ticks=process_start_ticks(os.getpid()),
         )
         if self.info_file is not None:
             write_info_file(self.info_file, self.info)

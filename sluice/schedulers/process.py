@@ -9,9 +9,14 @@ Guarantees:
   `settings.runners_dir(state_dir)/{job}/gen-{G}/`: `runner-{i}.json` (its RunnerInfo, written
   atomically by the runner once it serves) and `runner-{i}.log` (its stdout and stderr). So any
   controller worker process, including a fresh one, can list and stop a job's runners.
-- Only runners are ever signalled: before any signal the PID must be alive and its command line
-  must be `... sluice.runner ... --job-id J --generation G` (guards against PID reuse).
-- The runner token travels in the child's environment only; the shared secret never does.
+- Only runners are ever signalled: before any signal the PID must be a live `sluice.runner` and
+  either its command line names the job and generation (`... --job-id J --generation G`), or it
+  names no job (a warm-started runner, `sluice.runner --warm`) and its start time equals the
+  `started_ticks` its info file recorded. Both guard against PID reuse (`is_runner_process`).
+- With a `WarmPool` (sluice.hosts.pool), a runner is handed to a pre-started warm process when one
+  is ready, else started cold; either way the call ends the same (info file, errors, cleanup).
+- The runner token travels in the child's environment (cold) or its stdin pipe (warm) only; the
+  shared secret never does.
 """
 
 from __future__ import annotations
@@ -24,13 +29,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from sluice.auth import TOKEN_ENV, runner_token
 from sluice.models import RunnerInfo
+from sluice.procstat import process_start_ticks
+from sluice.runner.protocol import WARM_FLAG, WarmAssignment
 from sluice.schedulers import RunnerStartError
 from sluice.settings import SECRET_ENV, load_secret, runners_dir
+
+if TYPE_CHECKING:
+    from sluice.hosts.pool import WarmPool
 
 log = logging.getLogger("sluice.schedulers.process")
 
@@ -41,12 +53,31 @@ DEFAULT_ORPHAN_TIMEOUT_S = 300.0
 """Passed to runners: they exit when no controller contacted them for this long."""
 POLL_INTERVAL_S = 0.05
 """How often we look for info files and for processes that are gone."""
+FIRST_READY_POLL_S = 0.005
+"""First wait between looks for info files; doubles up to POLL_INTERVAL_S. A warm runner serves
+within a few tens of milliseconds, so a fixed 50 ms poll would be most of its start time."""
 KILL_WAIT_S = 5.0
 """After SIGKILL, how long we wait for the process to disappear before giving up on it."""
 LEFTOVER_GRACE_S = 1.0
 """Grace for leftovers of a previous attempt at the same generation (a retried start)."""
 LOG_TAIL_BYTES = 4000
 """How much of a failed runner's log goes into the error message."""
+
+
+def runner_env(token: str | None) -> dict[str, str]:
+    """The environment of a runner process: ours, minus the shared secret, plus the runner token
+    (`None`: no token at all, for warm processes that get theirs on stdin), with PYTHONPATH
+    such that the child imports this very sluice, even when it is not installed."""
+    env = dict(os.environ)
+    env.pop(SECRET_ENV, None)  # runners need their token, never the secret behind all tokens
+    if token is None:
+        env.pop(TOKEN_ENV, None)
+    else:
+        env[TOKEN_ENV] = token
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # logs reach the file as they happen
+    return env
 
 
 def job_dir_name(job_id: str) -> str:
@@ -56,8 +87,25 @@ def job_dir_name(job_id: str) -> str:
     return "%2E" + name[1:] if name.startswith(".") else name
 
 
+@dataclass
+class _Starting:
+    """A runner process this call started (cold) or handed an assignment to (warm)."""
+
+    runner_id: str
+    proc: subprocess.Popen[bytes]
+    info_path: Path
+    log_path: Path
+    warm: bool
+
+
 class ProcessScheduler:
-    """Starts and stops runner subprocesses on this host (see the module docstring)."""
+    """Starts and stops runner subprocesses on this host (see the module docstring).
+
+    `host`: the address runners bind (control and data ports); `advertise_host`: the address they
+    write in their info file for controllers and peers to dial (None: `host`, or this machine's
+    name when `host` is a wildcard). `pool`: warm processes to hand runners to; it belongs to the
+    caller, who closes it (the runners it became are not affected).
+    """
 
     def __init__(
         self,
@@ -65,20 +113,20 @@ class ProcessScheduler:
         secret: bytes | None = None,
         *,
         host: str = "127.0.0.1",
+        advertise_host: str | None = None,
         orphan_timeout_s: float = DEFAULT_ORPHAN_TIMEOUT_S,
         python: str = sys.executable,
-        advertise_host: str | None = None,
+        pool: WarmPool | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         # Only starting runners needs the secret (to derive their token); stopping and listing
         # work without it, e.g. from a cleanup script.
         self._secret = secret
         self.host = host
-        # What runners write into their info file as their address (peers and controllers on
-        # other machines connect to it); default: derived from the bind address by the runner.
         self.advertise_host = advertise_host
         self.orphan_timeout_s = orphan_timeout_s
         self.python = python
+        self.pool = pool
         # Runners this process started (by PID), for their exit codes: a host reports how one ended.
         self.children: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -124,7 +172,8 @@ class ProcessScheduler:
         """Start `count` runners of `slots` slots for (job, generation); return once all serve.
 
         Runners are numbered `first_index ..` (a generation spread over several hosts numbers its
-        runners across them). Leftovers of an earlier attempt at the same runners are stopped
+        runners across them). Each runner is handed to a ready warm process of the pool when there
+        is one, else started cold. Leftovers of an earlier attempt at the same runners are stopped
         first, so a retried call starts a clean set. Raises RunnerStartError with the log tail
         when a runner exits early or `timeout_s` passes; then every runner this call started has
         been killed.
@@ -142,32 +191,67 @@ class ProcessScheduler:
         token = runner_token(secret, job_id, generation)
         env = self._child_env(token)
 
-        spawned: list[tuple[str, subprocess.Popen[bytes], Path, Path]] = []
+        spawned: list[_Starting] = []
         try:
             for i in indices:
                 runner_id = f"g{generation}-r{i}"
                 info_path = gen_dir / f"runner-{i}.json"
                 log_path = gen_dir / f"runner-{i}.log"
                 info_path.unlink(missing_ok=True)
-                proc = self._spawn(job_id, generation, runner_id, slots, info_path, log_path, env)
-                spawned.append((runner_id, proc, info_path, log_path))
+                proc = self._hand_to_warm(job_id, generation, runner_id, slots, info_path, log_path, token)
+                warm = proc is not None
+                if proc is None:
+                    proc = self._spawn(job_id, generation, runner_id, slots, info_path, log_path, env)
+                spawned.append(_Starting(runner_id, proc, info_path, log_path, warm))
             return await self._wait_ready(spawned, timeout_s)
         except BaseException:
             # Nothing half-started survives a failed (or cancelled) start.
-            for _, proc, info_path, _ in spawned:
-                _kill_group(proc.pid, signal.SIGKILL)
-                info_path.unlink(missing_ok=True)
+            for s in spawned:
+                if s.proc.returncode is None:  # once reaped, its PID may be someone else's
+                    _kill_group(s.proc.pid, signal.SIGKILL)
+                s.info_path.unlink(missing_ok=True)
             raise
 
     def _child_env(self, token: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop(SECRET_ENV, None)  # runners need their token, never the secret behind all tokens
-        env[TOKEN_ENV] = token
-        # The child must import this very sluice, even when it is not installed.
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")  # logs reach the file as they happen
-        return env
+        return runner_env(token)
+
+    def _hand_to_warm(
+        self,
+        job_id: str,
+        generation: int,
+        runner_id: str,
+        slots: int,
+        info_path: Path,
+        log_path: Path,
+        token: str,
+    ) -> subprocess.Popen[bytes] | None:
+        """Give the runner's assignment to a ready warm process of the pool; None when there is
+        none (or it died before it could read the assignment): then the caller starts it cold."""
+        if self.pool is None:
+            return None
+        proc = self.pool.take()
+        if proc is None:
+            return None
+        assignment = WarmAssignment(
+            job_id=job_id,
+            generation=generation,
+            runner_id=runner_id,
+            slots=slots,
+            info_file=info_path,
+            log_file=log_path,
+            host=self.host,
+            advertise_host=self.advertise_host,
+            orphan_timeout_s=self.orphan_timeout_s,
+            token=token,
+        )
+        self.children[proc.pid] = proc
+        if not send_assignment(proc, assignment):
+            log.warning("warm process %d was gone before its assignment; starting %s cold", proc.pid, runner_id)
+            return None
+        log.info(
+            "handed runner %s to warm process %d for job %s generation %d", runner_id, proc.pid, job_id, generation
+        )
+        return proc
 
     def _spawn(
         self,
@@ -189,7 +273,7 @@ class ProcessScheduler:
             "--host", self.host,
             "--orphan-timeout", str(self.orphan_timeout_s),
         ]  # fmt: skip
-        if self.advertise_host:
+        if self.advertise_host is not None:
             cmd += ["--advertise-host", self.advertise_host]
         with open(log_path, "ab") as log_file:
             # Not asyncio's subprocess: its transport kills the child when closed or collected,
@@ -208,35 +292,41 @@ class ProcessScheduler:
         log.info("started runner %s (pid %d) for job %s generation %d", runner_id, proc.pid, job_id, generation)
         return proc
 
-    async def _wait_ready(
-        self, spawned: list[tuple[str, subprocess.Popen[bytes], Path, Path]], timeout_s: float
-    ) -> list[RunnerInfo]:
+    async def _wait_ready(self, spawned: list[_Starting], timeout_s: float) -> list[RunnerInfo]:
         deadline = time.monotonic() + timeout_s
         ready: dict[int, RunnerInfo] = {}
+        poll_s = FIRST_READY_POLL_S
         while len(ready) < len(spawned):
-            for i, (runner_id, proc, info_path, log_path) in enumerate(spawned):
+            for i, s in enumerate(spawned):
                 if i in ready:
                     continue
-                info = _read_info(info_path)
-                if info is not None and info.pid == proc.pid:
+                info = _read_info(s.info_path)
+                if info is not None and info.pid == s.proc.pid:
                     ready[i] = info
                     continue
-                if proc.returncode is not None:  # set by the reaper thread
+                if s.proc.returncode is not None:  # set by the reaper thread (the pool's if warm)
                     raise RunnerStartError(
-                        f"runner {runner_id} exited with code {proc.returncode} before serving; "
-                        f"log {log_path}:\n{_tail(log_path)}"
+                        f"runner {s.runner_id} exited with code {s.proc.returncode} before serving; "
+                        f"log {s.log_path}{self._warm_note(s)}:\n{_tail(s.log_path)}"
                     )
             if len(ready) == len(spawned):
                 break
             if time.monotonic() >= deadline:
                 late = [spawned[i] for i in range(len(spawned)) if i not in ready]
-                runner_id, _, _, log_path = late[0]
+                first = late[0]
                 raise RunnerStartError(
-                    f"{len(late)} runner(s) not serving after {timeout_s:g} s (first: {runner_id}); "
-                    f"log {log_path}:\n{_tail(log_path)}"
+                    f"{len(late)} runner(s) not serving after {timeout_s:g} s (first: {first.runner_id}); "
+                    f"log {first.log_path}{self._warm_note(first)}:\n{_tail(first.log_path)}"
                 )
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 2, POLL_INTERVAL_S)
         return [ready[i] for i in range(len(spawned))]
+
+    def _warm_note(self, s: _Starting) -> str:
+        """Where else a warm runner may have written (before reading its assignment)."""
+        if not s.warm or self.pool is None:
+            return ""
+        return f" (warm process; before its assignment it logged to {self.pool.log_path})"
 
     # ---------------------------------------------------------------------------- stop, list
 
@@ -252,13 +342,13 @@ class ProcessScheduler:
         """SIGTERM the job's runners (all, one generation, or every generation below N), SIGKILL
         what is left after `grace_s`, and remove their info files. Returns how many live runners
         were signalled; idempotent (a second call finds none). Works from any process: runners
-        are found on disk and verified by PID and command line before any signal."""
+        are found on disk and verified (PID, then command line or start time) before any signal."""
         targets: list[tuple[RunnerInfo, int, Path]] = []
         for gen, info_path in self._info_files(job_id, generation, below_generation, indices):
             info = _read_info(info_path)
             if info is None or info.pid is None:
                 continue  # not a complete info file: nothing we could safely signal
-            if is_runner_process(info.pid, job_id, gen):
+            if is_runner_process(info.pid, job_id, gen, started_ticks=info.started_ticks):
                 targets.append((info, gen, info_path))
             else:
                 info_path.unlink(missing_ok=True)  # stale: the runner is already gone
@@ -269,7 +359,7 @@ class ProcessScheduler:
             _kill_group(info.pid, signal.SIGTERM)  # type: ignore[arg-type]
         alive = await _wait_gone(targets, job_id, grace_s)
         for info, gen, _ in alive:
-            if is_runner_process(info.pid, job_id, gen):  # type: ignore[arg-type]
+            if is_runner_process(info.pid, job_id, gen, started_ticks=info.started_ticks):  # type: ignore[arg-type]
                 log.warning("runner %s (pid %d) ignored SIGTERM for %g s: SIGKILL", info.runner_id, info.pid, grace_s)
                 _kill_group(info.pid, signal.SIGKILL)  # type: ignore[arg-type]
         still = await _wait_gone(alive, job_id, KILL_WAIT_S)
@@ -301,7 +391,11 @@ class ProcessScheduler:
         out: list[RunnerInfo] = []
         for gen, info_path in self._info_files(job_id, generation):
             info = _read_info(info_path)
-            if info is not None and info.pid is not None and is_runner_process(info.pid, job_id, gen):
+            if (
+                info is not None
+                and info.pid is not None
+                and is_runner_process(info.pid, job_id, gen, started_ticks=info.started_ticks)
+            ):
                 out.append(info)
         return out
 
@@ -366,14 +460,51 @@ def _arg_after(args: list[str], flag: str) -> str | None:
     return None
 
 
-def is_runner_process(pid: int, job_id: str, generation: int | None = None) -> bool:
-    """True if `pid` is a live `sluice.runner` of this job (and generation, if given)."""
+def is_runner_process(
+    pid: int, job_id: str, generation: int | None = None, *, started_ticks: int | None = None
+) -> bool:
+    """True if `pid` is a live `sluice.runner` of this job (and generation, if given).
+
+    A cold-started runner is recognised by its command line (`--job-id J --generation G`). A
+    warm-started one (`sluice.runner --warm`, no job on its command line) only by its start time:
+    `started_ticks`, from the info file being acted on, must equal the process's, so a PID reused
+    by a later process (even a later warm runner) is refused. A command line that names a job is
+    authoritative: a runner of another job is refused whatever its start time. Without /proc (no
+    start times) warm runners are never recognised.
+    """
     args = _cmdline(pid)
     if not args or RUNNER_MODULE not in args:
         return False
-    if _arg_after(args, "--job-id") != job_id:
+    named_job = _arg_after(args, "--job-id")
+    if named_job is not None:
+        if named_job != job_id:
+            return False
+        return generation is None or _arg_after(args, "--generation") == str(generation)
+    if WARM_FLAG not in args or started_ticks is None:
         return False
-    return generation is None or _arg_after(args, "--generation") == str(generation)
+    return process_start_ticks(pid) == started_ticks
+
+
+def send_assignment(proc: subprocess.Popen[bytes], assignment: WarmAssignment) -> bool:
+    """Write `assignment` as the one JSON line on a warm process's stdin, and close that pipe
+    (the process reads no more). False when the process is gone (then it has been killed, so it
+    cannot still act on a partial line), True when the line was delivered to its pipe."""
+    if proc.stdin is None:
+        raise ValueError(f"process {proc.pid} has no stdin pipe: not a warm runner from a WarmPool")
+    line = assignment.model_dump_json().encode() + b"\n"
+    try:
+        # Far below the pipe's buffer (WarmAssignment is small), so this never blocks.
+        proc.stdin.write(line)
+        proc.stdin.flush()
+    except OSError:  # BrokenPipeError: it died after take()
+        proc.kill()
+        return False
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    return True
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
@@ -393,7 +524,9 @@ async def _wait_gone(
     """Wait until the targets' processes are gone; returns those still alive at the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [t for t in targets if is_runner_process(t[0].pid, job_id, t[1])]  # type: ignore[arg-type]
+        alive = [
+            t for t in targets if is_runner_process(t[0].pid, job_id, t[1], started_ticks=t[0].started_ticks)  # type: ignore[arg-type]
+        ]
         if not alive or time.monotonic() >= deadline:
             return alive
         await asyncio.sleep(POLL_INTERVAL_S)
