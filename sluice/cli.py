@@ -218,6 +218,8 @@ def web_ui_link(job_id: str, namespace: str = "default", ui_port: int = WEB_UI_P
     return f"http://localhost:{ui_port}/namespaces/{namespace}/workflows/{job_id}"
 
 
+WORKER_STOP_TIMEOUT_S = 30.0
+"""How long `sluice run` gives its worker and local host to stop cleanly before cancelling them."""
 WarmRunnersOpt = typer.Option(
     2, "--warm-runners", min=0, envvar="SLUICE_WARM_RUNNERS",
     help="runner processes kept started and ready, so a job's start and recovery skip process start-up",
@@ -291,33 +293,32 @@ def worker(
     @run_async
     async def main() -> None:
         from sluice.client import connect
-        from sluice.worker import run_worker
 
         client = await connect()
         where = client.service_client.config.target_host
         host = f"; local host with {local_slots} runner slots" if local_slots else "; no local host"
         typer.echo(f"controller worker on task queue 'sluice' at {where}{host}; state in {base}")
-        await run_worker(
+        from sluice.worker import create_worker
+
+        async with create_worker(
             client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
             warm_runners=warm_runners,
-        )
+        ):
+            await _until_stopped()
 
-    _serve_until_term(main)
+    main()
 
 
-def _serve_until_term(main: Callable[[], None]) -> None:
-    """Run a long-lived command; SIGTERM stops it as Ctrl-C does (cleanly)."""
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        main()
-    except typer.Exit as exc:
-        if exc.exit_code == EXIT_INTERRUPTED:
-            return
-        raise
+async def _until_stopped() -> None:
+    """Wait for Ctrl-C or SIGTERM, so a long-lived command leaves its `async with` normally: a
+    host deregisters and stops its runners, a worker finishes its tasks (not cancelled midway)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)  # a second one interrupts the clean shutdown at once
 
 
 def _parse_labels(items: list[str]) -> dict[str, str]:
@@ -368,9 +369,9 @@ def host(
                 f"host {config.host_id}: {slots} runner slots on task queue {runner_host.task_queue}, "
                 f"runners at {config.address}; state in {base}"
             )
-            await asyncio.Event().wait()
+            await _until_stopped()
 
-    _serve_until_term(main)
+    main()
 
 
 @app.command()
@@ -504,9 +505,10 @@ async def _run(
     worker_task: asyncio.Task[Any] | None = None
     try:
         client = await connect(address, namespace)
-        from sluice.worker import run_worker
+        from sluice.worker import create_worker
 
-        worker_task = asyncio.create_task(run_worker(client, base), name="sluice-worker")
+        controller = create_worker(client, base)
+        worker_task = asyncio.create_task(controller.run(), name="sluice-worker")
         jobs = JobClient(client)
         try:
             desc = await jobs.describe(spec.job_id)
@@ -569,6 +571,9 @@ async def _run(
         return 0
     finally:
         if worker_task is not None:
+            # A clean stop: the local host deregisters and stops its runners.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(controller.shutdown(), timeout=WORKER_STOP_TIMEOUT_S)
             worker_task.cancel()
             with contextlib.suppress(BaseException):
                 await worker_task

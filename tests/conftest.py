@@ -96,6 +96,9 @@ def cli_env(address: str, state_dir: Path | None = None, **extra: str) -> dict[s
     env = dict(os.environ)
     env["TEMPORAL_ADDRESS"] = address
     env["TEMPORAL_NAMESPACE"] = "default"
+    # A worker subprocess's local host keeps no warm runners unless a test asks: dozens of
+    # workers start in the fault suite and their idle warm processes would only load the CPU.
+    env.setdefault("SLUICE_WARM_RUNNERS", "0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     if state_dir is not None:
         env["SLUICE_STATE_DIR"] = str(state_dir)

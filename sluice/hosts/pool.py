@@ -28,7 +28,6 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading

@@ -3,7 +3,7 @@
 - `network`: a factory, `network(n_hosts=3) -> Network`, already built; skips the test with
   `netns_available()`'s reason where namespaces cannot be made. Every network it made is closed
   when the test ends, passed, failed or errored (and at interpreter exit otherwise).
-- Every test under tests/multihost is marked `multihost`.
+- Every test under tests/multihost is marked `multihost` and `slow` (`make test-slow` runs them).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.multihost)
+            item.add_marker(pytest.mark.slow)  # several machines' processes on one: `make test-slow`
 
 
 @pytest.fixture
