@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -81,6 +82,14 @@ REGISTER_RETRY_S = 1.0
 LOST_RECHECK_S = 1.0
 """After its lease activity ended unexpectedly, the host asks the registry whether it was
 declared lost this soon after (a new lease normally arrives at once)."""
+REGISTRY_CHECK_S = 2.0
+"""How often the host reads the registry (a query: no history) to find out whether it is still
+registered; one that was declared lost (e.g. cut off by a partition that has healed) learns it
+here, stops its leftover runners and registers again."""
+SELF_FENCE_S = 30.0
+"""A host that cannot reach Temporal for this long stops its runners itself: it has lost its
+lease, and its jobs have recovered elsewhere long since (the store refuses its old generations'
+commits anyway). Longer than a Temporal server restart, so a restart alone kills nothing."""
 
 
 def default_host_id(state_dir: Path) -> str:
@@ -188,6 +197,7 @@ class RunnerHost:
         self._tasks.append(asyncio.create_task(self._worker.run(), name=f"host-worker-{self.config.host_id}"))
         self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"host-watch-{self.config.host_id}"))
         await self._register()
+        self._tasks.append(asyncio.create_task(self._registry_check_loop(), name=f"host-lease-{self.config.host_id}"))
         log.info(
             "host %s serving task queue %s with %d slots (address %s)",
             self.config.host_id, self.task_queue, self.config.slots, self.config.address,
@@ -249,6 +259,32 @@ class RunnerHost:
                 self.config.host_id,
             )
             await self.stop_all_runners()
+
+    async def _registry_check_loop(self) -> None:
+        """Re-register when the registry no longer lists this host; stop every runner when
+        Temporal has been out of reach for SELF_FENCE_S (see both constants)."""
+        from sluice.hosts.registry_client import list_hosts
+
+        last_contact = time.monotonic()
+        fenced = False
+        while not self._closing:
+            await asyncio.sleep(REGISTRY_CHECK_S)
+            try:
+                hosts = await list_hosts(self.client, timeout_s=REGISTRY_CHECK_S * 2)
+            except Exception as e:  # noqa: BLE001 - unreachable: count the time, try again
+                out_of_reach = time.monotonic() - last_contact
+                if out_of_reach >= SELF_FENCE_S and not fenced:
+                    log.warning(
+                        "host %s: Temporal out of reach for %.0f s (%s): lease lost, stopping its runners",
+                        self.config.host_id, out_of_reach, e,
+                    )
+                    fenced = True
+                    await self.stop_all_runners()
+                continue
+            last_contact = time.monotonic()
+            fenced = False
+            if not self._closing and all(h.host_id != self.config.host_id for h in hosts):
+                await self._register()
 
     async def stop_all_runners(self) -> int:
         for w in self._watches.values():
