@@ -42,3 +42,45 @@ class CorruptCheckpointError(Exception):
         if m is None:
             return None
         return cls(int(m.group(1)), m.group(3), m.group(4), what=m.group(2))
+
+
+class StaleGeneration(Exception):
+    """A writer of a superseded generation tried to publish (a manifest, committed sink output, a
+    snapshot): the store's fence names a generation that started after it, so it is refused and
+    nothing is published. Retrying cannot help: the writer's generation stays superseded.
+
+    `str()` is ``generation G of job J is superseded by generation F: refused`` (with ``of a newer
+    run`` after F when a newer run of the job numbers its generations afresh); that text crosses the
+    runner protocol, and :meth:`parse` recovers the fields from it.
+    """
+
+    _PATTERN = re.compile(
+        r"generation (\d+) of job (.+?) is superseded by generation (\d+)( of a newer run)?: refused"
+    )
+
+    def __init__(self, job_id: str, generation: int, fence: int, *, newer_run: bool = False) -> None:
+        run = " of a newer run" if newer_run else ""
+        super().__init__(f"generation {generation} of job {job_id} is superseded by generation {fence}{run}: refused")
+        self.job_id = job_id
+        self.generation = generation
+        self.fence = fence
+        self.newer_run = newer_run
+
+    @classmethod
+    def parse(cls, message: str) -> "StaleGeneration | None":
+        """The error whose `str()` appears in `message` (e.g. prefixed by an operator), or None."""
+        m = cls._PATTERN.search(message)
+        if m is None:
+            return None
+        return cls(m.group(2), int(m.group(1)), int(m.group(3)), newer_run=m.group(4) is not None)
+
+    @classmethod
+    def found_in(cls, exc: BaseException | None) -> "StaleGeneration | None":
+        """The StaleGeneration that `exc` is or was raised from (its cause chain), or None."""
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, cls):
+                return exc
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return None
