@@ -50,13 +50,9 @@ class StaleGeneration(Exception):
     nothing is published. Retrying cannot help: the writer's generation stays superseded.
 
     `str()` is ``generation G of job J is superseded by generation F: refused`` (with ``of a newer
-    run`` after F when a newer run of the job numbers its generations afresh); that text crosses the
-    runner protocol, and :meth:`parse` recovers the fields from it.
+    run`` after F when a newer run of the job numbers its generations afresh); that text is what
+    the user reads in the job's recovery reason.
     """
-
-    _PATTERN = re.compile(
-        r"generation (\d+) of job (.+?) is superseded by generation (\d+)( of a newer run)?: refused"
-    )
 
     def __init__(self, job_id: str, generation: int, fence: int, *, newer_run: bool = False) -> None:
         run = " of a newer run" if newer_run else ""
@@ -65,14 +61,6 @@ class StaleGeneration(Exception):
         self.generation = generation
         self.fence = fence
         self.newer_run = newer_run
-
-    @classmethod
-    def parse(cls, message: str) -> "StaleGeneration | None":
-        """The error whose `str()` appears in `message` (e.g. prefixed by an operator), or None."""
-        m = cls._PATTERN.search(message)
-        if m is None:
-            return None
-        return cls(m.group(2), int(m.group(1)), int(m.group(3)), newer_run=m.group(4) is not None)
 
     @classmethod
     def found_in(cls, exc: BaseException | None) -> "StaleGeneration | None":
