@@ -63,7 +63,7 @@ class StaleGeneration(Exception):
         self.newer_run = newer_run
 
     @classmethod
-    def found_in(cls, exc: BaseException | None) -> "StaleGeneration | None":
+    def found_in(cls, exc: BaseException | None) -> StaleGeneration | None:
         """The StaleGeneration that `exc` is or was raised from (its cause chain), or None."""
         seen: set[int] = set()
         while exc is not None and id(exc) not in seen:

@@ -29,7 +29,12 @@ from sluice.engine.compiler import compile_program
 from sluice.engine.operators import OperatorContext
 from sluice.engine.task import SubtaskRunner, TaskError
 from sluice.errors import StaleGeneration
-from sluice.models import CheckpointManifest, JobConfig, OperatorCheckpoint, PipelineSpec
+from sluice.models import (
+    CheckpointManifest,
+    JobConfig,
+    OperatorCheckpoint,
+    PipelineSpec,
+)
 from sluice.storage import FENCE_NAME, CheckpointStore
 from tests.e2e_helpers import (
     assert_exact_output,
