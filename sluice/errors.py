@@ -42,3 +42,33 @@ class CorruptCheckpointError(Exception):
         if m is None:
             return None
         return cls(int(m.group(1)), m.group(3), m.group(4), what=m.group(2))
+
+
+class StaleGeneration(Exception):
+    """A writer of a superseded generation tried to publish (a manifest, committed sink output, a
+    snapshot): the store's fence names a generation that started after it, so it is refused and
+    nothing is published. Retrying cannot help: the writer's generation stays superseded.
+
+    `str()` is ``generation G of job J is superseded by generation F: refused`` (with ``of a newer
+    run`` after F when a newer run of the job numbers its generations afresh); that text is what
+    the user reads in the job's recovery reason.
+    """
+
+    def __init__(self, job_id: str, generation: int, fence: int, *, newer_run: bool = False) -> None:
+        run = " of a newer run" if newer_run else ""
+        super().__init__(f"generation {generation} of job {job_id} is superseded by generation {fence}{run}: refused")
+        self.job_id = job_id
+        self.generation = generation
+        self.fence = fence
+        self.newer_run = newer_run
+
+    @classmethod
+    def found_in(cls, exc: BaseException | None) -> StaleGeneration | None:
+        """The StaleGeneration that `exc` is or was raised from (its cause chain), or None."""
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            if isinstance(exc, cls):
+                return exc
+            seen.add(id(exc))
+            exc = exc.__cause__ or exc.__context__
+        return None

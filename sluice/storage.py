@@ -4,6 +4,7 @@ Layout under the store's URL (a plain local directory or any pyarrow.fs URI such
 
     {url}/{job_id}/checkpoints/epoch-{E:010d}/{operator}-{subtask}.arrow   Arrow IPC file per subtask
     {url}/{job_id}/checkpoints/epoch-{E:010d}/manifest.json                CheckpointManifest, LAST
+    {url}/{job_id}/_fence.json                                             GenerationFence
 
 Guarantees:
 
@@ -21,15 +22,23 @@ Guarantees:
   restored, and :meth:`CheckpointStore.read_state` checks again (and names the file) when a runner
   reads it. Manifests written before digests existed stay readable: their state files are only
   checked to be readable Arrow files.
+* Fencing by generation: ``_fence.json`` names the newest generation of the job that has started
+  (:meth:`CheckpointStore.raise_fence`, called by every new generation before it recovers sinks or
+  starts a task). A manifest is published only if the fence names the manifest's generation (or no
+  generation yet), checked right before the atomic publish, so a generation cut off by a partition
+  can never complete a checkpoint once a newer one has started (:class:`~sluice.errors.StaleGeneration`).
+  The fence lives outside ``checkpoints/``, so listing and retention never see it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -37,9 +46,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from sluice.errors import CorruptCheckpointError
+from sluice.errors import CorruptCheckpointError, StaleGeneration
 from sluice.fsutil import fsync_dir
 from sluice.models import (
     CheckpointManifest,
@@ -52,6 +61,10 @@ from sluice.models import (
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "manifest.json"
 STATE_SUFFIX = ".arrow"
+#: the job's generation fence, in the job's directory: '_' so no epoch listing ever matches it
+FENCE_NAME = "_fence.json"
+#: serialises raises of the fence between processes on a local filesystem ('.': hidden)
+FENCE_LOCK_NAME = ".fence.lock"
 _EPOCH_DIR = re.compile(r"^epoch-(\d{10})$")
 _EPOCH_IN_PATH = re.compile(r"(?:^|/)epoch-(\d{10})/")
 #: bytes read at a time when hashing a state file for verification (hashlib releases the GIL)
@@ -70,6 +83,23 @@ def _resolve(url: str) -> tuple[pafs.FileSystem, str, bool]:
         return fs, root.rstrip("/"), isinstance(fs, pafs.LocalFileSystem)
     # A plain path: resolved once so that a later chdir cannot move the store.
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(url)), True
+
+
+class GenerationFence(BaseModel):
+    """The content of ``_fence.json``: the newest generation of the job that has started.
+
+    `started_at` is when that generation started (the Temporal server's time of scheduling its
+    start), when known: a new run of a job numbers its generations from 1 again, and only the start
+    times tell its generations from those of the run before.
+    """
+
+    generation: int = Field(ge=0, description="0 = no generation has raised the fence yet")
+    started_at: datetime | None = None
+    raised_at: datetime | None = None
+
+    def admits(self, generation: int) -> bool:
+        """Whether `generation` may publish: it is the fenced generation, or nothing is fenced yet."""
+        return self.generation in (0, generation)
 
 
 class CheckpointStore:
@@ -162,24 +192,36 @@ class CheckpointStore:
     def write_manifest(self, manifest: CheckpointManifest) -> str:
         """Publish the checkpoint: call only after every state file of the epoch is written.
 
+        The writer's generation is the manifest's (``manifest.generation``): right before the
+        atomic publish the fence is read, and when it names another generation (a newer one has
+        started) :class:`~sluice.errors.StaleGeneration` is raised and no manifest appears.
         Returns the manifest's path in the store's filesystem.
         """
         if manifest.job_id != self.job_id:
             raise ValueError(f"manifest of job {manifest.job_id!r} written to the store of {self.job_id!r}")
-        final = self.manifest_path(manifest.epoch)
+        directory = self.epoch_path(manifest.epoch)
         data = manifest.model_dump_json(indent=2).encode()
-        self._fs.create_dir(self.epoch_path(manifest.epoch), recursive=True)
+        self._fs.create_dir(directory, recursive=True)
+        return self._publish(directory, MANIFEST_NAME, data, before=lambda: self.check_fence(manifest.generation))
+
+    def _publish(self, directory: str, name: str, data: bytes, before: Callable[[], None] | None = None) -> str:
+        """Make `data` the file `name` in `directory` (which exists) all at once: a reader sees the
+        old file (or none) or the whole new one. `before` runs right before the publish; when it
+        raises, nothing is published. Returns the file's path in the store's filesystem."""
+        final = f"{directory}/{name}"
         if self._local:
-            # Temp name starts with '.', so no listing ever mistakes it for the manifest; rename is
+            # Temp name starts with '.', so no listing ever mistakes it for the file; rename is
             # atomic on a local filesystem. fsync before the rename so a crash cannot publish a
-            # manifest whose bytes are not on disk yet.
-            tmp = f"{self.epoch_path(manifest.epoch)}/.{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp"
+            # file whose bytes are not on disk yet.
+            tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                if before is not None:
+                    before()
                 os.replace(tmp, final)
             except BaseException:
                 try:
@@ -187,8 +229,10 @@ class CheckpointStore:
                 except FileNotFoundError:
                     pass
                 raise
-            fsync_dir(self.epoch_path(manifest.epoch), best_effort=True)
+            fsync_dir(directory, best_effort=True)
         else:
+            if before is not None:
+                before()
             # Object stores make a single PUT visible atomically when the stream closes.
             with self._fs.open_output_stream(final) as out:
                 out.write(data)
@@ -214,6 +258,102 @@ class CheckpointStore:
             if manifest is not None:  # deleted between listing and reading: try the previous one
                 return manifest
         return None
+
+    # ---------------------------------------------------------------- the generation fence
+
+    @property
+    def fence_path(self) -> str:
+        """The job's generation fence in the store's filesystem."""
+        return f"{self._job_root}/{FENCE_NAME}"
+
+    def read_fence(self) -> GenerationFence:
+        """The fence as recorded; generation 0 when no generation has raised it yet.
+
+        Raises ValueError naming the file when it is there but not a fence (written by hand or a
+        damaged disk: the writes themselves are atomic).
+        """
+        try:
+            with self._fs.open_input_stream(self.fence_path) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return GenerationFence(generation=0)
+        try:
+            return GenerationFence.model_validate_json(data)
+        except ValidationError as e:
+            raise ValueError(
+                f"generation fence {self.fence_path} of job {self.job_id!r} is not a fence ({_first_error(e)}); "
+                "delete it: the next generation to start writes it again"
+            ) from None
+
+    def raise_fence(self, generation: int, *, started_at: datetime | None = None) -> GenerationFence:
+        """Record that `generation` (started at `started_at`, the server's time, when known) has
+        started; from then on only it may publish. Returns the fence as recorded afterwards.
+
+        Monotonic: the fence never goes back to an older generation. Older is decided by start
+        time when both generations' are known (a new run of the job numbers its generations from 1
+        again, but starts later), else by number; asking to fence an older generation raises
+        :class:`~sluice.errors.StaleGeneration` and changes nothing. Idempotent: raising the fenced
+        generation again changes nothing (except recording its start time if that was unknown).
+        Written atomically like a manifest; raises are serialised by a lock file on a local
+        filesystem (object stores have no lock: there the workflow, which starts one generation at
+        a time, is what serialises them).
+        """
+        if generation < 1:
+            raise ValueError(f"generation must be >= 1, got {generation}")
+        if started_at is not None and started_at.tzinfo is None:  # compared with aware times
+            started_at = started_at.replace(tzinfo=timezone.utc)
+        with self._fence_lock():
+            current = self.read_fence()
+            after = self._fence_after(current, generation, started_at)
+            if after is None:
+                return current
+            self._publish(self._job_root, FENCE_NAME, after.model_dump_json().encode())
+            return after
+
+    def check_fence(self, generation: int) -> None:
+        """Raise :class:`~sluice.errors.StaleGeneration` unless `generation` may publish: the fence
+        names it, or no generation has raised the fence yet. One small read; call it right before
+        every publish."""
+        fence = self.read_fence()
+        if not fence.admits(generation):
+            # A fence below `generation` can only be a newer run's (numbering from 1 again).
+            raise StaleGeneration(self.job_id, generation, fence.generation, newer_run=fence.generation < generation)
+
+    def _fence_after(
+        self, current: GenerationFence, generation: int, started_at: datetime | None
+    ) -> GenerationFence | None:
+        """The fence once `generation` has started: a new record, None to keep `current`, or
+        StaleGeneration when `generation` is older than the fenced one."""
+        if started_at is not None and current.started_at is not None:
+            mine, fenced = (started_at, generation), (current.started_at, current.generation)
+            if mine == fenced:
+                return None
+            if mine < fenced:
+                raise StaleGeneration(
+                    self.job_id, generation, current.generation,
+                    newer_run=current.generation <= generation,
+                )
+        elif generation < current.generation:
+            raise StaleGeneration(self.job_id, generation, current.generation)
+        elif generation == current.generation:
+            if started_at is None or current.started_at is not None:
+                return None
+            return current.model_copy(update={"started_at": started_at})  # now with its start time
+        return GenerationFence(generation=generation, started_at=started_at, raised_at=datetime.now(timezone.utc))
+
+    @contextlib.contextmanager
+    def _fence_lock(self) -> Iterator[None]:
+        """Exclusive between processes (and threads) for a read-modify-write of the fence."""
+        self._fs.create_dir(self._job_root, recursive=True)
+        if not self._local:
+            yield
+            return
+        fd = os.open(f"{self._job_root}/{FENCE_LOCK_NAME}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the fd is closed
+            yield
+        finally:
+            os.close(fd)
 
     # ---------------------------------------------------------------- listing and retention
 

@@ -9,9 +9,10 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from sluice.activities.context import ControllerContext, heartbeating
+from sluice.activities.fencing import stale_generation_error
 from sluice.activities.sinks import commit_sinks
 from sluice.activities.stopping import wait_all_finished
-from sluice.errors import RunnerRefused, RunnerUnavailable
+from sluice.errors import RunnerRefused, RunnerUnavailable, StaleGeneration
 from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
@@ -31,6 +32,10 @@ class CheckpointActivities:
 
     @activity.defn(name="checkpoint")
     async def checkpoint(self, inp: CheckpointInput) -> CheckpointInfo:
+        """Take checkpoint `inp.epoch`: barriers, snapshots, the manifest (the commit point), then
+        the sinks' commit phase. The manifest and every committed file are published only while
+        the store's fence admits `inp.generation`; otherwise the activity fails, not retried, with
+        the fence's message ("generation G of job J is superseded by generation F: refused")."""
         started = time.monotonic()
         store = CheckpointStore(inp.checkpoint_url, inp.job_id)
         manifest = await asyncio.to_thread(store.read_manifest, inp.epoch)
@@ -53,14 +58,22 @@ class CheckpointActivities:
                         snapshots=snapshots,
                         then_stop=inp.then_stop,
                     )
+                    # Refused (StaleGeneration, nothing published) once a newer generation started.
                     await asyncio.to_thread(store.write_manifest, manifest)
                 progress["phase"] = "commit"
-                committed = await asyncio.to_thread(commit_sinks, inp.program, inp.job_id, manifest)
+                committed = await asyncio.to_thread(
+                    commit_sinks, inp.program, inp.job_id, manifest,
+                    before_publish=lambda: store.check_fence(inp.generation),
+                )
                 if inp.then_stop:
                     progress["phase"] = "tasks finishing"
                     await wait_all_finished(clients, inp.finish_timeout_s)
             except (RunnerUnavailable, RunnerRefused) as e:
                 raise ApplicationError(f"checkpoint epoch {inp.epoch}: {e}") from None
+            except StaleGeneration as e:
+                # Superseded: retrying cannot help. The workflow recovers (into a generation that
+                # the fence admits); a commit cut short here is finished by that recovery.
+                raise stale_generation_error(e) from None
         return CheckpointInfo(
             epoch=inp.epoch,
             manifest_path=store.manifest_path(inp.epoch),

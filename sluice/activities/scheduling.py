@@ -8,6 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from sluice.activities.context import ControllerContext, heartbeating, user_error
+from sluice.activities.fencing import raise_generation_fence
 from sluice.activities.restoring import corrupt_checkpoint_error, restore_point
 from sluice.activities.sinks import recover_sinks
 from sluice.engine.compiler import assign, runners_needed
@@ -46,6 +47,9 @@ class SchedulingActivities:
             # of every new generation failing on it again.
             async with heartbeating(lambda: {"verifying epoch": inp.restore_epoch}):
                 manifest = await asyncio.to_thread(restore_point, store, inp.restore_epoch)
+        # Fence before sink recovery and before any task starts: from here on the store refuses
+        # every publish of an older generation (refused itself if a newer one already started).
+        await raise_generation_fence(store, inp.generation)
         assignments = assign(inp.program, inp.runners)
         by_runner = {a.runner_id: a for a in assignments}
         async with heartbeating(), self.ctx.runner_clients(inp.job_id, inp.generation, inp.runners) as clients:

@@ -46,13 +46,22 @@ def recover_sinks(program: Program, job_id: str, manifest: CheckpointManifest | 
     _each_sink(program, lambda op_id, sink, params: sink.recover(params, manifest))
 
 
-def commit_sinks(program: Program, job_id: str, manifest: CheckpointManifest) -> int:
+def commit_sinks(
+    program: Program,
+    job_id: str,
+    manifest: CheckpointManifest,
+    *,
+    before_publish: Callable[[], None] | None = None,
+) -> int:
     """The commit phase of two-phase-commit sinks; idempotent, so retries are safe. Returns how
-    many items were published."""
+    many items were published. `before_publish` (the committing generation's fence check) runs
+    right before every item is published; what it raises stops the commit and propagates."""
     claim_sinks(program, job_id)
 
     def commit(op_id: str, sink: type[Sink], params: dict[str, Any]) -> int:
         part = manifest.operators.get(op_id)
-        return sink.commit(params, part.commits) if part is not None and part.commits else 0
+        if part is None or not part.commits:
+            return 0
+        return sink.commit(params, part.commits, before_publish=before_publish)
 
     return _each_sink(program, commit)

@@ -79,7 +79,7 @@ def sink_class(spec: OperatorRef, role: str | None = None) -> type[Sink] | None:
     """The sink class for an operator (its params dict, or a type name plus optional role), or
     None when it is not a sink.
 
-    The controller uses its class methods ``commit(params, commits)`` and
+    The controller uses its class methods ``commit(params, commits, before_publish=...)`` and
     ``recover(params, manifest)``; ``params`` is ``Program.operators[op_id]`` (includes ``id``).
     """
     if connector_role(spec, role) != "sink":

@@ -37,6 +37,7 @@ import filecmp
 import os
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import pyarrow as pa
@@ -294,12 +295,21 @@ class FilesSink(Sink):
             raise _uncreatable(params.get("id"), params["path"], exc) from None
 
     @classmethod
-    def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
+    def commit(
+        cls,
+        params: dict[str, Any],
+        commits: list[dict[str, Any]],
+        *,
+        before_publish: Callable[[], None] | None = None,
+    ) -> int:
         """Publish every staged file under its final name, never replacing a file. Idempotent: a
         final file whose staged file is gone was published by an earlier call, one that is the
         staged file itself (a crash between link and unlink) or has its bytes is fine.
         Returns how many of `commits` are now published.
 
+        `before_publish` (the generation fence check) runs right before each file gets its final
+        name; when it raises, no further file is published, no staged file is removed (a later
+        commit or recovery of the same checkpoint finishes the job), and the exception propagates.
         Raises FileNotFoundError when both are missing (the pre-committed output was lost) and
         :class:`OutputConflict` when the final name holds another file.
         """
@@ -312,6 +322,8 @@ class FilesSink(Sink):
             staged, final = c["staged"], c["final"]
             if os.path.exists(staged):
                 os.makedirs(os.path.dirname(final), exist_ok=True)
+                if before_publish is not None:
+                    before_publish()
                 _link_without_replacing(params, staged, final)
                 linked.append(staged)
                 final_dirs.add(os.path.dirname(final))

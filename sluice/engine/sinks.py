@@ -6,12 +6,15 @@ travel in the checkpoint manifest.
 
 Controller side (class methods, no instance, no runner): ``claim`` makes the job the owner of the
 sink's destination (at compile time, and again before every recover and commit); ``commit``
-publishes the records of a checkpoint once its manifest is written; ``recover`` runs before a job
+publishes the records of a checkpoint once its manifest is written, calling ``before_publish``
+right before each item it publishes (the controller's fence check: a generation that a newer one
+has superseded raises there, and the sink publishes nothing further); ``recover`` runs before a job
 restores a checkpoint. All must be idempotent: the controller retries them after crashes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -37,8 +40,18 @@ class Sink(Operator):
         sink whose destination can be shared claims nothing."""
 
     @classmethod
-    def commit(cls, params: dict[str, Any], commits: list[dict[str, Any]]) -> int:
-        """Publish pre-committed output; idempotent. Returns how many items are published."""
+    def commit(
+        cls,
+        params: dict[str, Any],
+        commits: list[dict[str, Any]],
+        *,
+        before_publish: Callable[[], None] | None = None,
+    ) -> int:
+        """Publish pre-committed output; idempotent. Returns how many items are published.
+
+        `before_publish` is called right before each item is made visible; when it raises, that
+        item and every later one stay unpublished and the exception propagates.
+        """
         return 0
 
     @classmethod

@@ -29,6 +29,10 @@ Guarantees:
   named with the subtask; anything else is ``internal`` and retryable (a restart restores the last
   checkpoint).
 * Operators are closed exactly once, whatever way ``run()`` ends (return, failure, cancellation).
+* Fenced: at each barrier, before snapshotting anything, the subtask checks the store's generation
+  fence; a generation that a newer one has superseded fails the task (a retryable internal
+  :class:`TaskError` caused by :class:`~sluice.errors.StaleGeneration`) without a snapshot, so
+  it contributes nothing more to any checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
 from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
-from sluice.errors import CorruptCheckpointError, UserError
+from sluice.errors import CorruptCheckpointError, StaleGeneration, UserError
 from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
 from sluice.models import StateFileDigest
 from sluice.storage import CheckpointStore
@@ -604,6 +608,13 @@ class SubtaskRunner:
         assert self._chain is not None
         # Downstream starts aligning while this subtask snapshots: nothing is emitted in between.
         await self._broadcast(barrier)
+        # After the broadcast, so the subtasks downstream (on other runners too) learn it as well.
+        # A superseded generation would only be refused at the manifest; stopping here spares its
+        # snapshot and state files, and tells its runner to stop.
+        try:
+            await asyncio.to_thread(self.store.check_fence, self.generation)
+        except StaleGeneration as exc:
+            raise TaskError(f"subtask {self.ref.label()}: {exc}", retryable=True, domain="internal") from exc
         # Operators are not touched by anything else while this task awaits, so snapshotting
         # (which may fsync) can run off the event loop.
         self._snapshotting = asyncio.ensure_future(asyncio.to_thread(self._chain.snapshot, barrier.epoch))

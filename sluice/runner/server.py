@@ -10,7 +10,10 @@ One `RunnerServer` per process serves one (job, generation). It guarantees:
   `task_finished` or `task_failed` (with message, retryable, domain, and the operator and user
   traceback when known); a user function that never returns fails its task after the start
   request's `task_hang_timeout_s` while the runner keeps serving;
-- the info file is written atomically once the control port is bound, and removed on exit.
+- the info file is written atomically once the control port is bound, and removed on exit;
+- a runner whose generation the store's fence has superseded (a subtask's checkpoint refused with
+  StaleGeneration) reports that subtask's failure and stops every other subtask at once instead
+  of running on: nothing it does can be committed any more.
 
 The wire contract is docs/runner-protocol.md.
 """
@@ -34,6 +37,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from sluice.auth import GENERATION_HEADER, JOB_HEADER, tokens_equal
+from sluice.errors import StaleGeneration
 from sluice.models import (
     RunnerEvent,
     RunnerInfo,
@@ -197,6 +201,7 @@ class RunnerServer:
         self._start_request: StartRequest | None = None
         self._start_future: asyncio.Future[None] | None = None
         self._stop_mode: str | None = None
+        self._superseded: str | None = None  # why the store refused this generation, once it did
         self._requested_epochs: dict[int, float] = {}  # epoch -> monotonic time of the request
         self._changed = asyncio.Event()
         self._subscribers: set[_Subscriber] = set()
@@ -449,6 +454,8 @@ class RunnerServer:
                 # recover sinks under the tasks that request began.
                 "start_requested": self._start_future is not None,
                 "tasks": self.task_states(),
+                # Set once the store refused this generation (a newer one started): why.
+                "superseded": self._superseded,
             }
         )
 
@@ -600,8 +607,23 @@ class RunnerServer:
             log.warning("subtask %s failed: %s%s", st.label, failure.message,
                         f"\n{failure.traceback}" if failure.traceback else "")
             self._finish(st, "failed", failure)
+            stale = StaleGeneration.found_in(e)
+            if stale is not None:
+                self._stop_superseded(stale)
         else:
             self._finish(st, "finished")
+
+    def _stop_superseded(self, stale: StaleGeneration) -> None:
+        """The store refused this generation: stop every subtask now (not retried: a newer
+        generation runs the job), once."""
+        if self._superseded is not None:
+            return
+        self._superseded = str(stale)
+        log.warning("generation %d is superseded (%s): stopping every subtask", self.generation, stale)
+        self._stop_mode = "immediate"
+        for st in self._subtasks.values():
+            if st.aio_task is not None:
+                self._stop_one(st, "immediate")
 
     def _finish(self, st: _Subtask, outcome: str, why: StartFailure | str | None = None) -> None:
         """Record a subtask's end (`why`: the failure, or a note on a finish) and announce it once."""
