@@ -309,6 +309,14 @@ def worker(
     main()
 
 
+def _log_to_stderr() -> None:
+    """A long-running process says what it does (runners started, lost, stopped), with times."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("temporalio").setLevel(logging.WARNING)
+
+
 async def _until_stopped() -> None:
     """Wait for Ctrl-C or SIGTERM, so a long-lived command leaves its `async with` normally: a
     host deregisters and stops its runners, a worker finishes its tasks (not cancelled midway)."""
@@ -353,6 +361,7 @@ def host(
     base = settings.state_dir(state_dir)
     extend_import_path(Path.cwd())
     labels = _parse_labels(label)
+    _log_to_stderr()
 
     @run_async
     async def main() -> None:

@@ -36,7 +36,7 @@ from urllib.parse import unquote
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError, RPCStatusCode, ServiceClient
 from temporalio.worker import Worker
 
 import sluice
@@ -86,7 +86,7 @@ REGISTRY_CHECK_S = 2.0
 """How often the host reads the registry (a query: no history) to find out whether it is still
 registered; one that was declared lost (e.g. cut off by a partition that has healed) learns it
 here, stops its leftover runners and registers again."""
-SELF_FENCE_S = 30.0
+SELF_FENCE_S = 20.0
 """A host that cannot reach Temporal for this long stops its runners itself: it has lost its
 lease, and its jobs have recovered elsewhere long since (the store refuses its old generations'
 commits anyway). Longer than a Temporal server restart, so a restart alone kills nothing."""
@@ -242,12 +242,12 @@ class RunnerHost:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _register(self) -> None:
+    async def _register(self, client: Client | None = None) -> None:
         from sluice.hosts.registry_client import register
 
         while True:
             try:
-                result = await register(self.client, self.registration)
+                result = await register(client or self.client, self.registration)
                 break
             except Exception as e:  # noqa: BLE001 - e.g. the server is still starting
                 log.warning("host %s: registration failed (%s); retrying", self.config.host_id, e)
@@ -267,11 +267,19 @@ class RunnerHost:
 
         last_contact = time.monotonic()
         fenced = False
+        client = self.client
         while not self._closing:
             await asyncio.sleep(REGISTRY_CHECK_S)
             try:
-                hosts = await list_hosts(self.client, timeout_s=REGISTRY_CHECK_S * 2)
+                if client is None:
+                    # A fresh connection: the old one may sit in a long reconnect backoff after
+                    # a partition, and the heal must be noticed at once.
+                    config = self.client.config()
+                    config["service_client"] = await ServiceClient.connect(self.client.service_client.config)
+                    client = Client(**config)
+                hosts = await list_hosts(client, timeout_s=REGISTRY_CHECK_S * 2)
             except Exception as e:  # noqa: BLE001 - unreachable: count the time, try again
+                client = None
                 out_of_reach = time.monotonic() - last_contact
                 if out_of_reach >= SELF_FENCE_S and not fenced:
                     log.warning(
@@ -284,7 +292,7 @@ class RunnerHost:
             last_contact = time.monotonic()
             fenced = False
             if not self._closing and all(h.host_id != self.config.host_id for h in hosts):
-                await self._register()
+                await self._register(client)
 
     async def stop_all_runners(self) -> int:
         for w in self._watches.values():
