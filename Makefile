@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 run: $(STAMP)
 	$(VENV)/bin/sluice run examples/clicks.yaml
 
+# Everything but the slow tests (fault injection, several machines): under 15 minutes on 2 cores.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The slow tests alone: the fault x state suite (tests/faults) and the multi-host tests
+# (tests/multihost, network namespaces: root only, skipped elsewhere). CI runs them after `test`.
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
 
@@ -30,7 +33,7 @@ test-slow: $(STAMP)
 histories: $(STAMP)
 	$(VENV)/bin/python -m tests.histories.generate
 
-# The fault x state suite alone (docs/reliability.md); `make test` runs it too.
+# The fault x state suite alone (docs/reliability.md); `make test-slow` runs it too.
 test-faults: $(STAMP)
 	$(VENV)/bin/pytest -q tests/faults $(PYTEST_ARGS)
 
