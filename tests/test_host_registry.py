@@ -381,7 +381,7 @@ async def test_hosts_that_go_away_are_declared_lost_and_only_their_jobs_told(reg
         f"host {ghost} lost: no process took up its task queue {host_task_queue(ghost)} within 3 s"
     )
     assert lost[hung]["payload"]["reason"] == (
-        f"host {hung} lost: no heartbeat for 5 s and no process took up its task queue "
+        f"host {hung} lost: no heartbeat for {HOST_HEARTBEAT_TIMEOUT.total_seconds():g} s and no process took up its task queue "
         f"{host_task_queue(hung)} within 3 s"
     )
     # Missed heartbeats, then the reacquire timeout: not earlier than the heartbeat timeout.

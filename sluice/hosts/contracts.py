@@ -42,10 +42,11 @@ SIGNAL_HOST_LOST = "host_lost"
 SIGNAL_SLOTS_FREED = "slots_freed"
 
 # A host is declared lost when its lease activity misses heartbeats for HOST_HEARTBEAT_TIMEOUT
-# and then no process serving its task queue picks a new lease up within HOST_REACQUIRE_TIMEOUT:
-# at most about 8 s (+ the server's timer granularity) from the last heartbeat. Flink's
+# and then no process serving its task queue takes a new lease up: none picks it up within
+# HOST_REACQUIRE_TIMEOUT, or two renewals in a row go to polls of a gone process and never
+# heartbeat. About 6-9 s from the last heartbeat (+ the server's timer granularity). Flink's
 # TaskManager heartbeat timeout is 50 s.
-HOST_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+HOST_HEARTBEAT_TIMEOUT = timedelta(seconds=3)
 HOST_REACQUIRE_TIMEOUT = timedelta(seconds=3)
 #: How often a host heartbeats its lease (free: heartbeats are not history events).
 HOST_HEARTBEAT_EVERY_S = 1.0
@@ -160,6 +161,7 @@ class RunnerReport(Contract):
     runner_id: str
     host_id: str
     kind: Literal["tasks", "task_failed", "lost"]
+    hung: bool = Field(default=False, description="lost: alive but silent (not exited)")
     tasks: dict[str, str] = Field(default_factory=dict)
     message: str = ""
     retryable: bool = True

@@ -192,6 +192,9 @@ class RunnerHost:
             # The lease's heartbeats must reach the server every second: by default the SDK sends
             # them only every 0.8 x the heartbeat timeout, which would stretch the loss bound.
             max_heartbeat_throttle_interval=timedelta(seconds=HOST_HEARTBEAT_EVERY_S),
+            # One poll at a time: a host process that freezes or is cut off then holds at most
+            # one stale poll, which the registry's lease renewals account for.
+            max_concurrent_activity_task_polls=1,
             default_heartbeat_throttle_interval=timedelta(seconds=HOST_HEARTBEAT_EVERY_S),
         )
         self._tasks.append(asyncio.create_task(self._worker.run(), name=f"host-worker-{self.config.host_id}"))
@@ -424,13 +427,18 @@ class RunnerHost:
     async def _follow_events(self, w: RunnerWatch) -> None:
         token = runner_token(self.secret, w.job_id, w.generation)
         try:
-            async with RunnerClient(w.info, w.job_id, token) as client:
-                async for event in client.events(heartbeat_timeout_s=w.hang_timeout_s):
-                    self._on_event(w, event)
-        except RunnerSilent:
-            self._lost(
-                w, f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s (hung, stopped or cut off)"
-            )
+            while True:
+                try:
+                    async with RunnerClient(w.info, w.job_id, token) as client:
+                        async for event in client.events(heartbeat_timeout_s=w.hang_timeout_s):
+                            self._on_event(w, event)
+                except RunnerSilent:
+                    # Reported, and followed on: a job still starting its tasks ignores silence
+                    # (its start has its own timeout), and a runner that speaks again is watched.
+                    if not w.ended and not w.stopping:
+                        message = f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s (hung, stopped or cut off)"
+                        w.outbox.put_nowait(self._report(w, "lost", tasks={}, message=message,
+                                                         ran=sorted(w.sent_tasks), hung=True))  # fmt: skip
         except (RunnerUnavailable, RunnerRefused) as e:
             # A process that exited is reported by the scan, with its exit code; give it the time.
             await asyncio.sleep(2 * WATCH_SCAN_S)

@@ -174,6 +174,7 @@ class HostRegistryWorkflow:
         returns), deregisters (this loop is cancelled) or is declared lost (nobody took a lease
         up in time). Loop `number` only acts while it is the host's current loop."""
         previous: str | None = None  # how the last lease ended: words for the lost reason
+        unanswered = 0  # renewals in a row that timed out without a single heartbeat
         while self._is_current_loop(host_id, number):
             record = self.hosts[host_id]
             try:
@@ -194,17 +195,23 @@ class HostRegistryWorkflow:
                 if isinstance(cause, TemporalTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
                     self._declare_lost(host_id, self._lost_reason(host_id, record.task_queue, previous))
                     return
-                if (
+                never_beat = (
                     isinstance(cause, TemporalTimeoutError)
                     and cause.type == TimeoutType.HEARTBEAT
                     and previous is not None
                     and not cause.last_heartbeat_details
-                ):
-                    # A renewed lease that never heartbeated was handed to a poll the host had
-                    # open before it died or was cut off (the server keeps such polls for up to
-                    # a minute): nobody took it up, as with a schedule-to-start timeout.
+                )
+                unanswered = unanswered + 1 if never_beat else 0
+                if unanswered >= RC.UNANSWERED_RENEWALS_TO_LOSE:
+                    # Renewed leases that never heartbeated were handed to polls the host had open
+                    # before it died or was cut off (the server keeps such polls for up to a
+                    # minute): nobody took them up, as with a schedule-to-start timeout. Two in a
+                    # row, because a frozen process may hold one poll of a queue another live
+                    # process of the same host also serves.
                     self._declare_lost(host_id, self._lost_reason(host_id, record.task_queue, previous))
                     return
+                if never_beat:
+                    continue
                 if isinstance(cause, TemporalTimeoutError):
                     # Missed heartbeats (or the long start-to-close): another process serving
                     # the queue (a restarted host) may take the next lease up at once.

@@ -32,3 +32,7 @@ MAX_ID_LENGTH = 200
 
 #: Longest reason sent with a `slots_freed` signal.
 SLOTS_FREED_REASON_CHARS = 200
+
+#: Renewed leases in a row that time out without one heartbeat before a host is declared lost
+#: (each was taken by a poll of a dead, cut off or frozen process; see the lease loop).
+UNANSWERED_RENEWALS_TO_LOSE = 2

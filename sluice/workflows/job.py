@@ -173,6 +173,7 @@ class JobWorkflow:
         self.on_hosts = False
         self.waiting_for: str | None = None  # Scheduling: why it waits (no free runner slot)
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
+        self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
         self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
         self.continuing = False
         self.commands_seen = 0  # bumped by every accepted command: wakes waiting states
@@ -432,28 +433,35 @@ class JobWorkflow:
         die with it or are stopped when it learns it was declared lost, and the store's
         generation fence refuses whatever they try to commit meanwhile."""
         hosts = sorted(self.runner_hosts.items())
-        results = await asyncio.gather(
-            *(
-                workflow.execute_activity(
-                    HOST_STOP_RUNNERS,
-                    HostStopInput(job_id=self.job_id),
-                    task_queue=task_queue,
-                    schedule_to_start_timeout=C.HOST_PICKUP_TIMEOUT,
-                    start_to_close_timeout=C.TEARDOWN_TIMEOUT,
-                    retry_policy=C.HOST_ACTIVITY_RETRY,
-                    summary=f"tear down runners on host {host_id}",
-                )
-                for host_id, task_queue in hosts
-            ),
-            return_exceptions=True,
+        handles = {
+            host_id: workflow.start_activity(
+                HOST_STOP_RUNNERS,
+                HostStopInput(job_id=self.job_id),
+                task_queue=task_queue,
+                schedule_to_start_timeout=C.HOST_PICKUP_TIMEOUT,
+                start_to_close_timeout=C.TEARDOWN_TIMEOUT,
+                retry_policy=C.HOST_ACTIVITY_RETRY,
+                summary=f"tear down runners on host {host_id}",
+            )
+            for host_id, task_queue in hosts
+        }
+        # A host declared lost meanwhile (signal host_lost) is not waited for: nobody serves it.
+        await workflow.wait_condition(
+            lambda: all(h.done() or host_id in self.lost_hosts for host_id, h in handles.items())
         )
-        for (host_id, _), result in zip(hosts, results):
-            if isinstance(result, BaseException):
+        for host_id, handle in handles.items():
+            if not handle.done():
+                await self.cancel(handle)
+                self.runner_hosts.pop(host_id, None)
+                continue
+            try:
+                handle.result()
+            except BaseException as e:  # noqa: BLE001 - gone or cut off: see the docstring
                 workflow.logger.warning(
-                    "job %s: host %s did not tear down its runners: %s", self.job_id, host_id, cause_of(result)
+                    "job %s: host %s did not tear down its runners: %s", self.job_id, host_id, cause_of(e)
                 )
             else:
-                del self.runner_hosts[host_id]
+                self.runner_hosts.pop(host_id, None)
         await workflow.execute_activity(
             "release_slots",
             ReleaseRequest(job_id=self.job_id),
@@ -474,6 +482,7 @@ class JobWorkflow:
             self.view.apply_report(report, self.program, self.runners)
 
     def _apply_host_lost(self, lost: HostLost) -> None:
+        self.lost_hosts.add(lost.host_id)
         self.runner_hosts.pop(lost.host_id, None)  # nothing left there to tear down
         self.view.apply_host_lost(lost, self.program, self.runners)
 

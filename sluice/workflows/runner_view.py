@@ -24,6 +24,7 @@ class RunnerView(BaseModel):
     """The current generation as reported: subtask states, the first failure, the first loss."""
 
     generation: int = 0
+    running: bool = False  # the generation reached Running (its tasks all started)
     tasks: dict[str, str] = Field(default_factory=dict)
     failed: MonitorResult | None = None
     lost: MonitorResult | None = None
@@ -38,6 +39,8 @@ class RunnerView(BaseModel):
                 kind="task_failed", message=report.message, retryable=report.retryable,
                 domain=report.domain, operator=report.operator, traceback=report.traceback,
             )  # fmt: skip
+        elif report.kind == "lost" and report.hung and not self.running:
+            pass  # silent while its tasks start: the start's own timeout (task_startup_timeout_s) rules
         elif report.kind == "lost" and self.lost is None:
             runner = next((r for r in runners if r.runner_id == report.runner_id), None)
             ops = operators_of(program, report.ran, runner, runners)

@@ -82,6 +82,7 @@ async def scheduling(wf: "JobWorkflow") -> None:
     except BaseException as e:  # noqa: BLE001
         fail_or_recover(wf, e, user="task failed (not retryable)", other="tasks did not start")
         return
+    wf.view.running = True
     if wf.started_at is None:
         wf.started_at = workflow.now()
     wf.transition(
