@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-faults bench bench-faults venv clean histories
+.PHONY: run test test-slow test-faults bench bench-faults bench-hosts venv clean histories
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ test-faults: $(STAMP)
 FAULT_RUNS ?= 3
 bench-faults: $(STAMP)
 	PYTHONPATH=. $(VENV)/bin/python bench/faults.py --runs $(FAULT_RUNS)
+
+# Start and recovery with `sluice host` processes, cold vs warm runners (bench/README.md).
+# Options: make bench-hosts HOSTS_ARGS=--quick
+bench-hosts: $(STAMP)
+	PYTHONPATH=. $(VENV)/bin/python bench/hosts.py $(HOSTS_ARGS)
 
 # The bench extra (bytewax, for the data-plane comparison) is installed on first use.
 # Options for the data-plane benchmark: make bench DATAPLANE_ARGS=--quick
