@@ -24,7 +24,9 @@ from temporalio.worker import UnsandboxedWorkflowRunner
 
 from sluice.models import JobResult, JobStateName, StopMode
 from sluice.workflows.job import JobWorkflow
+from sluice.workflows.constants import PATCH_RUNNER_HOSTS
 from tests.histories.corpus import (
+    CORPUS_DIR,
     closed,
     history_files,
     load_history,
@@ -37,6 +39,10 @@ from tests.histories.corpus import (
 from tests.histories.scenarios import SCENARIOS
 
 FILES = history_files()
+# Histories of runs on runner hosts (the `runner-hosts` patch): the same scenarios, recorded after
+# the change. FILES stay as they were: they prove that runs started before it still replay.
+HOSTS_DIR = CORPUS_DIR / "hosts"
+HOSTS_FILES = history_files(HOSTS_DIR)
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
 
 
@@ -44,7 +50,7 @@ def test_corpus_is_present() -> None:
     assert FILES, f"no history files in tests/histories/; {REGENERATE}"
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+@pytest.mark.parametrize("path", FILES + HOSTS_FILES, ids=[f"{p.parent.name}/{p.name}" for p in FILES + HOSTS_FILES])
 async def test_history_replays_deterministically(path: Path) -> None:
     outcome = await replay_file(path, [JobWorkflow])
     if outcome.problem is not None:
@@ -77,6 +83,18 @@ def test_corpus_covers_every_job_state() -> None:
     entered = union(states_entered(load_history(p)) for p in FILES)
     missing = sorted(set(get_args(JobStateName)) - entered)
     assert not missing, f"no history enters {missing}; add a scenario in tests/histories/scenarios.py"
+
+
+def test_runner_hosts_corpus_covers_every_scenario_state_and_stop_mode() -> None:
+    have = {scenario_of(p) for p in HOSTS_FILES}
+    missing = sorted(set(SCENARIOS) - have)
+    assert not missing, f"tests/histories/hosts/ lacks scenarios {missing}; {REGENERATE} --out tests/histories/hosts"
+    histories = [load_history(p) for p in HOSTS_FILES]
+    assert all(closed(h) for h in histories)
+    assert set(get_args(JobStateName)) <= union(states_entered(h) for h in histories)
+    assert set(get_args(StopMode)) <= union(stop_modes_requested(h) for h in histories)
+    unpatched = [p.name for p, h in zip(HOSTS_FILES, histories) if PATCH_RUNNER_HOSTS not in h.to_json()]
+    assert not unpatched, f"runs without the {PATCH_RUNNER_HOSTS!r} patch marker: {unpatched}"
 
 
 def test_corpus_covers_every_stop_mode() -> None:
