@@ -278,7 +278,9 @@ def dev_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
 @contextlib.asynccontextmanager
 async def running_worker(client: Any, state_dir: Path) -> AsyncIterator[Any]:
     """Run `create_worker(client, state_dir)` in this event loop for the `async with` body."""
-    worker = create_worker(client, state_dir)
+    # No warm runners: tests steer their user functions through the environment and read the job
+    # from a runner's command line, and a warm runner has both from before the test began.
+    worker = create_worker(client, state_dir, warm_runners=0)
     task = asyncio.create_task(worker.run(), name="sluice-test-worker")
     try:
         yield worker
