@@ -43,11 +43,14 @@ class ControllerWorker:
         self.worker = worker
         self.host = host
         self._stopped = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._running = False
 
     async def run(self) -> None:
         """Serve until `shutdown()` (or cancellation); the local host deregisters on the way out."""
         # The controller worker first: registering the host is an update that this very worker
         # may have to process (the registry workflow runs on the controller task queue).
+        self._running = True
         worker_task = asyncio.create_task(self.worker.run())
         try:
             if self.host is not None:
@@ -63,9 +66,15 @@ class ControllerWorker:
             if not worker_task.done():
                 await self.worker.shutdown()
             await asyncio.gather(worker_task, return_exceptions=True)
+            self._finished.set()
 
     async def shutdown(self) -> None:
+        """Stop cleanly: the local host deregisters (through this worker, still polling), then
+        the worker stops. With `run()` in progress, that is what it does on its way out."""
         self._stopped.set()
+        if self._running:
+            await self._finished.wait()
+            return
         if self.host is not None:
             await self.host.close()
         await self.worker.shutdown()
