@@ -30,6 +30,7 @@ from tests.histories.corpus import (
     closed,
     history_files,
     load_history,
+    patches,
     replay_file,
     scenario_of,
     states_entered,
@@ -93,7 +94,8 @@ def test_runner_hosts_corpus_covers_every_scenario_state_and_stop_mode() -> None
     assert all(closed(h) for h in histories)
     assert set(get_args(JobStateName)) <= union(states_entered(h) for h in histories)
     assert set(get_args(StopMode)) <= union(stop_modes_requested(h) for h in histories)
-    unpatched = [p.name for p, h in zip(HOSTS_FILES, histories) if PATCH_RUNNER_HOSTS not in h.to_json()]
+    unpatched = [p.name for p, h in zip(HOSTS_FILES, histories) if PATCH_RUNNER_HOSTS not in patches(h)]
+    assert not [p.name for p in FILES if PATCH_RUNNER_HOSTS in patches(load_history(p))], "old corpus must stay old"
     assert not unpatched, f"runs without the {PATCH_RUNNER_HOSTS!r} patch marker: {unpatched}"
 
 

@@ -172,3 +172,19 @@ def union(sets: Iterable[Iterable[str]]) -> set[str]:
     for s in sets:
         out.update(s)
     return out
+
+
+def patches(history: WorkflowHistory) -> set[str]:
+    """The ids of the `workflow.patched()` markers a run recorded."""
+    found: set[str] = set()
+    for event in history.events:
+        if event.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+            continue
+        attrs = event.marker_recorded_event_attributes
+        if attrs.marker_name != "core_patch":
+            continue
+        for payload in attrs.details["patch-data"].payloads:
+            patch_id = json.loads(payload.data).get("id")
+            if patch_id:
+                found.add(patch_id)
+    return found
