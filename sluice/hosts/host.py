@@ -450,7 +450,10 @@ class RunnerHost:
             return
         changed: dict[str, str] = {}
         if event.tasks:
-            changed.update({k: v for k, v in event.tasks.items() if w.sent_tasks.get(k) != v})
+            # A failure goes to the job only with its details (the task_failed event, which the
+            # runner also replays after `hello`): a bare "failed" state seen first in a heartbeat
+            # would make the job recover from a failure that is not retryable.
+            changed.update({k: v for k, v in event.tasks.items() if v != "failed" and w.sent_tasks.get(k) != v})
         if event.subtask is not None:
             state = _EVENT_STATES.get(event.kind)
             if state is not None and w.sent_tasks.get(event.subtask.label()) != state:
