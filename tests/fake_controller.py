@@ -54,13 +54,14 @@ class FakeController:
 
     `monitor(generation)`: what that generation's monitor reports (None: healthy, it runs until
     cancelled). `start_error(generation)`: an error its start raises (None: it starts).
-    `generations` and `checkpoints` record what the workflow asked for.
+    `generations`, `checkpoints` and `stops` (host teardowns) record what the workflow asked for.
     """
 
     monitor: Callable[[int], MonitorResult | None] = lambda generation: None
     start_error: Callable[[int], BaseException | None] = lambda generation: None
     checkpoints: list[int] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
+    stops: list[HostStopInput] = field(default_factory=list)
     programs: dict[str, Any] = field(default_factory=dict)  # job id -> its compiled program
 
     def activities(self) -> list[Callable[..., Any]]:
@@ -143,6 +144,7 @@ class FakeController:
 
         @activity.defn(name=HOST_STOP_RUNNERS)
         async def host_stop(inp: HostStopInput) -> int:
+            fake.stops.append(inp)
             return 0
 
         return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown,

@@ -2,6 +2,7 @@
 time-skipping test server (no runners): seconds for what takes minutes of backoff for real.
 
 - a failure of the pipeline that repeats identically fails the job after 3 tries, not 20;
+- the first restart is immediate and kills the failed generation; later ones back off (>= 1 s);
 - different failures do not count as a repeat (the restart budget decides);
 - a corrupt checkpoint fails the job at once, naming what the activity named;
 - a wait whose caller gave up never keeps the workflow from closing;
@@ -40,6 +41,7 @@ from sluice.models import (
     WaitForStateRequest,
 )
 from sluice.workflows.constants import CORRUPT_CHECKPOINT_TYPE, IDENTICAL_FAILURES_TO_FAIL
+from sluice.workflows.states.recovering import restart_backoff_s
 from sluice.workflows.job import JobWorkflow
 from tests.fake_controller import FakeController
 from tests.time_skipping import time_skipping_env
@@ -105,6 +107,47 @@ async def test_different_failures_are_not_a_repeat(env: WorkflowEnvironment) -> 
     assert status.failure is not None and "exhausted 4 allowed restarts" in status.failure.message
     assert status.restarts == 5
 
+
+
+def test_restart_backoff_schedule() -> None:
+    # First restart: immediate. Then 1-2 s, 2-4 s, ... capped at 30-60 s; never sub-second.
+    assert restart_backoff_s(1, 0.0) == restart_backoff_s(1, 1.0) == 0.0
+    assert (restart_backoff_s(2, 0.0), restart_backoff_s(2, 1.0)) == (1.0, 2.0)
+    assert (restart_backoff_s(3, 0.0), restart_backoff_s(3, 1.0)) == (2.0, 4.0)
+    assert (restart_backoff_s(20, 0.0), restart_backoff_s(20, 1.0)) == (30.0, 60.0)
+    # Runs from before the fast-recovery patch keep their schedule (their histories replay).
+    assert (restart_backoff_s(1, 0.0, immediate_first=False), restart_backoff_s(1, 1.0, immediate_first=False)) == (
+        0.25, 0.5,
+    )
+
+
+async def test_first_restart_is_immediate_and_kills_the_failed_generation(env: WorkflowEnvironment) -> None:
+    # Generations 1 and 2 lose a runner; generation 3 runs.
+    fake = FakeController(
+        monitor=lambda g: _failed_task("runner_lost", f"runner g{g}-r0 exited", operator=None) if g < 3 else None
+    )
+    handle, worker, _ = await _start(env.client, fake)
+    async with worker:
+        status = await _status(handle)
+        while status.generation < 3 or status.state != "Running":
+            await asyncio.sleep(0.1)
+            status = await _status(handle)
+        history = await handle.fetch_history()
+    assert status.restarts == 2 and fake.generations == [1, 2, 3]
+    reasons = [t.reason for t in status.transitions if t.to_state == "Compiling"]
+    assert "restart 1 at once (first restart)" in reasons, reasons
+    assert any(r.startswith("restart 2 after ") and r.endswith(" s backoff") for r in reasons), reasons
+    # One backoff timer only (before restart 2), of at least a second; no sub-second timer at all.
+    backoffs = [
+        e.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta().total_seconds()
+        for e in history.events
+        if e.HasField("timer_started_event_attributes")
+        and "backoff" in e.user_metadata.summary.data.decode()
+    ]
+    assert len(backoffs) == 1 and 1.0 <= backoffs[0] <= 2.0, backoffs
+    # Each recovery killed the failed generation at once (no SIGTERM grace).
+    recovery_stops = [s for s in fake.stops if s.generation is None]
+    assert len(recovery_stops) >= 2 and all(s.grace_s == 0.0 for s in recovery_stops), fake.stops
 
 
 async def test_a_corrupt_checkpoint_fails_the_job_at_once_naming_it(env: WorkflowEnvironment) -> None:

@@ -146,6 +146,9 @@ class HostStopInput(Contract):
     job_id: str
     generation: int | None = None
     below_generation: int | None = None
+    # Seconds between SIGTERM and SIGKILL; 0: SIGKILL at once (a failed generation, whose state
+    # is the last checkpoint's). None: the host's default grace.
+    grace_s: float | None = Field(default=None, ge=0)
 
 
 class RunnerReport(Contract):

@@ -155,6 +155,7 @@ class RunnerHost:
         )
         self.task_queue = host_task_queue(config.host_id)
         self._watches: dict[tuple[str, int, str], RunnerWatch] = {}
+        self._scan_now = asyncio.Event()  # set when a runner's event stream broke: scan at once
         self._hang_timeouts: dict[tuple[str, int], float] = {}
         self._closing = False
         self._worker: Worker | None = None
@@ -342,8 +343,9 @@ class RunnerHost:
         for w in self._watches.values():
             if w.job_id == inp.job_id and _matches(w.generation, inp):
                 w.stopping = True
+        grace = {} if inp.grace_s is None else {"grace_s": inp.grace_s}
         return await self.scheduler.stop_runners(
-            inp.job_id, generation=inp.generation, below_generation=inp.below_generation
+            inp.job_id, generation=inp.generation, below_generation=inp.below_generation, **grace
         )
 
     @activity.defn(name=HOST_LEASE)
@@ -383,7 +385,12 @@ class RunnerHost:
                 self._scan()
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad file
                 log.exception("host %s: runner scan failed", self.config.host_id)
-            await asyncio.sleep(WATCH_SCAN_S)
+            # A broken event stream (most often a process that just died) scans again at once.
+            try:
+                await asyncio.wait_for(self._scan_now.wait(), WATCH_SCAN_S)
+            except asyncio.TimeoutError:
+                pass
+            self._scan_now.clear()
 
     def _scan(self) -> None:
         """Follow runners that appeared; report those whose process is gone."""
@@ -441,6 +448,7 @@ class RunnerHost:
                                                          ran=sorted(w.sent_tasks), hung=True))  # fmt: skip
         except (RunnerUnavailable, RunnerRefused) as e:
             # A process that exited is reported by the scan, with its exit code; give it the time.
+            self._scan_now.set()
             await asyncio.sleep(2 * WATCH_SCAN_S)
             if not w.ended and not w.stopping:
                 self._lost(w, f"{_who(w, self.config.host_id)} is unreachable: {e}")

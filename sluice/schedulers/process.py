@@ -340,8 +340,8 @@ class ProcessScheduler:
         indices: range | None = None,
     ) -> int:
         """SIGTERM the job's runners (all, one generation, or every generation below N), SIGKILL
-        what is left after `grace_s`, and remove their info files. Returns how many live runners
-        were signalled; idempotent (a second call finds none). Works from any process: runners
+        what is left after `grace_s` (at once if it is 0), and remove their info files. Returns
+        how many live runners were signalled; idempotent (a second call finds none). Works from any process: runners
         are found on disk and verified (PID, then command line or start time) before any signal."""
         targets: list[tuple[RunnerInfo, int, Path]] = []
         for gen, info_path in self._info_files(job_id, generation, below_generation, indices):
@@ -354,14 +354,19 @@ class ProcessScheduler:
                 info_path.unlink(missing_ok=True)  # stale: the runner is already gone
         if not targets:
             return 0
+        first = signal.SIGTERM if grace_s > 0 else signal.SIGKILL
         for info, gen, _ in targets:
-            log.info("stopping runner %s (pid %d) of job %s generation %d", info.runner_id, info.pid, job_id, gen)
-            _kill_group(info.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        alive = await _wait_gone(targets, job_id, grace_s)
-        for info, gen, _ in alive:
-            if is_runner_process(info.pid, job_id, gen, started_ticks=info.started_ticks):  # type: ignore[arg-type]
-                log.warning("runner %s (pid %d) ignored SIGTERM for %g s: SIGKILL", info.runner_id, info.pid, grace_s)
-                _kill_group(info.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            log.info("stopping runner %s (pid %d) of job %s generation %d with %s", info.runner_id, info.pid,
+                     job_id, gen, first.name)  # fmt: skip
+            _kill_group(info.pid, first)  # type: ignore[arg-type]
+        alive = targets
+        if first == signal.SIGTERM:
+            alive = await _wait_gone(targets, job_id, grace_s)
+            for info, gen, _ in alive:
+                if is_runner_process(info.pid, job_id, gen, started_ticks=info.started_ticks):  # type: ignore[arg-type]
+                    log.warning("runner %s (pid %d) ignored SIGTERM for %g s: SIGKILL", info.runner_id, info.pid,
+                                grace_s)  # fmt: skip
+                    _kill_group(info.pid, signal.SIGKILL)  # type: ignore[arg-type]
         still = await _wait_gone(alive, job_id, KILL_WAIT_S)
         for info, _, _ in still:
             log.error("runner %s (pid %d) survived SIGKILL", info.runner_id, info.pid)

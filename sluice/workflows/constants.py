@@ -61,9 +61,15 @@ TEARDOWN_RETRY = RetryPolicy(
     maximum_attempts=5, initial_interval=timedelta(seconds=0.5), maximum_interval=timedelta(seconds=5)
 )
 
-# Recovering backs off exponentially with jitter between restarts (the reference's 0.5 s .. 60 s).
-RESTART_BACKOFF_INITIAL_S = 0.5
+# Recovering: the first restart after a failure is immediate (the failed generation's runners
+# are killed, its state comes back from the last checkpoint); each further restart in a row backs
+# off exponentially with jitter, 1-2 s, 2-4 s, ... up to 30-60 s. No backoff is shorter than a
+# second: Temporal fires sub-second timers up to a second late, so they would only look precise.
+RESTART_BACKOFF_INITIAL_S = 2.0
 RESTART_BACKOFF_MAX_S = 60.0
+# Runs started before the fast-recovery patch back off before every restart, from 0.5 s (0.25-0.5
+# s drawn), and stop the failed generation's runners gracefully; their histories replay so.
+RESTART_BACKOFF_INITIAL_S_BEFORE_FAST_RECOVERY = 0.5
 
 # A failure of the user's pipeline that comes back identical (same operator, same message) this
 # many times in a row, with no checkpoint completed in between, fails the job: it is deterministic
@@ -82,6 +88,8 @@ REJECTION_REASON_CHARS = 1_000
 
 # Runner hosts (runs started with this patch; older histories replay without it).
 PATCH_RUNNER_HOSTS = "runner-hosts"
+# Immediate first restart and a killed (not drained) failed generation in Recovering.
+PATCH_FAST_RECOVERY = "fast-recovery"
 
 # Placement asks the host registry (one update): quick, retried on a flaky worker.
 PLACE_TIMEOUT = timedelta(seconds=30)

@@ -171,6 +171,9 @@ class JobWorkflow:
         # the hosts' signals and tear them down through the hosts; older runs (their histories
         # replay unchanged) keep the controller worker's own process scheduler.
         self.on_hosts = False
+        # Runs that started with this patch restart at once after a first failure and kill the
+        # failed generation (states/recovering.py); older runs back off first and drain it.
+        self.fast_recovery = False
         self.waiting_for: str | None = None  # Scheduling: why it waits (no free runner slot)
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
@@ -185,6 +188,7 @@ class JobWorkflow:
         from sluice.workflows.states import STEPS  # one module per state group
 
         self.on_hosts = workflow.patched(C.PATCH_RUNNER_HOSTS)
+        self.fast_recovery = workflow.patched(C.PATCH_FAST_RECOVERY)
         self._upsert_search_attributes()
         self.show_details()
         while self.state not in TERMINAL:
@@ -412,9 +416,10 @@ class JobWorkflow:
             workflow.logger.warning("teardown before %s failed: %s", self.state, cause_of(e))
         self.runners = []
 
-    async def teardown(self, generation: int | None) -> None:
+    async def teardown(self, generation: int | None, *, kill: bool = False) -> None:
+        """Stop the job's runners (all, or one generation); `kill`: at once, no SIGTERM grace."""
         if self.on_hosts:
-            await self._teardown_on_hosts()
+            await self._teardown_on_hosts(kill=kill)
             if all(r.host_id is not None for r in self.runners):
                 return
             # Runners of an older run (before runner hosts) were started by a controller worker.
@@ -426,7 +431,7 @@ class JobWorkflow:
             summary="tear down runners" if generation is None else f"tear down generation {generation}",
         )
 
-    async def _teardown_on_hosts(self) -> None:
+    async def _teardown_on_hosts(self, *, kill: bool) -> None:
         """Stop every runner of the job on every host that may have one, then release its slots.
 
         A host that does not answer within HOST_PICKUP_TIMEOUT is gone or cut off: its runners
@@ -436,7 +441,7 @@ class JobWorkflow:
         handles = {
             host_id: workflow.start_activity(
                 HOST_STOP_RUNNERS,
-                HostStopInput(job_id=self.job_id),
+                HostStopInput(job_id=self.job_id, grace_s=0.0 if kill else None),
                 task_queue=task_queue,
                 schedule_to_start_timeout=C.HOST_PICKUP_TIMEOUT,
                 start_to_close_timeout=C.TEARDOWN_TIMEOUT,

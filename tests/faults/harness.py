@@ -358,10 +358,18 @@ class FaultJob:
         if state == "Running":
             return st
         if state == "Recovering":
-            # The way in: one runner is killed; the fault then meets the job while it recovers.
-            victim = st.runners[0].pid
-            assert victim is not None
-            signal_runner(victim, self.job_id, signal.SIGKILL)
+            # The way in: one runner is killed, twice (the first restart is immediate; the second
+            # waits 1-2 s of backoff with the other runners still alive): the fault then meets the
+            # job while it recovers.
+            for restart in (1, 2):
+                victim = st.runners[0].pid
+                assert victim is not None
+                signal_runner(victim, self.job_id, signal.SIGKILL)
+                if restart == 1:
+                    st = await self.until(
+                        lambda s: s.state == "Running" and s.restarts == 1 and bool(s.runners),
+                        "Running again after the first restart", START_TIMEOUT_S,
+                    )
             return await self._wait_state("Recovering")
         await self.hold()
         if state == "Checkpoint":

@@ -62,9 +62,9 @@ WORKERS = 2
 SLOW_BATCH_ENV = "SLUICE_TEST_SLOW_BATCH"
 SLOW_BATCH_S = "0.3"  # per batch in `slow_batches`: a checkpoint's barrier waits behind batches
 SLOW_BATCHES = "tests.pipeline_functions:slow_batches"
-# Backoff before restart n is 0.5 s * 2^(n-1), halved plus jitter: from the 5th it is 4..8 s,
-# long enough to find the job still waiting on that timer when the kill lands.
-RECOVERING_RESTARTS = 5
+# The first restart is immediate, then restart n waits 2 s * 2^(n-2), halved plus jitter: from
+# the 4th it is 4..8 s, long enough to find the job still waiting on that timer when the kill lands.
+RECOVERING_RESTARTS = 4
 
 
 @dataclass

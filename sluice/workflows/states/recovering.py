@@ -16,9 +16,19 @@ if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
 
 
-def restart_backoff_s(restarts: int, jitter: float) -> float:
-    """Exponential backoff with jitter: half the step plus up to half again (0.5 s .. 60 s)."""
-    step = min(C.RESTART_BACKOFF_MAX_S, C.RESTART_BACKOFF_INITIAL_S * 2 ** max(0, restarts - 1))
+def restart_backoff_s(restarts: int, jitter: float, *, immediate_first: bool = True) -> float:
+    """The wait before restart number `restarts` (1 = the first since the job was healthy).
+
+    The first restart is immediate; then exponential with jitter, half the step plus up to half
+    again: 1-2 s, 2-4 s, ... 30-60 s. Runs from before the fast-recovery patch
+    (`immediate_first=False`) wait before every restart: 0.25-0.5 s, 0.5-1 s, ... 30-60 s."""
+    if immediate_first:
+        if restarts <= 1:
+            return 0.0
+        initial, doublings = C.RESTART_BACKOFF_INITIAL_S, restarts - 2
+    else:
+        initial, doublings = C.RESTART_BACKOFF_INITIAL_S_BEFORE_FAST_RECOVERY, max(0, restarts - 1)
+    step = min(C.RESTART_BACKOFF_MAX_S, initial * 2**doublings)
     return step / 2 + jitter * step / 2
 
 
@@ -52,22 +62,26 @@ async def recovering(wf: "JobWorkflow") -> None:
         # A job that keeps recovering (an unlimited budget) must renew its history too; the next
         # run resumes here, in Recovering, with the same count.
         await wf.continue_as_new()
-    delay = restart_backoff_s(wf.restarts, workflow.random().random())
+    delay = restart_backoff_s(wf.restarts, workflow.random().random(), immediate_first=wf.fast_recovery)
+    if delay > 0:
+        try:
+            await workflow.wait_condition(
+                wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.restarts}"
+            )
+        except asyncio.TimeoutError:
+            pass
+        if wf.stop_requested():
+            _stop(wf)
+            return
     try:
-        await workflow.wait_condition(
-            wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.restarts}"
-        )
-    except asyncio.TimeoutError:
-        pass
-    if wf.stop_requested():
-        _stop(wf)
-        return
-    try:
-        await wf.teardown(generation=None)
+        # The failed generation is killed, not drained: its state is the last checkpoint's, and
+        # the store's generation fence refuses whatever it would still try to commit.
+        await wf.teardown(generation=None, kill=wf.fast_recovery)
     except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again
         workflow.logger.warning("teardown while recovering failed: %s", cause_of(e))
     wf.runners = []
-    wf.transition("Compiling", f"restart {wf.restarts} after {delay:.1f} s backoff")
+    waited = f"after {delay:.1f} s backoff" if delay > 0 else "at once (first restart)"
+    wf.transition("Compiling", f"restart {wf.restarts} {waited}")
 
 
 def _stop(wf: "JobWorkflow") -> None:
