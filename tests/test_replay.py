@@ -24,7 +24,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner
 
 from sluice.models import JobResult, JobStateName, StopMode
 from sluice.workflows.job import JobWorkflow
-from sluice.workflows.constants import PATCH_RUNNER_HOSTS
+from sluice.workflows.constants import PATCH_FAST_RECOVERY, PATCH_RUNNER_HOSTS
 from tests.histories.corpus import (
     CORPUS_DIR,
     closed,
@@ -44,6 +44,12 @@ FILES = history_files()
 # the change. FILES stay as they were: they prove that runs started before it still replay.
 HOSTS_DIR = CORPUS_DIR / "hosts"
 HOSTS_FILES = history_files(HOSTS_DIR)
+# Runs with the `fast-recovery` patch (an immediate first restart that kills the failed
+# generation): the scenarios that go through Recovering, recorded after that change.
+FAST_RECOVERY_DIR = CORPUS_DIR / "fast-recovery"
+FAST_RECOVERY_FILES = history_files(FAST_RECOVERY_DIR)
+FAST_RECOVERY_SCENARIOS = {"recovery", "failure_restarts_exhausted"}
+ALL_FILES = FILES + HOSTS_FILES + FAST_RECOVERY_FILES
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
 
 
@@ -51,7 +57,7 @@ def test_corpus_is_present() -> None:
     assert FILES, f"no history files in tests/histories/; {REGENERATE}"
 
 
-@pytest.mark.parametrize("path", FILES + HOSTS_FILES, ids=[f"{p.parent.name}/{p.name}" for p in FILES + HOSTS_FILES])
+@pytest.mark.parametrize("path", ALL_FILES, ids=[f"{p.parent.name}/{p.name}" for p in ALL_FILES])
 async def test_history_replays_deterministically(path: Path) -> None:
     outcome = await replay_file(path, [JobWorkflow])
     if outcome.problem is not None:
@@ -97,6 +103,20 @@ def test_runner_hosts_corpus_covers_every_scenario_state_and_stop_mode() -> None
     unpatched = [p.name for p, h in zip(HOSTS_FILES, histories) if PATCH_RUNNER_HOSTS not in patches(h)]
     assert not [p.name for p in FILES if PATCH_RUNNER_HOSTS in patches(load_history(p))], "old corpus must stay old"
     assert not unpatched, f"runs without the {PATCH_RUNNER_HOSTS!r} patch marker: {unpatched}"
+
+
+def test_fast_recovery_corpus_restarts_at_once_with_the_patch() -> None:
+    have = {scenario_of(p) for p in FAST_RECOVERY_FILES}
+    assert have == FAST_RECOVERY_SCENARIOS, (
+        f"tests/histories/fast-recovery/ holds {sorted(have)}, not {sorted(FAST_RECOVERY_SCENARIOS)}; "
+        f"{REGENERATE} --out tests/histories/fast-recovery --only recovery --only failure_restarts_exhausted"
+    )
+    for p in FAST_RECOVERY_FILES:
+        h = load_history(p)
+        assert closed(h) and "Recovering" in states_entered(h), p.name
+        assert {PATCH_RUNNER_HOSTS, PATCH_FAST_RECOVERY} <= patches(h), f"{p.name}: {patches(h)}"
+    older = [p.name for p in FILES + HOSTS_FILES if PATCH_FAST_RECOVERY in patches(load_history(p))]
+    assert not older, f"older corpora must stay as recorded: {older}"
 
 
 def test_corpus_covers_every_stop_mode() -> None:

@@ -155,6 +155,7 @@ class RunnerHost:
         )
         self.task_queue = host_task_queue(config.host_id)
         self._watches: dict[tuple[str, int, str], RunnerWatch] = {}
+        self._senders: set[asyncio.Task[None]] = set()  # report senders, until their last report
         self._scan_now = asyncio.Event()  # set when a runner's event stream broke: scan at once
         self._hang_timeouts: dict[tuple[str, int], float] = {}
         self._closing = False
@@ -228,10 +229,11 @@ class RunnerHost:
             self._recheck.cancel()
         for t in self._tasks[1:]:
             t.cancel()
-        for w in self._watches.values():
-            for t in (w.follow, w.sender):
-                if t is not None:
-                    t.cancel()
+        followers = [t for w in self._watches.values() for t in (w.follow, w.sender) if t is not None]
+        followers += self._senders  # also those of forgotten runners, still delivering a last report
+        for t in followers:
+            t.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
         if self._worker is not None:
             with contextlib.suppress(Exception):
                 await self._worker.shutdown()
@@ -423,6 +425,8 @@ class RunnerHost:
         self._watches[w.key] = w
         w.follow = asyncio.create_task(self._follow_events(w), name=f"follow-{info.runner_id}")
         w.sender = asyncio.create_task(self._send_reports(w), name=f"report-{info.runner_id}")
+        self._senders.add(w.sender)
+        w.sender.add_done_callback(self._senders.discard)
 
     def _forget(self, w: RunnerWatch) -> None:
         self._watches.pop(w.key, None)

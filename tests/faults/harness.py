@@ -91,7 +91,7 @@ RUNS_ON = ("Running", "Finishing", "Finished")  # after recovering, the job may 
 # ------------------------------------------------------------------------------ the job
 
 
-def fault_pipeline(name: str, out: Path, *, limit: int = 300, rate: float = 100.0) -> PipelineSpec:
+def fault_pipeline(name: str, out: Path, *, limit: int, rate: float = 100.0) -> PipelineSpec:
     """generator -> key_by -> map steered -> files sink, parallelism 2.
 
     2 splits of `limit` rows at `rate` rows/s each: about limit/rate seconds of source time,
@@ -339,8 +339,10 @@ class FaultJob:
         self.controls.clear(HELD_FILE)
         self.controls.set(HOLD_BLOCK_FILE if self.block_holds else HOLD_FILE)
         await wait_until(
-            lambda: self.controls.present(HELD_FILE), timeout_s=HOLD_TIMEOUT_S, what=f"{self.job_id}: map held"
-        )
+            lambda: self.controls.present(HELD_FILE), timeout_s=HOLD_TIMEOUT_S,
+            what=f"{self.job_id}: map held (no batch reached the map: was the source already done?)",
+            last=lambda: describe_status(self.last),
+        )  # fmt: skip
 
     async def enter(self, state: str) -> JobStatus:
         """Start the job and bring it into `state`; returns its status there (the fault follows)."""

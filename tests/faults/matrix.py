@@ -71,6 +71,13 @@ async def run_matrix(
     return matrix
 
 
+# Rows per source split (at 100 rows/s): 6 s of source time, so that a job that needed a few
+# seconds to reach its first checkpoints on a loaded machine still has rows flowing to hold. With
+# 3 s, two cases that hold only after a checkpoint or two (a graceful Stopping, a corrupt
+# checkpoint in Recovering) twice found no batch to hold within 30 s during a full slow run.
+DEFAULT_ROWS_PER_SPLIT = 600
+
+
 class JobFactory:
     """Makes the jobs of one fault's cases: each with its own output and checkpoint directory."""
 
@@ -87,7 +94,7 @@ class JobFactory:
         checkpoint_url: Path | None = None,
         sink: Path | None = None,
         client: JobClient | None = None,
-        limit: int = 300,
+        limit: int = DEFAULT_ROWS_PER_SPLIT,
         **config: Any,
     ) -> FaultJob:
         name = "".join(c if c.isalnum() else "-" for c in f"f-{fault}-{state}".lower())

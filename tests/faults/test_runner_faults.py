@@ -76,15 +76,8 @@ async def sigstop(jobs: JobFactory, request: pytest.FixtureRequest) -> Matrix:
     return await _matrix(jobs, request, "runner SIGSTOP", signal.SIGSTOP)
 
 
-# Known since runner hosts (session 14): in this case the map was not held within 30 s on a
-# quiet machine, twice; to investigate (the hold is steered through files per job).
-HELD_MAP_ON_HOSTS = "runner hosts: the held map is not reached in time in this case (open, see docs/reliability.md)"
-
-
 @pytest.mark.parametrize("case", STATES)
-def test_runner_sigkill(sigkill: Matrix, case: str, request: pytest.FixtureRequest) -> None:
-    if case == "Stopping":
-        request.applymarker(pytest.mark.xfail(reason=HELD_MAP_ON_HOSTS, strict=False))
+def test_runner_sigkill(sigkill: Matrix, case: str) -> None:
     sigkill.check(case)
 
 

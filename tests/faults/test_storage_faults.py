@@ -281,13 +281,7 @@ def test_checkpoint_store_full(store: Matrix, case: str) -> None:
 
 
 @pytest.mark.parametrize("case", [k for k in STORE_KEYS if k.startswith("corrupt-")])
-def test_checkpoint_corrupt(store: Matrix, case: str, request: pytest.FixtureRequest) -> None:
-    if case == "corrupt-Recovering":
-        # Known since runner hosts (session 14): the map was not held within 30 s, twice.
-        request.applymarker(pytest.mark.xfail(
-            reason="runner hosts: the held map is not reached in time in this case (open, see docs/reliability.md)",
-            strict=False,
-        ))  # fmt: skip
+def test_checkpoint_corrupt(store: Matrix, case: str) -> None:
     store.check(case)
 
 
