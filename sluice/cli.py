@@ -187,6 +187,7 @@ def _load_spec(
     parallelism: int | None,
     checkpoint_interval: float | None,
     ignore_state: bool = False,
+    from_savepoint: str | None = None,
 ) -> JobSpec:
     from sluice.pipeline_files import job_spec, load_pipeline
 
@@ -198,6 +199,7 @@ def _load_spec(
         parallelism=parallelism,
         checkpoint_interval_s=checkpoint_interval,
         ignore_state=ignore_state,
+        from_savepoint=from_savepoint,
     )
 
 
@@ -624,9 +626,16 @@ def start(
     parallelism: int | None = ParallelismOpt,
     checkpoint_interval: float | None = CheckpointOpt,
     ignore_state: bool = typer.Option(False, "--ignore-state", help="don't restore an earlier run's checkpoint"),
+    from_savepoint: str | None = typer.Option(
+        None, "--from-savepoint", metavar="JOB/NAME", help="start from savepoint NAME of job JOB (same store)"
+    ),
 ) -> None:
     """Start a job; prints its id once the workflow is started."""
-    spec = _wrap_user_errors(lambda: _load_spec(file, job_id, parallelism, checkpoint_interval, ignore_state))
+    if from_savepoint is not None and ignore_state:
+        fail("--from-savepoint and --ignore-state cannot be combined", EXIT_USAGE)
+    spec = _wrap_user_errors(
+        lambda: _load_spec(file, job_id, parallelism, checkpoint_interval, ignore_state, from_savepoint)
+    )
 
     @run_async
     async def main() -> str:
@@ -726,6 +735,26 @@ def restart(
     main()
 
 
+def _store_url(job_id: str, state_dir: Path | None, checkpoint_url: str | None) -> str:
+    """The job's checkpoint store: the given URL, else the job's own (from its spec), else the default."""
+    if checkpoint_url is not None:
+        return checkpoint_url
+
+    @run_async
+    async def main() -> str:
+        jobs = await _job_client()
+        desc = await jobs.describe(job_id)
+        spec = (await jobs._job_input(job_id, desc.run_id)).spec
+        return spec.checkpoint_url or settings.default_checkpoint_url(settings.state_dir(state_dir))
+
+    return main()
+
+
+CheckpointUrlOpt = typer.Option(
+    None, "--checkpoint-url", help="the job's checkpoint store (default: the job's own, from its spec)"
+)
+
+
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -739,22 +768,10 @@ def checkpoints(
     job_id: str = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
     state_dir: Path | None = StateDirOpt,
-    checkpoint_url: str | None = typer.Option(
-        None, "--checkpoint-url", help="the job's checkpoint store (default: the job's own, from its spec)"
-    ),
+    checkpoint_url: str | None = CheckpointUrlOpt,
 ) -> None:
     """List a job's completed checkpoints: epoch, time, size, and whether each verifies."""
-
-    @run_async
-    async def main() -> str:
-        if checkpoint_url is not None:
-            return checkpoint_url
-        jobs = await _job_client()
-        desc = await jobs.describe(job_id)
-        spec = (await jobs._job_input(job_id, desc.run_id)).spec
-        return spec.checkpoint_url or settings.default_checkpoint_url(settings.state_dir(state_dir))
-
-    url = main()
+    url = _store_url(job_id, state_dir, checkpoint_url)
     from sluice.storage import CheckpointStore, report_checkpoints
 
     try:
@@ -778,6 +795,92 @@ def checkpoints(
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"
         typer.echo(f"{r.epoch:>10}  {created:<19}  {_human_size(r.size):>10}  {verdict}")
+
+
+@app.command()
+def savepoint(
+    job_id: str = typer.Argument(...),
+    name: str | None = typer.Option(None, "--name", help="the savepoint's name (default savepoint-<epoch>)"),
+    dispose: str | None = typer.Option(None, "--dispose", metavar="NAME", help="dispose of savepoint NAME instead"),
+    state_dir: Path | None = StateDirOpt,
+    checkpoint_url: str | None = CheckpointUrlOpt,
+) -> None:
+    """Take a savepoint of a Running job: a checkpoint kept until disposed (retention never deletes
+    it), to restart this job or start another from (`sluice start FILE --from-savepoint JOB/NAME`)."""
+    from pydantic import ValidationError
+
+    from sluice.models import SavepointRequest
+
+    if name is not None and dispose is not None:
+        fail("--name and --dispose cannot be combined", EXIT_USAGE)
+    for given in (name, dispose):
+        if given is not None:
+            try:
+                SavepointRequest(name=given)
+            except ValidationError:
+                fail(f"savepoint name {given!r}: use letters, digits, '.', '_' and '-' (at most 64, "
+                     "starting with a letter or digit)", EXIT_USAGE)  # fmt: skip
+    if dispose is not None:
+        _dispose_savepoint(job_id, dispose, state_dir, checkpoint_url)
+        return
+
+    @run_async
+    async def main() -> Any:
+        return await (await _job_client()).savepoint(job_id, name)
+
+    info = main()
+    typer.echo(f"savepoint {info.name} of job {job_id}: epoch {info.epoch}, {_human_size(info.size_bytes)}")
+
+
+def _dispose_savepoint(job_id: str, name: str, state_dir: Path | None, checkpoint_url: str | None) -> None:
+    from sluice.savepoints import SavepointError, dispose_savepoint
+    from sluice.storage import CheckpointStore
+
+    url = _store_url(job_id, state_dir, checkpoint_url)
+
+    @run_async
+    async def keep() -> set[int]:
+        # The job's restore point and the checkpoints retention keeps stay; the rest of the epoch goes.
+        st = await (await _job_client()).status(job_id)
+        store = CheckpointStore(url, job_id)
+        return {st.epoch, *store.completed_epochs()[-st.config.checkpoints_to_keep :]}
+
+    try:
+        info = dispose_savepoint(CheckpointStore(url, job_id), name, keep_epochs=keep())
+    except SavepointError as exc:
+        fail(str(exc))
+    typer.echo(f"disposed of savepoint {info.name} of job {job_id} (epoch {info.epoch})")
+
+
+@app.command()
+def savepoints(
+    job_id: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    state_dir: Path | None = StateDirOpt,
+    checkpoint_url: str | None = CheckpointUrlOpt,
+) -> None:
+    """List a job's savepoints: name, epoch, time, size and pipeline version."""
+    from sluice.savepoints import SavepointError, list_savepoints
+    from sluice.storage import CheckpointStore
+
+    url = _store_url(job_id, state_dir, checkpoint_url)
+    try:
+        found = list_savepoints(CheckpointStore(url, job_id))
+    except (SavepointError, OSError) as exc:
+        fail(f"cannot read the savepoints of job {job_id} in {url}: {exc}")
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([i.model_dump(mode="json") for i in found], indent=2))
+        return
+    if not found:
+        typer.echo(f"no savepoints of job {job_id} in {url}")
+        return
+    typer.echo(f"{'name':<24}  {'epoch':>8}  {'created (UTC)':<19}  {'size':>10}  pipeline (version)")
+    for i in found:
+        created = i.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{i.name:<24}  {i.epoch:>8}  {created:<19}  {_human_size(i.size_bytes):>10}  "
+                   f"{i.pipeline_name} ({i.pipeline_version})")  # fmt: skip
 
 
 @app.command()

@@ -60,6 +60,8 @@ from sluice.models import (
     PatchRequest,
     RescaleCommand,
     RestartCommand,
+    SavepointInfo,
+    SavepointRequest,
     StopMode,
     WaitForStateRequest,
 )
@@ -71,6 +73,7 @@ CONNECT_TIMEOUT_S = 10.0
 # Workflow names (the contract with sluice/workflows).
 UPDATE_PATCH = "patch"
 UPDATE_WAIT_FOR_STATE = "wait_for_state"
+UPDATE_SAVEPOINT = "savepoint"
 QUERY_STATUS = "status"
 ERROR_TYPE_JOB_FAILED = "JobFailed"
 ERROR_TYPE_CONTINUED_AS_NEW = "ContinuedAsNew"
@@ -509,6 +512,26 @@ class JobClient:
         return await self.patch(job_id, PatchRequest(restart=RestartCommand(force=force, ignore_state=ignore_state)))
 
     # -------------------------------------------------------------- reads
+
+    async def savepoint(self, job_id: str, name: str | None = None) -> SavepointInfo:
+        """Take a savepoint of a Running job (a checkpoint kept under `name`, by default
+        `savepoint-<epoch>`, until disposed); returns once it is in the store. Raises
+        `CommandRejected` when the job is not Running, the name is taken, or the checkpoint failed."""
+        request = SavepointRequest(name=name)
+        await self.describe(job_id)  # JobNotFound for an unknown id
+        try:
+            return await self._handle(job_id).execute_update(  # type: ignore[no-any-return]
+                UPDATE_SAVEPOINT, request, result_type=SavepointInfo
+            )
+        except WorkflowUpdateFailedError as exc:
+            app = _application_error(exc.cause)
+            raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
+        except RPCError as exc:
+            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                state = await self.final_state(job_id)
+                raise JobClosed(job_id, state or "closed", f"job {job_id} is {state or 'closed'}; "
+                                "a savepoint needs a Running job") from exc  # fmt: skip
+            raise
 
     async def status(self, job_id: str, *, timeout_s: float = QUERY_TIMEOUT_S) -> JobStatus:
         """The `status` query of the latest run (open or closed; needs a controller worker)."""

@@ -7,6 +7,7 @@ a message that names the field instead of failing somewhere downstream.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -76,6 +77,10 @@ MAX_DURATION_S = 10 * 365 * 86_400.0  # ten years: TTL, healthy duration
 MAX_TIMEOUT_S = 86_400.0  # one day: every runner, task, finish and checkpoint timeout
 MAX_COUNT = 1_000_000  # restart budgets, checkpoints kept
 MAX_INT = 2**53  # nonces and epochs: exact in JSON and JavaScript
+# A savepoint's name: a file name in every store (no path separators, no leading dot).
+SAVEPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# `JOB/NAME`: the savepoint NAME of job JOB (job ids may hold slashes: the name is after the last).
+SAVEPOINT_REF_PATTERN = r"^.+/[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +459,10 @@ class JobConfig(Contract):
     checkpoint_timeout_s: Timeout = 600.0
     checkpoints_to_keep: int = Field(default=10, ge=1, le=MAX_COUNT)
     restore_epoch: int | None = Field(default=None, ge=1, le=MAX_INT, description="restore this checkpoint")
+    from_savepoint: str | None = Field(
+        default=None, pattern=SAVEPOINT_REF_PATTERN,
+        description="JOB/NAME: start from that savepoint (copied into this job's store on its first start)",
+    )
     ignore_state: bool = False
     slots_per_runner: int = Field(default=4, ge=1, le=64, description="subtasks per runner process")
 
@@ -517,6 +526,32 @@ class WaitForStateRequest(Contract):
         default=None, gt=0, le=MAX_DURATION_S,
         description="the workflow side of the wait ends after this (the caller gave up); None = until closed",
     )
+
+
+
+
+def pipeline_version(pipeline: "PipelineSpec") -> str:
+    """A short, stable fingerprint of a pipeline spec (first 12 hex digits of its SHA-256)."""
+    return hashlib.sha256(pipeline.model_dump_json().encode()).hexdigest()[:12]
+
+
+class SavepointRequest(Contract):
+    """The `savepoint` update: take a checkpoint now and keep it under `name` (default
+    `savepoint-<epoch>`) until it is disposed; retention never deletes it."""
+
+    name: str | None = Field(default=None, pattern=SAVEPOINT_NAME_PATTERN)
+
+
+class SavepointInfo(Contract):
+    """One savepoint, as its record in the checkpoint store says (`savepoints/<name>.json`)."""
+
+    name: str
+    job_id: str
+    epoch: int
+    created_at: datetime
+    size_bytes: int = Field(ge=0, description="state files of the checkpoint")
+    pipeline_name: str
+    pipeline_version: str = Field(description="first 12 hex digits of the SHA-256 of the pipeline spec")
 
 
 class JobSpec(Contract):
@@ -708,6 +743,7 @@ class CheckpointInfo(Contract):
     then_stop: bool
     duration_s: float
     committed_files: int = 0
+    savepoint: SavepointInfo | None = None  # when the checkpoint was taken as a savepoint
 
 
 RunnerEventKind = Literal[
@@ -791,6 +827,7 @@ class JobStatus(Contract):
     waiting_for: str | None = Field(
         default=None, description="Scheduling: why the job waits (e.g. no free runner slot), else null"
     )
+    checkpoint_url: str | None = Field(default=None, description="the job's checkpoint store, once compiled")
 
 
 class MonitorResult(Contract):
@@ -855,6 +892,8 @@ class CheckpointInput(Contract):
     epoch: int
     then_stop: bool
     finish_timeout_s: float
+    savepoint: str | None = None  # keep the checkpoint as this savepoint once it completed
+    pipeline_version: str = ""  # recorded with a savepoint
 
 
 class CleanupInput(Contract):

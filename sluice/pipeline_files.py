@@ -213,9 +213,12 @@ def job_spec(
     checkpoint_interval_s: float | None = None,
     ignore_state: bool = False,
     checkpoint_url: str | None = None,
+    from_savepoint: str | None = None,
 ) -> JobSpec:
     """The JobSpec for running `pipeline` (job id defaults to the pipeline name)."""
     config: dict[str, Any] = {"ignore_state": ignore_state}
+    if from_savepoint is not None:
+        config["from_savepoint"] = from_savepoint
     if parallelism is not None:
         config["parallelism"] = parallelism
     if checkpoint_interval_s is not None:

@@ -5,6 +5,7 @@ Layout under the store's URL (a plain local directory or any pyarrow.fs URI such
     {url}/{job_id}/checkpoints/epoch-{E:010d}/{operator}-{subtask}.arrow   Arrow IPC file per subtask
     {url}/{job_id}/checkpoints/epoch-{E:010d}/manifest.json                CheckpointManifest, LAST
     {url}/{job_id}/_fence.json                                             GenerationFence
+    {url}/{job_id}/savepoints/{name}.json                                  SavepointInfo (sluice.savepoints)
 
 Guarantees:
 
@@ -118,6 +119,16 @@ class CheckpointStore:
     def job_root(self) -> str:
         """The job's directory inside the store's filesystem."""
         return self._job_root
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The store's filesystem (paths of this class are paths in it)."""
+        return self._fs
+
+    def publish(self, directory: str, name: str, data: bytes) -> str:
+        """Write the file `name` in `directory` (created if missing) all at once; returns its path."""
+        self._fs.create_dir(directory, recursive=True)
+        return self._publish(directory, name, data)
 
     def epoch_path(self, epoch: int) -> str:
         return f"{self._checkpoints}/{epoch_dir_name(epoch)}"

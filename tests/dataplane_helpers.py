@@ -8,6 +8,7 @@ The expected windows are computed row by row from the generator's documented for
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -53,12 +54,20 @@ def expected_tumbling(
     return Counter((k, s, s + size_ms, c, v) for (k, s), (c, v) in acc.items())
 
 
-def read_window_rows(path: Path | str, count: str = "count", total: str = "sum_value") -> Counter[WindowRow]:
-    """Committed window rows (JSON lines) under `path`, as a multiset (duplicates kept)."""
+def read_window_rows(
+    path: Path | str, count: str = "count", total: str = "sum_value", *, upto_epoch: int | None = None
+) -> Counter[WindowRow]:
+    """Committed window rows (JSON lines) under `path`, as a multiset (duplicates kept); with
+    `upto_epoch`, only those of files committed by checkpoints up to that epoch (`part-{epoch}-...`)."""
     out: Counter[WindowRow] = Counter()
     for f in committed_files(path):
         if f.suffix != ".jsonl":
             continue
+        if upto_epoch is not None:
+            m = re.match(r"part-(\d+)-", f.name)
+            assert m, f"unexpected committed file {f}"
+            if int(m.group(1)) > upto_epoch:
+                continue
         for n, line in enumerate(f.read_text().splitlines(), 1):
             if not line.strip():
                 continue

@@ -19,8 +19,9 @@ from sluice.models import (
     CleanupInput,
     SubtaskSnapshot,
 )
+from sluice.savepoints import protected_epochs, savepoint_taken, write_savepoint
 from sluice.storage import CheckpointStore, manifest_from_snapshots
-from sluice.workflows.constants import TASK_FAILED_TYPE
+from sluice.workflows.constants import SAVEPOINT_EXISTS_TYPE, TASK_FAILED_TYPE
 
 # Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
 WAIT_POLL_S = 2.0
@@ -38,6 +39,12 @@ class CheckpointActivities:
         the fence's message ("generation G of job J is superseded by generation F: refused")."""
         started = time.monotonic()
         store = CheckpointStore(inp.checkpoint_url, inp.job_id)
+        if inp.savepoint is not None and await asyncio.to_thread(savepoint_taken, store, inp.savepoint, inp.epoch):
+            raise ApplicationError(
+                f"job {inp.job_id} already has a savepoint named {inp.savepoint!r}: choose another name "
+                f"or dispose of it first (`sluice savepoint {inp.job_id} --dispose {inp.savepoint}`)",
+                type=SAVEPOINT_EXISTS_TYPE, non_retryable=True,
+            )  # fmt: skip
         manifest = await asyncio.to_thread(store.read_manifest, inp.epoch)
         progress = {"epoch": inp.epoch, "phase": "barriers"}
         async with heartbeating(lambda: progress), self.ctx.runner_clients(
@@ -65,6 +72,13 @@ class CheckpointActivities:
                     commit_sinks, inp.program, inp.job_id, manifest,
                     before_publish=lambda: store.check_fence(inp.generation),
                 )
+                savepoint = None
+                if inp.savepoint is not None:
+                    progress["phase"] = "savepoint"
+                    savepoint = await asyncio.to_thread(
+                        write_savepoint, store, inp.savepoint, manifest,
+                        pipeline_name=inp.program.name, version=inp.pipeline_version,
+                    )  # fmt: skip
                 if inp.then_stop:
                     progress["phase"] = "tasks finishing"
                     await wait_all_finished(clients, inp.finish_timeout_s)
@@ -80,6 +94,7 @@ class CheckpointActivities:
             then_stop=inp.then_stop,
             duration_s=time.monotonic() - started,
             committed_files=committed,
+            savepoint=savepoint,
         )
 
     async def _collect(self, clients: list, epoch: int) -> list[SubtaskSnapshot]:
@@ -114,15 +129,17 @@ class CheckpointActivities:
     @activity.defn(name="cleanup_checkpoints")
     async def cleanup_checkpoints(self, inp: CleanupInput) -> int:
         """Delete all but the newest `keep` checkpoints (and failed attempts older than them),
-        never a protected epoch (the restore point)."""
+        never a protected epoch (the restore point) nor one that a savepoint names."""
         store = CheckpointStore(inp.checkpoint_url, inp.job_id)
         completed = await asyncio.to_thread(store.completed_epochs)
         if not completed:
             return 0
+        saved = await asyncio.to_thread(protected_epochs, store)
         kept = set(completed[-inp.keep :]) | set(inp.protect)
+        # Savepoints are kept however old, without holding back the deletion of what lies between.
         oldest_kept = min(kept)
         seen = await asyncio.to_thread(store.epochs_seen)
-        doomed = [e for e in seen if e < oldest_kept and e not in kept]
+        doomed = [e for e in seen if e < oldest_kept and e not in kept and e not in saved]
         await asyncio.to_thread(store.delete_epochs, doomed)
         return len(doomed)
 

@@ -12,6 +12,7 @@ from sluice.activities.sinks import claim_sinks
 from sluice.engine.compiler import compile_program
 from sluice.errors import UserError
 from sluice.models import CompileInput, CompileResult
+from sluice.savepoints import SavepointError, copy_savepoint_into, split_ref
 from sluice.storage import CheckpointStore
 
 
@@ -32,6 +33,12 @@ class CompileActivities:
         # the restore point, so start_execution's verification reports it (epoch, file, problem)
         # instead of the job silently restoring an older epoch and committing its output twice.
         completed = await asyncio.to_thread(store.completed_epochs)
+        ref = spec.config.from_savepoint
+        if ref is not None and not completed and not spec.config.ignore_state:
+            # The job's first start: its state comes from the savepoint (its own checkpoints
+            # win from then on). A copy, so that disposing the savepoint later cannot break it.
+            await asyncio.to_thread(self._copy_savepoint, ref, url, store)
+            completed = await asyncio.to_thread(store.completed_epochs)
         highest = await asyncio.to_thread(store.highest_epoch_seen)
         wanted = spec.config.restore_epoch
         if wanted is not None and wanted not in completed:
@@ -49,3 +56,11 @@ class CompileActivities:
             latest_epoch=completed[-1] if completed else 0,
             highest_epoch=max(highest, completed[-1] if completed else 0),
         )
+
+    @staticmethod
+    def _copy_savepoint(ref: str, url: str, store: CheckpointStore) -> None:
+        try:
+            source_job, name = split_ref(ref)
+            copy_savepoint_into(CheckpointStore(url, source_job), name, store)
+        except SavepointError as e:
+            raise user_error(f"from_savepoint {ref}: {e}") from None

@@ -14,6 +14,8 @@ CORRUPT_CHECKPOINT_TYPE = "CorruptCheckpoint"
 # A task failed while the checkpoint activity waited on it (it saw the failure before the monitor
 # did). Details: [{"operator", "traceback", "domain", "retryable", "subtask", "runner_id"}].
 TASK_FAILED_TYPE = "TaskFailed"
+# A savepoint whose name the job's store already holds: refused, never overwritten.
+SAVEPOINT_EXISTS_TYPE = "SavepointExists"
 NON_RETRYABLE = [USER_ERROR_TYPE, CORRUPT_CHECKPOINT_TYPE, TASK_FAILED_TYPE]
 
 # Compile: validation and function imports take milliseconds; three tries cover a flaky worker.

@@ -36,6 +36,8 @@ with workflow.unsafe.imports_passed_through():
         RescaleCommand,
         RestartCommand,
         RunnerInfo,
+        SavepointInfo,
+        SavepointRequest,
         StopCommand,
         TeardownInput,
         TransitionRecord,
@@ -55,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView, WatchKind
+    from sluice.workflows.savepoints import SavepointRequests
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
     from sluice.engine.compiler import plan_problem
@@ -178,6 +181,7 @@ class JobWorkflow:
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
         self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
+        self.savepoints = SavepointRequests()  # `savepoint` updates, served by Running
         self.continuing = False
         self.commands_seen = 0  # bumped by every accepted command: wakes waiting states
 
@@ -722,6 +726,41 @@ class JobWorkflow:
         if self.state in TERMINAL and self.state not in req.states:
             raise ValueError(f"job is {self.state} and will not reach {', '.join(req.states)}")
 
+    @workflow.update(name="savepoint")
+    async def savepoint(self, req: SavepointRequest) -> SavepointInfo:
+        """Take a checkpoint now and keep it as a savepoint; returns once it is in the store."""
+        try:
+            self._check_savepoint(req)
+        except CommandRejected as e:
+            raise _rejection(e) from None
+        ticket = self.savepoints.add(req.name)
+        self.commands_seen += 1  # wakes Running
+        done = self.savepoints.results
+        await workflow.wait_condition(
+            lambda: ticket in done
+            or (self.state != "Running" and (self.savepoints.inflight != ticket or self.inflight_checkpoint is None))
+        )
+        outcome = done.pop(ticket, None)
+        self.savepoints.withdraw(ticket)
+        if isinstance(outcome, SavepointInfo):
+            return outcome
+        why = outcome or f"the job left Running (it is {self.state}) before the savepoint was taken"
+        raise ApplicationError(f"no savepoint: {why}", type="SavepointFailed", non_retryable=True)
+
+    @savepoint.validator
+    def _validate_savepoint(self, req: SavepointRequest) -> None:
+        try:
+            self._check_savepoint(req)
+        except CommandRejected as e:
+            raise _rejection(e) from None
+
+    def _check_savepoint(self, req: SavepointRequest) -> None:
+        self._check_open("savepoint")
+        if self.state != "Running":
+            raise CommandRejected(f"a savepoint needs a Running job; job is {self.state}")
+        if req.name is not None and req.name in self.savepoints.names_pending():
+            raise CommandRejected(f"a savepoint named {req.name!r} is already being taken")
+
     @workflow.query(name="status")
     def status(self) -> JobStatus:
         return JobStatus(
@@ -739,6 +778,7 @@ class JobWorkflow:
             rejected_commands=self.rejected,
             transitions=self.transitions,
             waiting_for=self.waiting_for,
+            checkpoint_url=self.checkpoint_url,
         )
 
     # ------------------------------------------------------------------ continue-as-new

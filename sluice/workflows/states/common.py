@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         Failure,
         JobSpec,
         MonitorResult,
+        pipeline_version,
     )
     from sluice.workflows import constants as C
 
@@ -95,10 +96,12 @@ def fail_or_recover(wf: "JobWorkflow", e: BaseException, *, user: str, other: st
         wf.transition("Recovering", wf.last_error.message)
 
 
-def start_checkpoint(wf: "JobWorkflow", then_stop: bool) -> None:
+def start_checkpoint(wf: "JobWorkflow", then_stop: bool, savepoint: str | None = None) -> None:
+    """Start checkpoint `next_epoch`, kept as savepoint `savepoint` when given."""
     assert wf.program is not None and wf.checkpoint_url is not None
     epoch = wf.next_epoch
     wf.next_epoch += 1
+    what = f"checkpoint epoch {epoch}" + (" then stop" if then_stop else "")
     wf.inflight_checkpoint = workflow.start_activity(
         "checkpoint",
         CheckpointInput(
@@ -110,13 +113,22 @@ def start_checkpoint(wf: "JobWorkflow", then_stop: bool) -> None:
             epoch=epoch,
             then_stop=then_stop,
             finish_timeout_s=wf.config.finish_timeout_s,
+            savepoint=savepoint,
+            pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
         ),
         result_type=CheckpointInfo,
         start_to_close_timeout=timedelta(seconds=wf.config.checkpoint_timeout_s),
         heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
         retry_policy=C.CHECKPOINT_RETRY,
-        summary=f"checkpoint epoch {epoch}" + (" then stop" if then_stop else ""),
+        summary=what if savepoint is None else f"savepoint {savepoint}: {what}",
     )
+
+
+def start_savepoint(wf: "JobWorkflow") -> None:
+    """Serve the oldest waiting `savepoint` update (no checkpoint may be in flight)."""
+    assert wf.inflight_checkpoint is None
+    _, name = wf.savepoints.next()
+    start_checkpoint(wf, then_stop=False, savepoint=name or f"savepoint-{wf.next_epoch}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +172,14 @@ def take_checkpoint_result(wf: "JobWorkflow") -> CheckpointFailed | None:
     try:
         info: CheckpointInfo = handle.result()
     except BaseException as e:  # noqa: BLE001
-        return checkpoint_failure(e)
+        app = innermost_application_error(e)
+        if wf.savepoints.inflight is not None and app is not None and app.type == C.SAVEPOINT_EXISTS_TYPE:
+            wf.savepoints.finish(app.message)  # refused before any barrier: the job runs on
+            return None
+        failed = checkpoint_failure(e)
+        wf.savepoints.finish(f"its checkpoint failed: {failed.failure.message}")
+        return failed
+    wf.savepoints.finish(info.savepoint or "the checkpoint completed without a savepoint record")
     wf.epoch = info.epoch
     wf.progress_made()
     wf.start_cleanup()

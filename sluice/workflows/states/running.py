@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
     from sluice.workflows.states.common import (
         outcome_failure,
         start_checkpoint,
+        start_savepoint,
         stop_transition,
         take_checkpoint_result,
     )
@@ -130,6 +131,11 @@ async def running(wf: "JobWorkflow") -> None:
             if checkpoint_timer.fired:
                 checkpoint_due = True
                 checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+            if wf.inflight_checkpoint is None and wf.savepoints.queue:
+                # A savepoint is a checkpoint too (it counts as a due one), and it goes before a
+                # continue-as-new, which would otherwise wait for its update forever.
+                checkpoint_due = False
+                start_savepoint(wf)
             if wf.inflight_checkpoint is None:
                 if wf.continue_as_new_due():
                     await wf.continue_as_new()
