@@ -81,6 +81,8 @@ MAX_INT = 2**53  # nonces and epochs: exact in JSON and JavaScript
 SAVEPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # `JOB/NAME`: the savepoint NAME of job JOB (job ids may hold slashes: the name is after the last).
 SAVEPOINT_REF_PATTERN = r"^.+/[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Periodic savepoints (JobConfig.savepoint_interval_s) are named `auto-<epoch>`.
+PERIODIC_SAVEPOINT_PREFIX = "auto-"
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +460,13 @@ class JobConfig(Contract):
     finish_timeout_s: Timeout = 60.0
     checkpoint_timeout_s: Timeout = 600.0
     checkpoints_to_keep: int = Field(default=10, ge=1, le=MAX_COUNT)
+    savepoint_interval_s: float | None = Field(
+        default=None, ge=1.0, le=MAX_DURATION_S,
+        description="take a periodic savepoint (named auto-<epoch>) this often while Running; None = never",
+    )
+    periodic_savepoints_to_keep: int = Field(
+        default=3, ge=1, le=MAX_COUNT, description="periodic savepoints kept; older ones are disposed of",
+    )
     restore_epoch: int | None = Field(default=None, ge=1, le=MAX_INT, description="restore this checkpoint")
     from_savepoint: str | None = Field(
         default=None, pattern=SAVEPOINT_REF_PATTERN,
@@ -901,6 +910,7 @@ class CleanupInput(Contract):
     checkpoint_url: str
     keep: int
     protect: list[int] = Field(default_factory=list)
+    periodic_savepoints_to_keep: int | None = None  # None: periodic savepoints are not pruned
 
 
 class StopInput(Contract):

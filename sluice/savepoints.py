@@ -15,10 +15,11 @@ from datetime import datetime, timezone
 import pyarrow.fs as pafs
 from pydantic import ValidationError
 
-from sluice.models import CheckpointManifest, SavepointInfo
+from sluice.models import PERIODIC_SAVEPOINT_PREFIX, CheckpointManifest, SavepointInfo
 from sluice.storage import CheckpointStore
 
 SAVEPOINTS_DIR = "savepoints"
+
 RECORD_SUFFIX = ".json"
 
 
@@ -101,6 +102,16 @@ def dispose_savepoint(store: CheckpointStore, name: str, *, keep_epochs: set[int
     if info.epoch not in keep_epochs and info.epoch not in protected_epochs(store):
         store.delete_epochs([info.epoch])
     return info
+
+
+def prune_periodic(store: CheckpointStore, keep: int) -> list[SavepointInfo]:
+    """Remove the records of all but the newest `keep` periodic savepoints; returns those removed
+    (their checkpoints are then deleted by retention like any other)."""
+    periodic = [i for i in list_savepoints(store) if i.name.startswith(PERIODIC_SAVEPOINT_PREFIX)]
+    doomed = periodic[:-keep] if keep > 0 else periodic
+    for info in doomed:
+        store.fs.delete_file(record_path(store, info.name))
+    return doomed
 
 
 def split_ref(ref: str) -> tuple[str, str]:

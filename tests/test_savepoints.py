@@ -1,6 +1,7 @@
 """Savepoints end to end, with real runners and files: a savepoint taken from a running keyed
 window job starts another job that produces exactly what the first would have; savepoints are
-listed, never deleted by retention, never overwritten, and disposed of on request.
+listed, never deleted by retention, never overwritten, and disposed of on request; periodic
+savepoints keep the newest few.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.e2e_helpers import (
     stop_job_quietly,
     wait_state,
     wait_status,
+    wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -148,3 +150,30 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         sluice_command(*args), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
     )
+
+
+async def test_periodic_savepoints_keep_the_newest(job_client: JobClient, state_dir: Path) -> None:
+    pipeline = _window_pipeline(state_dir / "out")
+    spec = job_spec(pipeline, state_dir, checkpoint_interval_s=1.0, checkpoints_to_keep=1,
+                    savepoint_interval_s=1.0, periodic_savepoints_to_keep=2)  # fmt: skip
+    store = CheckpointStore(str(checkpoint_root(state_dir)), spec.job_id)
+    await job_client.start(spec)
+    try:
+        await wait_state(job_client, spec.job_id, "Running", timeout_s=START_TIMEOUT_S)
+        first = await wait_until(lambda: (list_savepoints(store) or [None])[0], timeout_s=30,
+                                 what="a periodic savepoint")  # fmt: skip
+        assert first.name == f"auto-{first.epoch}", first
+
+        def pruned() -> list[Any] | None:
+            kept = list_savepoints(store)
+            return kept if len(kept) == 2 and first.name not in {i.name for i in kept} else None
+
+        kept = await wait_until(pruned, timeout_s=30, what="the first periodic savepoint pruned")
+        assert all(i.name.startswith("auto-") for i in kept), kept
+        assert all(i.epoch in store.completed_epochs() for i in kept)
+        await wait_until(lambda: first.epoch not in store.completed_epochs(), timeout_s=15,
+                         what="the pruned savepoint's checkpoint deleted")  # fmt: skip
+        st = await job_client.status(spec.job_id)
+        assert st.restarts == 0 and st.state in ("Running", "Finishing", "Finished"), describe_status(st)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)

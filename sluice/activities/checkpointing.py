@@ -19,7 +19,7 @@ from sluice.models import (
     CleanupInput,
     SubtaskSnapshot,
 )
-from sluice.savepoints import protected_epochs, savepoint_taken, write_savepoint
+from sluice.savepoints import protected_epochs, prune_periodic, savepoint_taken, write_savepoint
 from sluice.storage import CheckpointStore, manifest_from_snapshots
 from sluice.workflows.constants import SAVEPOINT_EXISTS_TYPE, TASK_FAILED_TYPE
 
@@ -129,11 +129,14 @@ class CheckpointActivities:
     @activity.defn(name="cleanup_checkpoints")
     async def cleanup_checkpoints(self, inp: CleanupInput) -> int:
         """Delete all but the newest `keep` checkpoints (and failed attempts older than them),
-        never a protected epoch (the restore point) nor one that a savepoint names."""
+        never a protected epoch (the restore point) nor one that a savepoint names. Periodic
+        savepoints beyond the newest `periodic_savepoints_to_keep` are disposed of first."""
         store = CheckpointStore(inp.checkpoint_url, inp.job_id)
         completed = await asyncio.to_thread(store.completed_epochs)
         if not completed:
             return 0
+        if inp.periodic_savepoints_to_keep is not None:
+            await asyncio.to_thread(prune_periodic, store, inp.periodic_savepoints_to_keep)
         saved = await asyncio.to_thread(protected_epochs, store)
         kept = set(completed[-inp.keep :]) | set(inp.protect)
         # Savepoints are kept however old, without holding back the deletion of what lies between.

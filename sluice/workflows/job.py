@@ -389,6 +389,10 @@ class JobWorkflow:
                 checkpoint_url=self.checkpoint_url,
                 keep=self.config.checkpoints_to_keep,
                 protect=[self.epoch],
+                # Only jobs that take periodic savepoints prune them (older inputs stay as they were).
+                periodic_savepoints_to_keep=(
+                    self.config.periodic_savepoints_to_keep if self.config.savepoint_interval_s else None
+                ),
             ),
             start_to_close_timeout=C.CLEANUP_TIMEOUT,
             retry_policy=C.CLEANUP_RETRY,
@@ -738,7 +742,7 @@ class JobWorkflow:
         done = self.savepoints.results
         await workflow.wait_condition(
             lambda: ticket in done
-            or (self.state != "Running" and (self.savepoints.inflight != ticket or self.inflight_checkpoint is None))
+            or (self.state != "Running" and (not self.savepoints.in_flight(ticket) or self.inflight_checkpoint is None))
         )
         outcome = done.pop(ticket, None)
         self.savepoints.withdraw(ticket)

@@ -18,34 +18,51 @@ with workflow.unsafe.imports_passed_through():
 
 
 @dataclass
-class SavepointRequests:
-    """Pending and finished `savepoint` updates of one run, by ticket (1, 2, ... per run)."""
+class Pending:
+    ticket: int
+    name: str | None  # None: the default name
+    periodic: bool = False  # taken on the job's savepoint interval: nobody waits for it
 
-    queue: list[tuple[int, str | None]] = field(default_factory=list)  # (ticket, name) not yet started
-    inflight: int | None = None  # the ticket whose checkpoint is in flight
-    results: dict[int, SavepointInfo | str] = field(default_factory=dict)  # the savepoint, or why not
+
+@dataclass
+class SavepointRequests:
+    """Pending and finished savepoints of one run, by ticket (1, 2, ... per run)."""
+
+    queue: list[Pending] = field(default_factory=list)  # not yet started
+    inflight: Pending | None = None  # the one whose checkpoint is in flight
+    results: dict[int, SavepointInfo | str] = field(default_factory=dict)  # for the updates waiting
     issued: int = 0
 
-    def add(self, name: str | None) -> int:
+    def add(self, name: str | None, *, periodic: bool = False) -> int:
         self.issued += 1
-        self.queue.append((self.issued, name))
+        self.queue.append(Pending(self.issued, name, periodic))
         return self.issued
 
     def names_pending(self) -> set[str]:
-        return {name for _, name in self.queue if name is not None}
+        return {p.name for p in self.queue if p.name is not None}
 
-    def next(self) -> tuple[int, str | None]:
-        ticket, name = self.queue.pop(0)
-        self.inflight = ticket
-        return ticket, name
+    def periodic_pending(self) -> bool:
+        return any(p.periodic for p in (*self.queue, self.inflight) if p is not None)
+
+    def next(self) -> Pending:
+        self.inflight = self.queue.pop(0)
+        return self.inflight
+
+    def in_flight(self, ticket: int) -> bool:
+        return self.inflight is not None and self.inflight.ticket == ticket
 
     def finish(self, outcome: SavepointInfo | str) -> None:
         """The in-flight savepoint's checkpoint ended: its savepoint, or why there is none."""
-        if self.inflight is not None:
-            self.results[self.inflight] = outcome
-            self.inflight = None
+        done, self.inflight = self.inflight, None
+        if done is None:
+            return
+        if done.periodic:
+            if not isinstance(outcome, SavepointInfo):
+                workflow.logger.warning("periodic savepoint not taken: %s", outcome)
+            return
+        self.results[done.ticket] = outcome
 
     def withdraw(self, ticket: int) -> None:
-        self.queue = [(t, n) for t, n in self.queue if t != ticket]
-        if self.inflight == ticket:
+        self.queue = [p for p in self.queue if p.ticket != ticket]
+        if self.in_flight(ticket):
             self.inflight = None

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         Failure,
         JobSpec,
         MonitorResult,
+        PERIODIC_SAVEPOINT_PREFIX,
         pipeline_version,
     )
     from sluice.workflows import constants as C
@@ -127,8 +128,9 @@ def start_checkpoint(wf: "JobWorkflow", then_stop: bool, savepoint: str | None =
 def start_savepoint(wf: "JobWorkflow") -> None:
     """Serve the oldest waiting `savepoint` update (no checkpoint may be in flight)."""
     assert wf.inflight_checkpoint is None
-    _, name = wf.savepoints.next()
-    start_checkpoint(wf, then_stop=False, savepoint=name or f"savepoint-{wf.next_epoch}")
+    pending = wf.savepoints.next()
+    default = f"{PERIODIC_SAVEPOINT_PREFIX if pending.periodic else 'savepoint-'}{wf.next_epoch}"
+    start_checkpoint(wf, then_stop=False, savepoint=pending.name or default)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Running: periodic checkpoints, runner watch, commands, TTL, healthy-duration reset.
+"""Running: periodic checkpoints and savepoints, runner watch, commands, TTL, healthy-duration reset.
 
 Every decision here is taken on an event recorded in history (a timer fired, an activity finished,
 a command arrived), never by comparing `workflow.now()` with a deadline: a workflow task that runs
@@ -58,6 +58,7 @@ async def running(wf: "JobWorkflow") -> None:
     ttl_s = wf.config.ttl_s
     # The restart count resets after healthy_duration in Running (timed from entering it).
     healthy_timer = Timer(wf.config.healthy_duration_s, "healthy duration") if wf.restarts > 0 else None
+    savepoint_timer = _savepoint_timer(wf)
     try:
         while True:
             # Commands first: they are the user's intent, and they are never dropped.
@@ -128,6 +129,10 @@ async def running(wf: "JobWorkflow") -> None:
                 ttl_timer, ttl_s = _ttl_timer(wf), wf.config.ttl_s
                 continue  # a TTL already past fires at once: look again from the top
 
+            if savepoint_timer is not None and savepoint_timer.fired:
+                savepoint_timer = _savepoint_timer(wf)
+                if not wf.savepoints.periodic_pending():
+                    wf.savepoints.add(None, periodic=True)
             if checkpoint_timer.fired:
                 checkpoint_due = True
                 checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
@@ -145,7 +150,7 @@ async def running(wf: "JobWorkflow") -> None:
 
             seen = wf.commands_seen
             monitor, inflight = wf.monitor, wf.inflight_checkpoint
-            timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer) if t is not None]
+            timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer) if t is not None]
             await workflow.wait_condition(
                 lambda: wf.commands_seen != seen
                 or (monitor is not None and monitor.done())
@@ -153,7 +158,7 @@ async def running(wf: "JobWorkflow") -> None:
                 or any(t.fired for t in timers)
             )
     finally:
-        for t in (checkpoint_timer, ttl_timer, healthy_timer):
+        for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer):
             if t is not None:
                 t.cancel()
 
@@ -165,3 +170,9 @@ def _ttl_timer(wf: "JobWorkflow") -> Timer | None:
     # Only the timer's length uses the clock: whether the TTL expired is decided by its firing.
     deadline = wf.started_at + timedelta(seconds=wf.config.ttl_s)
     return Timer((deadline - workflow.now()).total_seconds(), "TTL")
+
+
+def _savepoint_timer(wf: "JobWorkflow") -> Timer | None:
+    """The next periodic savepoint (JobConfig.savepoint_interval_s), counted from entering Running."""
+    interval = wf.config.savepoint_interval_s
+    return Timer(interval, "savepoint interval") if interval else None
