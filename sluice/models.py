@@ -903,6 +903,9 @@ class CheckpointInput(Contract):
     finish_timeout_s: float
     savepoint: str | None = None  # keep the checkpoint as this savepoint once it completed
     pipeline_version: str = ""  # recorded with a savepoint
+    # Retention, applied by the activity once the checkpoint completed (runs with the
+    # lean-checkpoints patch); None: the workflow runs `cleanup_checkpoints` itself afterwards.
+    retention: "CleanupInput | None" = None
 
 
 class CleanupInput(Contract):
@@ -944,3 +947,6 @@ class JobResult(Contract):
 
 
 StartRequest.model_rebuild()
+
+
+CheckpointInput.model_rebuild()

@@ -24,8 +24,9 @@ from temporalio.worker import UnsandboxedWorkflowRunner
 
 from sluice.models import JobResult, JobStateName, StopMode
 from sluice.workflows.job import JobWorkflow
-from sluice.workflows.constants import PATCH_FAST_RECOVERY, PATCH_RUNNER_HOSTS
+from sluice.workflows.constants import PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS, PATCH_RUNNER_HOSTS
 from tests.histories.corpus import (
+    activity_types,
     CORPUS_DIR,
     closed,
     history_files,
@@ -45,11 +46,13 @@ FILES = history_files()
 HOSTS_DIR = CORPUS_DIR / "hosts"
 HOSTS_FILES = history_files(HOSTS_DIR)
 # Runs with the `fast-recovery` patch (an immediate first restart that kills the failed
-# generation): the scenarios that go through Recovering, recorded after that change.
-FAST_RECOVERY_DIR = CORPUS_DIR / "fast-recovery"
-FAST_RECOVERY_FILES = history_files(FAST_RECOVERY_DIR)
-FAST_RECOVERY_SCENARIOS = {"recovery", "failure_restarts_exhausted"}
-ALL_FILES = FILES + HOSTS_FILES + FAST_RECOVERY_FILES
+# generation) and the `lean-checkpoints` patch (retention inside the checkpoint activity): the
+# scenarios those change, recorded after the changes.
+LEAN_DIR = CORPUS_DIR / "fast-recovery-lean"
+LEAN_FILES = history_files(LEAN_DIR)
+LEAN_SCENARIOS = {"recovery", "failure_restarts_exhausted", "finished", "stop_checkpoint", "continue_as_new"}
+LEAN_PATCHES = {PATCH_RUNNER_HOSTS, PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}
+ALL_FILES = FILES + HOSTS_FILES + LEAN_FILES
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
 
 
@@ -105,17 +108,22 @@ def test_runner_hosts_corpus_covers_every_scenario_state_and_stop_mode() -> None
     assert not unpatched, f"runs without the {PATCH_RUNNER_HOSTS!r} patch marker: {unpatched}"
 
 
-def test_fast_recovery_corpus_restarts_at_once_with_the_patch() -> None:
-    have = {scenario_of(p) for p in FAST_RECOVERY_FILES}
-    assert have == FAST_RECOVERY_SCENARIOS, (
-        f"tests/histories/fast-recovery/ holds {sorted(have)}, not {sorted(FAST_RECOVERY_SCENARIOS)}; "
-        f"{REGENERATE} --out tests/histories/fast-recovery --only recovery --only failure_restarts_exhausted"
+def test_fast_recovery_lean_corpus_carries_its_patches() -> None:
+    have = {scenario_of(p) for p in LEAN_FILES}
+    only = " ".join(f"--only {s}" for s in sorted(LEAN_SCENARIOS))
+    assert have == LEAN_SCENARIOS, (
+        f"tests/histories/fast-recovery-lean/ holds {sorted(have)}, not {sorted(LEAN_SCENARIOS)}; "
+        f"{REGENERATE} --out tests/histories/fast-recovery-lean {only}"
     )
-    for p in FAST_RECOVERY_FILES:
-        h = load_history(p)
-        assert closed(h) and "Recovering" in states_entered(h), p.name
-        assert {PATCH_RUNNER_HOSTS, PATCH_FAST_RECOVERY} <= patches(h), f"{p.name}: {patches(h)}"
-    older = [p.name for p in FILES + HOSTS_FILES if PATCH_FAST_RECOVERY in patches(load_history(p))]
+    histories = {p.name: load_history(p) for p in LEAN_FILES}
+    assert all(closed(h) for h in histories.values())
+    assert "Recovering" in union(states_entered(h) for h in histories.values())
+    for name, h in histories.items():
+        assert LEAN_PATCHES <= patches(h), f"{name}: {patches(h)}"
+    # Lean checkpoints: no separate retention activity in any of them.
+    assert not [n for n, h in histories.items() if "cleanup_checkpoints" in activity_types(h)]
+    newer = {PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}
+    older = [p.name for p in FILES + HOSTS_FILES if newer & patches(load_history(p))]
     assert not older, f"older corpora must stay as recorded: {older}"
 
 

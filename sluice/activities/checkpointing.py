@@ -79,6 +79,9 @@ class CheckpointActivities:
                         write_savepoint, store, inp.savepoint, manifest,
                         pipeline_name=inp.program.name, version=inp.pipeline_version,
                     )  # fmt: skip
+                if inp.retention is not None:
+                    progress["phase"] = "retention"
+                    await self._retention_best_effort(inp.retention)
                 if inp.then_stop:
                     progress["phase"] = "tasks finishing"
                     await wait_all_finished(clients, inp.finish_timeout_s)
@@ -126,23 +129,39 @@ class CheckpointActivities:
 
         return [s for part in await asyncio.gather(*(one(c) for c in clients)) for s in part]
 
+    @staticmethod
+    async def _retention_best_effort(inp: CleanupInput) -> None:
+        """Retention as part of a checkpoint: a failure to delete never fails the checkpoint
+        (the next one tries again)."""
+        try:
+            await apply_retention(inp)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            activity.logger.warning("checkpoint retention for job %s failed (retried next checkpoint): %s",
+                                    inp.job_id, e)  # fmt: skip
+
     @activity.defn(name="cleanup_checkpoints")
     async def cleanup_checkpoints(self, inp: CleanupInput) -> int:
-        """Delete all but the newest `keep` checkpoints (and failed attempts older than them),
-        never a protected epoch (the restore point) nor one that a savepoint names. Periodic
-        savepoints beyond the newest `periodic_savepoints_to_keep` are disposed of first."""
-        store = CheckpointStore(inp.checkpoint_url, inp.job_id)
-        completed = await asyncio.to_thread(store.completed_epochs)
-        if not completed:
-            return 0
-        if inp.periodic_savepoints_to_keep is not None:
-            await asyncio.to_thread(prune_periodic, store, inp.periodic_savepoints_to_keep)
-        saved = await asyncio.to_thread(protected_epochs, store)
-        kept = set(completed[-inp.keep :]) | set(inp.protect)
-        # Savepoints are kept however old, without holding back the deletion of what lies between.
-        oldest_kept = min(kept)
-        seen = await asyncio.to_thread(store.epochs_seen)
-        doomed = [e for e in seen if e < oldest_kept and e not in kept and e not in saved]
-        await asyncio.to_thread(store.delete_epochs, doomed)
-        return len(doomed)
+        """Retention as its own activity (runs from before the lean-checkpoints patch)."""
+        return await apply_retention(inp)
+
+
+async def apply_retention(inp: CleanupInput) -> int:
+    """Delete all but the newest `keep` checkpoints (and failed attempts older than them),
+    never a protected epoch (the restore point) nor one that a savepoint names. Periodic
+    savepoints beyond the newest `periodic_savepoints_to_keep` are disposed of first.
+    Returns how many epoch directories were deleted."""
+    store = CheckpointStore(inp.checkpoint_url, inp.job_id)
+    completed = await asyncio.to_thread(store.completed_epochs)
+    if not completed:
+        return 0
+    if inp.periodic_savepoints_to_keep is not None:
+        await asyncio.to_thread(prune_periodic, store, inp.periodic_savepoints_to_keep)
+    saved = await asyncio.to_thread(protected_epochs, store)
+    kept = set(completed[-inp.keep :]) | set(inp.protect)
+    # Savepoints are kept however old, without holding back the deletion of what lies between.
+    oldest_kept = min(kept)
+    seen = await asyncio.to_thread(store.epochs_seen)
+    doomed = [e for e in seen if e < oldest_kept and e not in kept and e not in saved]
+    await asyncio.to_thread(store.delete_epochs, doomed)
+    return len(doomed)
 

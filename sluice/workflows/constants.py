@@ -92,6 +92,8 @@ REJECTION_REASON_CHARS = 1_000
 PATCH_RUNNER_HOSTS = "runner-hosts"
 # Immediate first restart and a killed (not drained) failed generation in Recovering.
 PATCH_FAST_RECOVERY = "fast-recovery"
+# Retention applied by the checkpoint activity itself (no separate cleanup activity).
+PATCH_LEAN_CHECKPOINTS = "lean-checkpoints"
 
 # Placement asks the host registry (one update): quick, retried on a flaky worker.
 PLACE_TIMEOUT = timedelta(seconds=30)

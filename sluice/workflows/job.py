@@ -177,6 +177,9 @@ class JobWorkflow:
         # Runs that started with this patch restart at once after a first failure and kill the
         # failed generation (states/recovering.py); older runs back off first and drain it.
         self.fast_recovery = False
+        # Runs that started with this patch have each checkpoint activity apply retention itself
+        # (no `cleanup_checkpoints` activity and its workflow task: 6 history events fewer each).
+        self.lean_checkpoints = False
         self.waiting_for: str | None = None  # Scheduling: why it waits (no free runner slot)
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
@@ -193,6 +196,7 @@ class JobWorkflow:
 
         self.on_hosts = workflow.patched(C.PATCH_RUNNER_HOSTS)
         self.fast_recovery = workflow.patched(C.PATCH_FAST_RECOVERY)
+        self.lean_checkpoints = workflow.patched(C.PATCH_LEAN_CHECKPOINTS)
         self._upsert_search_attributes()
         self.show_details()
         while self.state not in TERMINAL:
@@ -376,6 +380,20 @@ class JobWorkflow:
         except BaseException as e:  # noqa: BLE001
             return MonitorResult(kind="runner_lost", message=f"monitor failed: {cause_of(e)}")
 
+    def retention(self) -> CleanupInput:
+        """What retention keeps: the newest checkpoints, the restore point, the newest periodic
+        savepoints (only jobs that take periodic savepoints prune them)."""
+        assert self.checkpoint_url is not None
+        return CleanupInput(
+            job_id=self.job_id,
+            checkpoint_url=self.checkpoint_url,
+            keep=self.config.checkpoints_to_keep,
+            protect=[self.epoch],
+            periodic_savepoints_to_keep=(
+                self.config.periodic_savepoints_to_keep if self.config.savepoint_interval_s else None
+            ),
+        )
+
     def start_cleanup(self) -> None:
         """Delete checkpoints beyond the ones to keep; never blocks or fails checkpointing."""
         if self.cleanup is not None and not self.cleanup.done():
@@ -384,16 +402,7 @@ class JobWorkflow:
         assert self.checkpoint_url is not None
         self.cleanup = workflow.start_activity(
             "cleanup_checkpoints",
-            CleanupInput(
-                job_id=self.job_id,
-                checkpoint_url=self.checkpoint_url,
-                keep=self.config.checkpoints_to_keep,
-                protect=[self.epoch],
-                # Only jobs that take periodic savepoints prune them (older inputs stay as they were).
-                periodic_savepoints_to_keep=(
-                    self.config.periodic_savepoints_to_keep if self.config.savepoint_interval_s else None
-                ),
-            ),
+            self.retention(),
             start_to_close_timeout=C.CLEANUP_TIMEOUT,
             retry_policy=C.CLEANUP_RETRY,
             summary=f"clean up checkpoints before epoch {self.epoch}",

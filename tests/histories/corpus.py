@@ -188,3 +188,12 @@ def patches(history: WorkflowHistory) -> set[str]:
             if patch_id:
                 found.add(patch_id)
     return found
+
+
+def activity_types(history: WorkflowHistory) -> set[str]:
+    """The names of the activities a run scheduled."""
+    return {
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }

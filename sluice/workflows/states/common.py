@@ -116,6 +116,7 @@ def start_checkpoint(wf: "JobWorkflow", then_stop: bool, savepoint: str | None =
             finish_timeout_s=wf.config.finish_timeout_s,
             savepoint=savepoint,
             pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
+            retention=wf.retention() if wf.lean_checkpoints else None,
         ),
         result_type=CheckpointInfo,
         start_to_close_timeout=timedelta(seconds=wf.config.checkpoint_timeout_s),
@@ -184,7 +185,8 @@ def take_checkpoint_result(wf: "JobWorkflow") -> CheckpointFailed | None:
     wf.savepoints.finish(info.savepoint or "the checkpoint completed without a savepoint record")
     wf.epoch = info.epoch
     wf.progress_made()
-    wf.start_cleanup()
+    if not wf.lean_checkpoints:
+        wf.start_cleanup()  # else the checkpoint activity applied retention itself
     return None
 
 
