@@ -286,6 +286,15 @@ def worker(
         100, "--max-concurrent-activities", min=1, help="controller activities this worker runs at once"
     ),
     warm_runners: int = WarmRunnersOpt,
+    build_id: str | None = typer.Option(
+        None, "--build-id", help="this worker's build of deployment 'sluice' (default: sluice's version "
+        "and a digest of its workflow code; env SLUICE_BUILD_ID)",
+    ),
+    make_current: bool = typer.Option(
+        True, "--make-current/--no-make-current",
+        help="route new jobs to this build when it starts (--no-make-current: deploy it first, switch later "
+        "with `temporal worker deployment set-current-version`)",
+    ),
 ) -> None:
     """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
     unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
@@ -294,17 +303,20 @@ def worker(
 
     @run_async
     async def main() -> None:
+        from sluice import versioning
         from sluice.client import connect
 
         client = await connect()
         where = client.service_client.config.target_host
         host = f"; local host with {local_slots} runner slots" if local_slots else "; no local host"
-        typer.echo(f"controller worker on task queue 'sluice' at {where}{host}; state in {base}")
+        build = build_id or versioning.build_id()
+        typer.echo(f"controller worker on task queue 'sluice' at {where} (deployment {versioning.DEPLOYMENT_NAME}, "
+                   f"build {build}){host}; state in {base}")  # fmt: skip
         from sluice.worker import create_worker
 
         async with create_worker(
             client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
-            warm_runners=warm_runners,
+            warm_runners=warm_runners, build=build, make_current=make_current,
         ):
             await _until_stopped()
 

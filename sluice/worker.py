@@ -5,6 +5,7 @@ jobs with nothing else started."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,10 +24,13 @@ from sluice.activities.stopping import StopActivities
 from sluice.hosts.host import LOCAL_SLOTS, HostConfig, RunnerHost, default_host_id
 from sluice.hosts.pool import DEFAULT_POOL_SIZE
 from sluice.hosts.registry import HostRegistryWorkflow
+from sluice import versioning
 from sluice.models import TASK_QUEUE
 from sluice.schedulers.process import ProcessScheduler
 from sluice.settings import load_secret
 from sluice.workflows.job import JobWorkflow
+
+log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_ACTIVITIES = 100
 """Controller activities are short (compile, place, checkpoint, stop): no job holds one for its
@@ -34,14 +38,23 @@ life (hosts watch runners), so a modest limit serves many jobs. `sluice worker
 --max-concurrent-activities N` changes it."""
 
 
+# How often a worker looks for jobs pinned to a build that no worker serves any more.
+ADOPT_ORPHANS_EVERY_S = 30.0
+
+
 class ControllerWorker:
     """A controller worker and, unless local_slots is 0, the local runner host beside it.
 
     Use as an async context manager, or `run()` until cancelled / `shutdown()`."""
 
-    def __init__(self, worker: Worker, host: RunnerHost | None) -> None:
+    def __init__(
+        self, worker: Worker, host: RunnerHost | None, *, build: str | None = None, make_current: bool = True
+    ) -> None:
         self.worker = worker
         self.host = host
+        self.build = build  # None: an unversioned worker
+        self.make_current = make_current
+        self.ready = asyncio.Event()  # serving (its build current, its local host registered)
         self._stopped = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -49,24 +62,42 @@ class ControllerWorker:
     async def run(self) -> None:
         """Serve until `shutdown()` (or cancellation); the local host deregisters on the way out."""
         # The controller worker first: registering the host is an update that this very worker
-        # may have to process (the registry workflow runs on the controller task queue).
+        # may have to process (the registry workflow runs on the controller task queue), which it
+        # only gets once its build is current (or the run it serves is pinned to it).
         self._running = True
         worker_task = asyncio.create_task(self.worker.run())
+        adopter: asyncio.Task[None] | None = None
         try:
+            if self.build is not None:
+                if self.make_current:
+                    await versioning.make_current(self.worker.client, self.build)
+                adopter = asyncio.create_task(self._adopt_orphans())
             if self.host is not None:
                 await self.host.start()
+            self.ready.set()
             done, _ = await asyncio.wait(
                 [worker_task, asyncio.create_task(self._stopped.wait())], return_when=asyncio.FIRST_COMPLETED
             )
             if worker_task in done:
                 worker_task.result()  # a worker that failed says why
         finally:
+            if adopter is not None:
+                adopter.cancel()
             if self.host is not None:
                 await self.host.close()
             if not worker_task.done():
                 await self.worker.shutdown()
             await asyncio.gather(worker_task, return_exceptions=True)
             self._finished.set()
+
+    async def _adopt_orphans(self) -> None:
+        """Now and then: jobs pinned to a build that no worker serves move to the current build."""
+        while True:
+            try:
+                await versioning.adopt_orphaned_jobs(self.worker.client)
+            except Exception as e:  # noqa: BLE001 - retried on the next round
+                log.warning("adopting jobs of builds no worker serves failed (retried): %s", e)
+            await asyncio.sleep(ADOPT_ORPHANS_EVERY_S)
 
     async def shutdown(self) -> None:
         """Stop cleanly: the local host deregisters (through this worker, still polling), then
@@ -81,12 +112,12 @@ class ControllerWorker:
 
     async def __aenter__(self) -> "ControllerWorker":
         self._task = asyncio.create_task(self.run())
-        if self.host is not None:
-            # Ready once the local host is registered (placement can see it).
-            while not self._task.done() and not self.host.registered:
-                await asyncio.sleep(0.01)
-            if self._task.done():
-                self._task.result()
+        # Ready once its build is current and the local host is registered (placement sees it).
+        ready = asyncio.create_task(self.ready.wait())
+        await asyncio.wait([self._task, ready], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._task.done():
+            self._task.result()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -102,9 +133,14 @@ def create_worker(
     warm_runners: int = DEFAULT_POOL_SIZE,
     max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
     host_config: HostConfig | None = None,
+    build: str | None = None,
+    versioned: bool = True,
+    make_current: bool = True,
 ) -> ControllerWorker:
     """A controller worker for `client`'s namespace; its local host (local_slots > 0) keeps its
-    runners' files under `state_dir`."""
+    runners' files under `state_dir`. Versioned (the default): it polls as build `build` (default
+    `versioning.build_id()`) of deployment `sluice` and, with `make_current`, makes that build the
+    one new jobs go to."""
     # User functions (`module:function`) are imported relative to the working directory, as the
     # runners (started with this cwd) do.
     if os.getcwd() not in sys.path:
@@ -126,12 +162,14 @@ def create_worker(
         for name in dir(g)
         if hasattr(getattr(g, name), "__temporal_activity_definition")
     ]
+    build = (build or versioning.build_id()) if versioned else None
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
         workflows=[JobWorkflow, HostRegistryWorkflow],
         activities=activities,
         max_concurrent_activities=max_concurrent_activities,
+        deployment_config=versioning.deployment_config(build) if build is not None else None,
     )
     host = None
     if local_slots > 0 or host_config is not None:
@@ -139,7 +177,7 @@ def create_worker(
             host_id=default_host_id(state_dir), slots=local_slots, warm_runners=warm_runners
         )
         host = RunnerHost(client, state_dir, config, secret=secret)
-    return ControllerWorker(worker, host)
+    return ControllerWorker(worker, host, build=build, make_current=make_current)
 
 
 async def run_worker(client: Client, state_dir: Path, **options: Any) -> None:

@@ -22,6 +22,7 @@ import asyncio
 from typing import Any
 
 from temporalio import workflow
+from temporalio.common import VersioningBehavior
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
@@ -101,7 +102,9 @@ def _check_id(what: str, value: str) -> None:
         raise ValueError(f"{what} is longer than {RC.MAX_ID_LENGTH} characters")
 
 
-@workflow.defn(name=REGISTRY_WORKFLOW_TYPE)
+# Auto-upgrade (Worker Versioning): the registry serves every build's jobs and hosts, so it runs
+# on whichever build is current; a change to its code must replay its histories (workflow.patched).
+@workflow.defn(name=REGISTRY_WORKFLOW_TYPE, versioning_behavior=VersioningBehavior.AUTO_UPGRADE)
 class HostRegistryWorkflow:
     """The host registry (see the module docstring). Runs forever, renewing its history by
     continue-as-new; every update handler is synchronous, so an accepted update is applied in the

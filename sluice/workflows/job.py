@@ -809,7 +809,12 @@ class JobWorkflow:
         await self.finish_cleanup()
         await workflow.wait_condition(workflow.all_handlers_finished)
         carried = CarriedState(**{name: getattr(self, name) for name in CarriedState.model_fields})
-        workflow.continue_as_new(JobInput(spec=self.spec, carried=carried.model_dump(mode="json")))
+        # A job is pinned to the build that started its run; the next run starts on the current
+        # build (Worker Versioning): that is how running jobs move to a new sluice.
+        workflow.continue_as_new(
+            JobInput(spec=self.spec, carried=carried.model_dump(mode="json")),
+            initial_versioning_behavior=workflow.ContinueAsNewVersioningBehavior.AUTO_UPGRADE,
+        )
 
 
 #: the job a malformed input stands for: enough to answer queries while it fails
