@@ -62,7 +62,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -939,7 +939,7 @@ def build_results(runs: list[dict[str, Any]], ckpt: dict[str, Any] | None, profi
                 sweep[f"{keys}/{batch}"] = {"keys": keys, "batch_size": batch, **summarize([r["events_per_s"] for r in rs])}
     return {
         "benchmark": "dataplane",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "config": {
             "keys": args.keys, "batch_size": args.batch_size, "batch_sweep": args.batch_sweep, "repeats": args.repeats,

@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def summarize(values: list[float]) -> dict[str, float | int | None]:
 def ts(dt: datetime) -> float:
     """A transition time (timezone-aware, from workflow.now()) as a Unix timestamp."""
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -297,7 +297,7 @@ def build_results(runs: list[dict[str, Any]], baseline: list[float], warmup: lis
         s["ratio_to_baseline"] = (s["median"] / base) if (s["median"] is not None and base) else None
     return {
         "benchmark": "lifecycle",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(),

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -478,7 +478,7 @@ async def _run(
     from rich.console import Console
     from rich.live import Live
 
-    from sluice.client import JobClient, JobNotFound, JobFailedError, JobClosed, connect, server_reachable
+    from sluice.client import JobClient, JobClosed, JobFailedError, JobNotFound, connect, server_reachable
     from sluice.devserver import DevServer
 
     console = Console()
@@ -790,7 +790,7 @@ def checkpoints(
     typer.echo(f"checkpoints of job {job_id} in {url}")
     typer.echo(f"{'epoch':>10}  {'created (UTC)':<19}  {'size':>10}  verified")
     for r in reports:
-        created = r.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
+        created = r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
         verdict = "ok" + (" (final, then stop)" if r.then_stop else "") if r.ok else f"CORRUPT: {r.problems[0]}"
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"

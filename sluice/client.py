@@ -187,7 +187,7 @@ async def connect(address: str | None = None, namespace: str | None = None, *, p
         return await asyncio.wait_for(
             Client.connect(target, data_converter=pydantic_data_converter, **cfg), timeout=CONNECT_TIMEOUT_S
         )
-    except (asyncio.TimeoutError, RuntimeError, RPCError) as exc:
+    except (TimeoutError, RuntimeError, RPCError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ServerUnavailable(
             f"cannot reach Temporal at {target} (namespace {cfg['namespace']}): {detail}; "
@@ -262,7 +262,7 @@ class JobClient:
         self.command_timeout_s = command_timeout_s
 
     @classmethod
-    async def connect(cls, address: str | None = None, namespace: str | None = None) -> "JobClient":
+    async def connect(cls, address: str | None = None, namespace: str | None = None) -> JobClient:
         """`connect()` and wrap the result."""
         return cls(await connect(address, namespace))
 
@@ -434,7 +434,7 @@ class JobClient:
                     self._handle(job_id).execute_update(UPDATE_PATCH, request, result_type=JobStatus),
                     timeout=self.command_timeout_s,
                 )
-            except (asyncio.TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
                 _reraise_if_cancelling()
                 raise SluiceClientError(
                     f"job {job_id}: no controller worker accepted the command within "
@@ -630,7 +630,7 @@ class JobClient:
                         await asyncio.sleep(RETRY_PAUSE_S)
                         continue  # the successor run answers, or the closed run is read above
                     if app is not None and app.type == ERROR_TYPE_WAIT_TIMED_OUT:
-                        raise asyncio.TimeoutError()
+                        raise TimeoutError()
                     raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
                 except WorkflowUpdateRPCTimeoutOrCancelledError:
                     # Temporal turns our own cancellation (the timeout below) into this error;
@@ -646,7 +646,7 @@ class JobClient:
 
         try:
             return await asyncio.wait_for(attempt(), timeout=remaining())
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
             _reraise_if_cancelling()  # a cancellation from our caller stays a cancellation
             raise TimeoutError(
                 f"job {job_id} did not reach {' or '.join(wanted)} within {timeout_s:g} s"

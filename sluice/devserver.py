@@ -264,7 +264,7 @@ class DevServer:
             f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
         )
 
-    async def astart(self) -> "DevServer":
+    async def astart(self) -> DevServer:
         """Spawn the server and wait (without blocking the event loop) until it answers."""
         self._spawn()
         deadline = time.monotonic() + self.startup_timeout_s
@@ -283,7 +283,7 @@ class DevServer:
                 )
             await asyncio.sleep(READY_POLL_INTERVAL_S)
 
-    def start(self) -> "DevServer":
+    def start(self) -> DevServer:
         """Blocking `astart`; safe to call with or without a running event loop in this thread."""
         error: list[BaseException] = []
 
@@ -325,13 +325,13 @@ class DevServer:
             finally:
                 self._log_file = None
 
-    def __enter__(self) -> "DevServer":
+    def __enter__(self) -> DevServer:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    async def __aenter__(self) -> "DevServer":
+    async def __aenter__(self) -> DevServer:
         return await self.astart()
 
     async def __aexit__(

@@ -36,7 +36,7 @@ class CorruptCheckpointError(Exception):
         self.what = what
 
     @classmethod
-    def parse(cls, message: str) -> "CorruptCheckpointError | None":
+    def parse(cls, message: str) -> CorruptCheckpointError | None:
         """The error whose `str()` appears in `message` (e.g. prefixed by an operator), or None."""
         m = cls._PATTERN.search(message)
         if m is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -190,7 +190,7 @@ class FilterOperator(OperatorBase):
     fn: FunctionRef | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "FilterOperator":
+    def _exactly_one(self) -> FilterOperator:
         if (self.expr is None) == (self.fn is None):
             raise ValueError(f"filter {self.id!r} needs exactly one of 'expr' or 'fn'")
         return self
@@ -233,7 +233,7 @@ class AggregateSpec(Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _column(self) -> "AggregateSpec":
+    def _column(self) -> AggregateSpec:
         if self.fn != "count" and self.column is None:
             raise ValueError(f"aggregate {self.fn!r} needs a 'column'")
         return self
@@ -271,7 +271,7 @@ class SlidingWindowOperator(WindowBase):
     slide_ms: int = Field(ge=1, le=int(MAX_DURATION_S * 1000))
 
     @model_validator(mode="after")
-    def _slide_divides_size(self) -> "SlidingWindowOperator":
+    def _slide_divides_size(self) -> SlidingWindowOperator:
         if self.size_ms % self.slide_ms:
             raise ValueError(f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})")
         return self
@@ -321,21 +321,7 @@ def _operator_tag(v: Any) -> str | None:
 
 
 OperatorSpec = Annotated[
-    Union[
-        Annotated[GeneratorOperator, Tag("generator")],
-        Annotated[FilesSourceOperator, Tag("files source")],
-        Annotated[MapOperator, Tag("map")],
-        Annotated[FilterOperator, Tag("filter")],
-        Annotated[ProjectOperator, Tag("project")],
-        Annotated[KeyByOperator, Tag("key_by")],
-        Annotated[UnionOperator, Tag("union")],
-        Annotated[TumblingWindowOperator, Tag("tumbling_window")],
-        Annotated[SlidingWindowOperator, Tag("sliding_window")],
-        Annotated[RunningAggregateOperator, Tag("aggregate")],
-        Annotated[FilesSinkOperator, Tag("files sink")],
-        Annotated[StdoutSinkOperator, Tag("stdout")],
-        Annotated[NullSinkOperator, Tag("null")],
-    ],
+    Annotated[GeneratorOperator, Tag("generator")] | Annotated[FilesSourceOperator, Tag("files source")] | Annotated[MapOperator, Tag("map")] | Annotated[FilterOperator, Tag("filter")] | Annotated[ProjectOperator, Tag("project")] | Annotated[KeyByOperator, Tag("key_by")] | Annotated[UnionOperator, Tag("union")] | Annotated[TumblingWindowOperator, Tag("tumbling_window")] | Annotated[SlidingWindowOperator, Tag("sliding_window")] | Annotated[RunningAggregateOperator, Tag("aggregate")] | Annotated[FilesSinkOperator, Tag("files sink")] | Annotated[StdoutSinkOperator, Tag("stdout")] | Annotated[NullSinkOperator, Tag("null")],
     Discriminator(_operator_tag),
 ]
 #: every operator contract by the tag its union member carries (pydantic names tags in error paths)
@@ -378,7 +364,7 @@ class PipelineSpec(Contract):
         return v
 
     @model_validator(mode="after")
-    def _graph(self) -> "PipelineSpec":
+    def _graph(self) -> PipelineSpec:
         seen: set[str] = set()
         all_ids = {op.id for op in self.operators}
         for i, op in enumerate(self.operators):
@@ -403,7 +389,7 @@ class PipelineSpec(Contract):
             seen.add(op.id)
         return self
 
-    def parallelism_for(self, config: "JobConfig") -> dict[str, int]:
+    def parallelism_for(self, config: JobConfig) -> dict[str, int]:
         """Each operator's effective parallelism: override, else the job's, else its own, else the pipeline's."""
         return {
             op.id: config.overrides.get(op.id) or config.parallelism or op.parallelism or self.parallelism
@@ -507,7 +493,7 @@ class RescaleCommand(Contract):
     overrides: Overrides | None = Field(default=None, max_length=MAX_OPERATORS)
 
     @model_validator(mode="after")
-    def _one(self) -> "RescaleCommand":
+    def _one(self) -> RescaleCommand:
         if self.parallelism is None and not self.overrides:
             raise ValueError("rescale needs 'parallelism' or 'overrides'")
         return self
@@ -692,7 +678,7 @@ class StartRequest(Contract):
     program: Program
     subtasks: list[SubtaskRef]
     checkpoint_url: str
-    restore: "CheckpointManifest | None" = None
+    restore: CheckpointManifest | None = None
     peers: list[RunnerInfo] = Field(default_factory=list)
     assignments: list[RunnerAssignment] = Field(default_factory=list)
     task_hang_timeout_s: float = Field(

@@ -79,7 +79,7 @@ class ControllerWorker:
             await self.host.close()
         await self.worker.shutdown()
 
-    async def __aenter__(self) -> "ControllerWorker":
+    async def __aenter__(self) -> ControllerWorker:
         self._task = asyncio.create_task(self.run())
         if self.host is not None:
             # Ready once the local host is registered (placement can see it).

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 from sluice.cli import EXIT_TIMEOUT, EXIT_USAGE, app
 from sluice.devserver import DevServer, free_port
+from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 
 CLI_TIMEOUT_S = 60.0
 
@@ -116,10 +116,9 @@ def test_pipeline_error_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) 
 
 
 def test_example_pipeline_is_valid() -> None:
-    from sluice.pipeline_files import load_pipeline
-
     from sluice.engine.compiler import compile_program
     from sluice.models import JobConfig
+    from sluice.pipeline_files import load_pipeline
 
     spec = load_pipeline(PROJECT_ROOT / "examples" / "clicks.yaml")
     assert spec.name == "clicks"

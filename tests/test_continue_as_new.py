@@ -9,8 +9,9 @@ commands recorded before, and a command sent right after a renewal must still be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import user_module
 from sluice.engine.compiler import assign, compile_program, runners_needed
 from sluice.errors import UserError
 from sluice.models import JobConfig, PipelineSpec, RunnerInfo
+from tests.engine_helpers import user_module
 
 
 def _pipeline(*ops: dict, parallelism: int = 2) -> PipelineSpec:

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from sluice.hosts.host import DEFAULT_HANG_TIMEOUT_S
 from sluice.client import JobClient
+from sluice.hosts.host import DEFAULT_HANG_TIMEOUT_S
 from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 from tests.e2e_helpers import (
     assert_exact_output,

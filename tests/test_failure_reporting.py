@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -174,7 +174,7 @@ def test_a_silent_runner_is_named_with_pid_host_and_operators() -> None:
 
 
 def test_status_lines_show_reason_failure_traceback_and_rejected_command() -> None:
-    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     failure = Failure(
         message="operator 'parse' (map m:parse) raised ValueError: bad", domain="user", operator="parse",
         traceback='Traceback (most recent call last):\n  File "/src/m.py", line 12, in parse\n    raise ValueError("bad")\nValueError: bad\n',

@@ -10,7 +10,7 @@ import json
 import multiprocessing
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,7 @@ def test_activity_helpers_turn_a_foreign_owner_into_a_user_failure(tmp_path: Pat
         assert "files sink 'out'" in str(failed.value) and "'job-a'" in str(failed.value)
     assert staged.exists()  # a refused recover cleans up nothing
     final = tmp_path / "out" / "part-0000000001-0000-00000000.jsonl"
-    manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(timezone.utc),
+    manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(UTC),
                                   operators={"out": OperatorCheckpoint(parallelism=1, commits=[
                                       {"staged": str(staged), "final": str(final)}])})
     with pytest.raises(ApplicationError, match="'job-a'"):

@@ -87,14 +87,14 @@ class MonitorActivities:
         self,
         inp: MonitorInput,
         view: JobView,
-        queue: "asyncio.Queue[tuple[RunnerInfo, RunnerEvent | Exception]]",
+        queue: asyncio.Queue[tuple[RunnerInfo, RunnerEvent | Exception]],
     ) -> MonitorResult:
         watch = set(inp.watch)
         while True:
             activity.heartbeat(view.summary())
             try:
                 info, item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_EVERY_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if isinstance(item, Exception):
                 if "runner_lost" in watch:

@@ -58,8 +58,15 @@ from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
 from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
 from sluice.errors import CorruptCheckpointError, StaleGeneration, UserError
-from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
-from sluice.models import StateFileDigest
+from sluice.models import (
+    CheckpointManifest,
+    OperatorSnapshot,
+    Program,
+    StateFileDigest,
+    SubtaskRef,
+    SubtaskSnapshot,
+    operator_role,
+)
 from sluice.storage import CheckpointStore
 
 T = TypeVar("T")

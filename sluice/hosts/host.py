@@ -54,9 +54,9 @@ from sluice.hosts.contracts import (
     RunnerReport,
     host_task_queue,
 )
+from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.models import RunnerEvent, RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerSilent
-from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.schedulers import RunnerStartError
 from sluice.schedulers.process import ProcessScheduler, is_runner_process
 from sluice.settings import load_secret, runners_dir
@@ -241,7 +241,7 @@ class RunnerHost:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> "RunnerHost":
+    async def __aenter__(self) -> RunnerHost:
         await self.start()
         return self
 
@@ -390,7 +390,7 @@ class RunnerHost:
             # A broken event stream (most often a process that just died) scans again at once.
             try:
                 await asyncio.wait_for(self._scan_now.wait(), WATCH_SCAN_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._scan_now.clear()
 

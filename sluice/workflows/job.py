@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue, SearchAttributeKey
@@ -19,7 +20,20 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
+    from sluice.engine.compiler import plan_problem
+    from sluice.hosts.contracts import (
+        HOST_STOP_RUNNERS,
+        SIGNAL_HOST_LOST,
+        SIGNAL_RUNNER_REPORT,
+        SIGNAL_SLOTS_FREED,
+        HostLost,
+        HostStopInput,
+        ReleaseRequest,
+        RunnerReport,
+    )
     from sluice.models import (
+        SEARCH_ATTRIBUTE_PIPELINE,
+        SEARCH_ATTRIBUTE_STATE,
         CleanupInput,
         ConfigPatch,
         Failure,
@@ -42,25 +56,12 @@ with workflow.unsafe.imports_passed_through():
         TeardownInput,
         TransitionRecord,
         WaitForStateRequest,
-        SEARCH_ATTRIBUTE_PIPELINE,
-        SEARCH_ATTRIBUTE_STATE,
-    )
-    from sluice.hosts.contracts import (
-        HOST_STOP_RUNNERS,
-        SIGNAL_HOST_LOST,
-        SIGNAL_RUNNER_REPORT,
-        SIGNAL_SLOTS_FREED,
-        HostLost,
-        HostStopInput,
-        ReleaseRequest,
-        RunnerReport,
     )
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.savepoints import SavepointRequests
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
-    from sluice.engine.compiler import plan_problem
 
 JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
@@ -118,7 +119,7 @@ class ViewMonitor:
     """The monitor of a run on runner hosts: done once the hosts' reports (folded into the job's
     RunnerView) show something the watch set cares about. Holds no activity slot."""
 
-    def __init__(self, wf: "JobWorkflow", watch: list[WatchKind]) -> None:
+    def __init__(self, wf: JobWorkflow, watch: list[WatchKind]) -> None:
         self.wf = wf
         self.watch = watch
 
@@ -718,7 +719,7 @@ class JobWorkflow:
                 timeout=req.timeout_s,
                 timeout_summary="wait_for_state timeout",
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApplicationError(
                 f"job did not reach {' or '.join(req.states)} within {req.timeout_s:g} s (it is {self.state})",
                 type="WaitTimedOut", non_retryable=True,

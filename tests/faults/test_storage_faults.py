@@ -39,7 +39,7 @@ from tests.faults.harness import (
     path_after,
     signal_runner,
 )
-from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
+from tests.faults.matrix import MATRIX_TIMEOUT_S, JobFactory, Matrix, run_matrix, selected
 from tests.faults.mounts import Tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ async def test_sticky_worker_killed(
     )
     spec = job_spec(pipeline, state_dir, **{"checkpoint_interval_s": 1.0, **case.config})
     job = Job(client, job_client, spec.job_id, state_dir, pipeline, workers)
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     await job_client.start(spec)
     try:
         await case.reach(job)

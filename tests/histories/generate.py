@@ -32,7 +32,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ async def run_scenario(name: str, client: Client, state_root: Path, address: str
         state_dir = state_root / f"{name}-{attempt}"
         state_dir.mkdir(parents=True)
         ctx = ScenarioContext(client=client, job_client=JobClient(client), state_dir=state_dir)
-        since = datetime.now(timezone.utc)
+        since = datetime.now(UTC)
         try:
             if address is not None:
                 ctx.process_workers = [run_process_worker(address, state_dir) for _ in range(FAILOVER_WORKERS)]

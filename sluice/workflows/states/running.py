@@ -47,7 +47,7 @@ class Timer:
             self._task.cancel()
 
 
-async def running(wf: "JobWorkflow") -> None:
+async def running(wf: JobWorkflow) -> None:
     from sluice.workflows.job import WATCH_ALL
 
     if wf.monitor is None:
@@ -163,7 +163,7 @@ async def running(wf: "JobWorkflow") -> None:
                 t.cancel()
 
 
-def _ttl_timer(wf: "JobWorkflow") -> Timer | None:
+def _ttl_timer(wf: JobWorkflow) -> Timer | None:
     """The TTL counts from the job's first Running (kept across restarts and continue-as-new)."""
     if wf.config.ttl_s is None or wf.started_at is None:
         return None
