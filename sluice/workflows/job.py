@@ -68,8 +68,8 @@ PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
 
 # Monitor watch sets: in Running every event matters; while stopping or taking a final
 # checkpoint, finished tasks are expected and only failures need the workflow.
-WATCH_ALL = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
-WATCH_FAILURES = ["task_failed", "runner_lost"]
+WATCH_ALL: list[WatchKind] = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
+WATCH_FAILURES: list[WatchKind] = ["task_failed", "runner_lost"]
 
 
 class CommandRejected(Exception):
@@ -158,10 +158,19 @@ class JobWorkflow:
         self.epoch: int
         self.next_epoch: int
         self.restarts: int
+        self.applied_nonce: int
         self.program: Program | None
         self.checkpoint_url: str | None
         self.runners: list[RunnerInfo]
         self.failure: Failure | None
+        self.rejected: list[RejectedCommand]
+        self.transitions: list[TransitionRecord]
+        self.started_at: datetime | None
+        self.ignore_state_pending: bool
+        self.compiled_once: bool
+        self.stop_mode: str | None
+        self.restart_mode: str
+        self.state_floor: int
         self.last_error: Failure | None
         self.failure_streak: int
         self.streak_failure: Failure | None
@@ -228,7 +237,7 @@ class JobWorkflow:
             raise ApplicationError(f.message, f.model_dump(), type="JobFailed", non_retryable=True)
         return JobResult(
             job_id=self.job_id,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             epoch=self.epoch,
             generation=self.generation,
             restarts=self.restarts,
@@ -253,7 +262,11 @@ class JobWorkflow:
 
     def _count_repeat(self, failure: Failure | None) -> None:
         """Track how often the same failure repeats in a row (see `repeats_deterministically`)."""
-        if failure is not None and self.streak_failure is not None and failure.signature() == self.streak_failure.signature():
+        if (
+            failure is not None
+            and self.streak_failure is not None
+            and failure.signature() == self.streak_failure.signature()
+        ):
             self.failure_streak += 1
         else:
             self.failure_streak = 1 if failure is not None else 0
@@ -341,10 +354,10 @@ class JobWorkflow:
         except BaseException:  # noqa: BLE001 - cancellation or failure, both expected here
             pass
 
-    def start_monitor(self, watch: list[str]) -> None:
+    def start_monitor(self, watch: list[WatchKind]) -> None:
         assert self.program is not None
         if self.on_hosts:
-            self.monitor = ViewMonitor(self, watch)  # type: ignore[arg-type]
+            self.monitor = ViewMonitor(self, watch)
             return
         self.monitor = workflow.start_activity(
             "monitor_runners",
@@ -354,7 +367,7 @@ class JobWorkflow:
                 program=self.program,
                 runners=self.runners,
                 heartbeat_timeout_s=self.config.runner_heartbeat_timeout_s,
-                watch=watch,  # type: ignore[arg-type]
+                watch=watch,
             ),
             result_type=MonitorResult,
             start_to_close_timeout=C.MONITOR_TIMEOUT,
@@ -731,7 +744,9 @@ class JobWorkflow:
             raise ApplicationError(f"job failed: {f.message}", f.model_dump(), type="JobFailed", non_retryable=True)
         if self.state in TERMINAL:
             raise ApplicationError(
-                f"job is {self.state}; it will not reach {' or '.join(req.states)}", type="JobClosed", non_retryable=True
+                f"job is {self.state}; it will not reach {' or '.join(req.states)}",
+                type="JobClosed",
+                non_retryable=True,
             )
         raise ApplicationError("job continued as new; wait again", type="ContinuedAsNew", non_retryable=True)
 
@@ -780,7 +795,7 @@ class JobWorkflow:
         return JobStatus(
             job_id=self.job_id,
             pipeline_name=self.spec.pipeline.name,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             generation=self.generation,
             epoch=self.epoch,
             restarts=self.restarts,
@@ -830,7 +845,7 @@ def _parse_job_input(raw: Any, workflow_id: str) -> tuple[JobInput, str | None]:
             )
         else:
             problem = str(e)
-        spec = JobSpec(job_id=workflow_id, pipeline=_INVALID_PIPELINE)  # type: ignore[arg-type]
+        spec = JobSpec(job_id=workflow_id, pipeline=_INVALID_PIPELINE)
         return JobInput(spec=spec), f"invalid job input: {problem}"
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -32,8 +32,8 @@ ESCALATED = "escalated"
 
 def cause_of(e: BaseException) -> str:
     """The innermost message of an activity failure: what the user needs to read."""
-    while getattr(e, "cause", None) is not None:
-        e = e.cause  # type: ignore[assignment]
+    while (cause := getattr(e, "cause", None)) is not None:
+        e = cause
     return str(e) or type(e).__name__
 
 
@@ -209,9 +209,10 @@ async def final_checkpoint(wf: JobWorkflow, escalate: Callable[[], bool]) -> Fai
             start_checkpoint(wf, then_stop=True)
             final_started = True
         handle = wf.inflight_checkpoint
+        assert handle is not None  # started above, or a periodic one in flight
         monitor = wf.monitor
         await workflow.wait_condition(
-            lambda: handle.done() or (monitor is not None and monitor.done()) or escalate()
+            lambda: handle.done() or (monitor is not None and monitor.done()) or escalate()  # noqa: B023 - awaited in this iteration
         )
         if escalate():
             await wf.cancel(handle)
@@ -249,5 +250,5 @@ def stop_transition(wf: JobWorkflow, reason: str, running: bool) -> None:
     wf.transition("Stopping", reason)
 
 
-def seconds_until(wf: JobWorkflow, deadline: Any) -> float:
+def seconds_until(wf: JobWorkflow, deadline: datetime) -> float:
     return max(0.0, (deadline - workflow.now()).total_seconds())

@@ -58,7 +58,7 @@ async def place_runners(wf: JobWorkflow) -> Placement | None:
         seen = wf.slots_freed_seen
         try:
             await workflow.wait_condition(
-                lambda: wf.slots_freed_seen != seen or wf.stop_requested(),
+                lambda: wf.slots_freed_seen != seen or wf.stop_requested(),  # noqa: B023 - awaited in this iteration
                 timeout=C.PLACEMENT_RECHECK,
                 timeout_summary="ask again for runner slots",
             )

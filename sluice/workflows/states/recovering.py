@@ -27,7 +27,7 @@ def restart_backoff_s(restarts: int, jitter: float, *, immediate_first: bool = T
         initial, doublings = C.RESTART_BACKOFF_INITIAL_S, restarts - 2
     else:
         initial, doublings = C.RESTART_BACKOFF_INITIAL_S_BEFORE_FAST_RECOVERY, max(0, restarts - 1)
-    step = min(C.RESTART_BACKOFF_MAX_S, initial * 2**doublings)
+    step: float = min(C.RESTART_BACKOFF_MAX_S, initial * 2**doublings)
     return step / 2 + jitter * step / 2
 
 

@@ -11,6 +11,8 @@ with workflow.unsafe.imports_passed_through():
     from sluice.workflows.states.common import ESCALATED, cause_of, final_checkpoint, stop_transition
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sluice.workflows.job import JobWorkflow
 
 
@@ -30,7 +32,7 @@ async def restarting(wf: JobWorkflow) -> None:
     await _teardown_then_schedule(wf, "forced restart: runners torn down")
 
 
-async def _through_final_checkpoint(wf: JobWorkflow, what: str, switch_to_force) -> bool:
+async def _through_final_checkpoint(wf: JobWorkflow, what: str, switch_to_force: Callable[[], bool]) -> bool:
     """Final checkpoint then Scheduling; returns False only when asked to switch to force."""
     result = await final_checkpoint(wf, lambda: wf.stop_requested() or switch_to_force())
     if result is None:

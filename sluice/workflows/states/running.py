@@ -152,10 +152,11 @@ async def running(wf: JobWorkflow) -> None:
             monitor, inflight = wf.monitor, wf.inflight_checkpoint
             timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer) if t is not None]
             await workflow.wait_condition(
-                lambda: wf.commands_seen != seen
-                or (monitor is not None and monitor.done())
-                or (inflight is not None and inflight.done())
-                or any(t.fired for t in timers)
+                # The predicate reads this iteration's locals: it is awaited before the loop goes on.
+                lambda: wf.commands_seen != seen  # noqa: B023
+                or (monitor is not None and monitor.done())  # noqa: B023
+                or (inflight is not None and inflight.done())  # noqa: B023
+                or any(t.fired for t in timers)  # noqa: B023
             )
     finally:
         for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer):

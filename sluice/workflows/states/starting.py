@@ -96,7 +96,7 @@ async def _schedule_here(wf: JobWorkflow) -> list[RunnerInfo] | None:
     """Runs from before runner hosts: the controller worker starts the runners itself."""
     assert wf.program is not None
     try:
-        return await workflow.execute_activity(
+        runners: list[RunnerInfo] = await workflow.execute_activity(
             "schedule_runners",
             ScheduleInput(
                 job_id=wf.job_id,
@@ -110,6 +110,7 @@ async def _schedule_here(wf: JobWorkflow) -> list[RunnerInfo] | None:
             retry_policy=C.SCHEDULE_RETRY,
             summary=f"schedule generation {wf.generation}",
         )
+        return runners
     except ActivityError as e:
         wf.last_error = Failure(message=f"scheduling failed: {cause_of(e)}")
         wf.transition("Recovering", wf.last_error.message)

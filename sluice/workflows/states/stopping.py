@@ -43,7 +43,7 @@ async def stopping(wf: JobWorkflow) -> None:
                 job_id=wf.job_id,
                 generation=wf.generation,
                 runners=wf.runners,
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,
                 finish_timeout_s=wf.config.finish_timeout_s,
             ),
             start_to_close_timeout=timedelta(seconds=wf.config.finish_timeout_s) + C.STOP_MARGIN,
@@ -52,7 +52,7 @@ async def stopping(wf: JobWorkflow) -> None:
             summary=f"stop {mode}",
         )
         stronger = _stronger_than(mode)
-        if not await wf.race(handle, lambda: wf.config.stop in stronger):
+        if not await wf.race(handle, lambda: wf.config.stop in stronger):  # noqa: B023 - awaited in this iteration
             await wf.cancel(handle)
             mode = wf.config.stop
             continue
