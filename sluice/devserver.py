@@ -361,7 +361,7 @@ async def ensure_search_attributes(client: Any, namespace: str | None = None) ->
             f"{', '.join(f'{k} ({v})' for k, v in SEARCH_ATTRIBUTES.items())} yourself"
         ) from exc
     existing: dict[str, int] = {**dict(listed.system_attributes), **dict(listed.custom_attributes)}
-    missing: dict[str, int] = {}
+    missing: dict[str, IndexedValueType.ValueType] = {}
     for name, kind in SEARCH_ATTRIBUTES.items():
         want = kinds[kind]
         if name in existing:

@@ -140,7 +140,7 @@ class FilesSourceOperator(SourceBase):
     """Reads a directory of JSON lines, CSV or Parquet files; one split per file; offsets checkpointed."""
 
     type: Literal["files"]
-    role: Literal["source"]  # type: ignore[misc]  # selects this class for `type: files`
+    role: Literal["source"]  # selects this class for `type: files`
     path: str
     format: FileFormat = "jsonl"
     columns_: dict[str, ColumnType] | None = Field(
@@ -293,7 +293,7 @@ class FilesSinkOperator(SinkBase):
     """Exactly-once file sink: per-epoch staging files, published by the controller's commit phase."""
 
     type: Literal["files"]
-    role: Literal["sink"] = "sink"  # type: ignore[misc]
+    role: Literal["sink"] = "sink"
     path: str
     format: Literal["jsonl", "parquet"] = "jsonl"
 

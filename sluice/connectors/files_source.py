@@ -47,7 +47,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, BinaryIO
@@ -128,7 +128,7 @@ class _Shape:
     given that type instead of a new one.
     """
 
-    declared: dict[str, str] | None
+    declared: Mapping[str, str] | None
     event_time: str | None
     inferred: dict[str, pa.DataType] = field(default_factory=dict)
 

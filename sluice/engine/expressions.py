@@ -32,7 +32,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +42,7 @@ from sluice.engine.operators import UserFunctionError
 #: longest expression text accepted (a guard against pathological input, not a real limit)
 MAX_EXPRESSION_CHARS = 10_000
 
-Value = pa.Array | pa.ChunkedArray | pa.Scalar
+Value: TypeAlias = pa.Array | pa.ChunkedArray | pa.Scalar
 Evaluator = Callable[[pa.RecordBatch], Value]
 
 
@@ -329,11 +329,11 @@ class _Translator:
             scalar = pa.scalar(value)
         except (pa.ArrowException, OverflowError) as exc:
             raise self.fail(f"literal {value!r} is not representable: {exc}") from exc
-        return _Node(pc.scalar(value), lambda _b, s=scalar: s, literal=value, is_literal=True, label=repr(value))
+        return _Node(pc.scalar(value), lambda _b: scalar, literal=value, is_literal=True, label=repr(value))
 
     def column(self, name: str) -> _Node:
         self.columns.add(name)
-        return _Node(pc.field(name), lambda b, n=name: b.column(n), column=name, label=f"column {name!r}")
+        return _Node(pc.field(name), lambda b: b.column(name), column=name, label=f"column {name!r}")
 
     def call(self, name: str, args: list[_Node], options: pc.FunctionOptions | None, node: ast.AST) -> _Node:
         seg = self.segment(node)
@@ -509,8 +509,9 @@ class _Translator:
             seg = self.segment(node)
             options = pc.CastOptions.safe(target)
             labels = [value.label]
+            f = value.evaluate
             return _Node(pc.Expression._call("cast", [value.expression], options),
-                         lambda b, f=value.evaluate: _call("cast", [f(b)], options, seg, labels), label=repr(seg))
+                         lambda b: _call("cast", [f(b)], options, seg, labels), label=repr(seg))
         spec = FUNCTIONS.get(name)
         if spec is None:
             raise self.fail(f"unknown function {name!r} (known: {', '.join(sorted([*FUNCTIONS, *SPECIAL_FUNCTIONS]))})")

@@ -273,7 +273,7 @@ class RunnerHost:
 
         last_contact = time.monotonic()
         fenced = False
-        client = self.client
+        client: Client | None = self.client
         while not self._closing:
             await asyncio.sleep(REGISTRY_CHECK_S)
             try:
@@ -345,7 +345,7 @@ class RunnerHost:
         for w in self._watches.values():
             if w.job_id == inp.job_id and _matches(w.generation, inp):
                 w.stopping = True
-        grace = {} if inp.grace_s is None else {"grace_s": inp.grace_s}
+        grace: dict[str, Any] = {} if inp.grace_s is None else {"grace_s": inp.grace_s}
         return await self.scheduler.stop_runners(
             inp.job_id, generation=inp.generation, below_generation=inp.below_generation, **grace
         )
@@ -497,7 +497,7 @@ class RunnerHost:
                 **fields: Any) -> RunnerReport:  # fmt: skip
         return RunnerReport(
             job_id=w.job_id, generation=w.generation, runner_id=w.info.runner_id,
-            host_id=self.config.host_id, kind=kind, tasks=tasks, ran=ran or [], **fields,  # type: ignore[arg-type]
+            host_id=self.config.host_id, kind=kind, tasks=tasks, ran=ran or [], **fields,
         )  # fmt: skip
 
     async def _send_reports(self, w: RunnerWatch) -> None:

@@ -110,7 +110,7 @@ async def _update(client: Client, name: str, arg: Any, result_type: type[T], tim
         while True:
             handle = await ensure_registry(client)
             try:
-                return await handle.execute_update(name, arg, result_type=result_type)  # type: ignore[no-any-return]
+                return await handle.execute_update(name, arg, result_type=result_type)
             except WorkflowUpdateFailedError as exc:
                 raise RegistryRejected(f"host registry refused {name}: {_message(exc)}") from exc
             except WorkflowUpdateRPCTimeoutOrCancelledError:
@@ -139,7 +139,7 @@ async def register(client: Client, reg: HostRegistration, *, timeout_s: float = 
 
 async def deregister(client: Client, host_id: str, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> list[str]:
     """Remove a host that shuts down; the job ids that had runners reserved there."""
-    return await _update(client, UPDATE_DEREGISTER, host_id, list[str], timeout_s)  # type: ignore[arg-type]
+    return await _update(client, UPDATE_DEREGISTER, host_id, list[str], timeout_s)
 
 
 async def place(client: Client, req: PlaceRequest, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> Placement:
@@ -159,7 +159,7 @@ async def list_hosts(client: Client, *, timeout_s: float = REGISTRY_QUERY_TIMEOU
         handle = await ensure_registry(client)
         left = max(0.001, deadline - time.monotonic())
         try:
-            return await handle.query(  # type: ignore[no-any-return]
+            return await handle.query(
                 QUERY_HOSTS, result_type=list[HostRecord], rpc_timeout=timedelta(seconds=left)
             )
         except WorkflowQueryFailedError as exc:

@@ -156,8 +156,8 @@ class RunnerClient:
                 retryable=detail.get("retryable"),
             )
         if status >= 500:
-            message = data.get("error") if isinstance(data, dict) else text
-            raise RunnerUnavailable(f"{what}: {status}: {message}")
+            error = data.get("error") if isinstance(data, dict) else text
+            raise RunnerUnavailable(f"{what}: {status}: {error}")
         return data
 
     async def health(self) -> dict[str, Any]:
