@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -117,14 +117,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (SluiceClientError, DevServerError, UserError)
 
 
-def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+def run_async(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     """Run an async command body; turn user errors into one line on stderr and exit 1."""
 
     @functools.wraps(coro_fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         _mark_temporal_used()  # every async command talks to Temporal
         try:
-            return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
+            return asyncio.run(coro_fn(*args, **kwargs))
         except typer.Exit:
             raise
         except PipelineFileError as exc:
@@ -755,11 +755,11 @@ CheckpointUrlOpt = typer.Option(
 )
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n} B"
 
 

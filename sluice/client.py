@@ -316,8 +316,9 @@ class JobClient:
             if event.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
                 break
             payloads = event.workflow_execution_started_event_attributes.input.payloads
+            value: JobInput
             (value,) = await self.client.data_converter.decode(payloads, [JobInput])
-            return value  # type: ignore[no-any-return]
+            return value
         raise SluiceClientError(f"job {job_id}: cannot read the input of run {run_id}")
 
     async def _failure(self, job_id: str, run_id: str) -> Failure:
@@ -539,9 +540,10 @@ class JobClient:
         """The `status` query of the latest run (open or closed; needs a controller worker)."""
         handle = self._handle(job_id)
         try:
-            return await handle.query(  # type: ignore[no-any-return]
+            status: JobStatus = await handle.query(
                 QUERY_STATUS, result_type=JobStatus, rpc_timeout=timedelta(seconds=timeout_s)
             )
+            return status
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise JobNotFound(job_id) from exc
@@ -557,9 +559,10 @@ class JobClient:
     async def _closed_status(self, job_id: str, desc: WorkflowExecutionDescription, state: str) -> JobStatus:
         """Status of a closed run: its query if a worker answers, else built from its input/result."""
         try:
-            return await self._handle(job_id, desc.run_id).query(  # type: ignore[no-any-return]
+            status: JobStatus = await self._handle(job_id, desc.run_id).query(
                 QUERY_STATUS, result_type=JobStatus, rpc_timeout=timedelta(seconds=CLOSED_QUERY_TIMEOUT_S)
             )
+            return status
         except Exception:
             pass
         spec = (await self._job_input(job_id, desc.run_id)).spec
@@ -622,9 +625,10 @@ class JobClient:
                     timeout_s=None if left is None else min(max(left, 0.001), MAX_DURATION_S),
                 )
                 try:
-                    return await self._handle(job_id).execute_update(  # type: ignore[no-any-return]
+                    status: JobStatus = await self._handle(job_id).execute_update(
                         UPDATE_WAIT_FOR_STATE, request, result_type=JobStatus
                     )
+                    return status
                 except WorkflowUpdateFailedError as exc:
                     failure = _failure_from(exc.cause)
                     if failure is not None:
