@@ -293,7 +293,7 @@ def build_results(runs: list[dict[str, Any]], baseline: list[float], warmup: lis
         samples[key] = [r[key] for r in runs if r.get(key) is not None]
     summary = {k: summarize(v) for k, v in samples.items()}
     base = summary["baseline_s"]["median"]
-    for k, s in summary.items():
+    for _k, s in summary.items():
         s["ratio_to_baseline"] = (s["median"] / base) if (s["median"] is not None and base) else None
     return {
         "benchmark": "lifecycle",
@@ -376,7 +376,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "runs": args.runs,
             "warmup": args.warmup,
             "baseline_per_run": args.baseline_per_run,
-            "pipeline": "generator(splits 2, unbounded, rate %g/s per split) -> files" % args.rate,
+            "pipeline": f"generator(splits 2, unbounded, rate {args.rate:g}/s per split) -> files",
             "parallelism": 2,
             "slots_per_runner": 1,
             "checkpoint_interval_s": 1,

@@ -68,7 +68,7 @@ def read_window_rows(
             assert m, f"unexpected committed file {f}"
             if int(m.group(1)) > upto_epoch:
                 continue
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+        for _n, line in enumerate(f.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             obj = json.loads(line)

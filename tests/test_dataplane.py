@@ -131,10 +131,13 @@ async def test_rescale_window_2_5_1_is_exactly_once(job_client: JobClient, state
             await job_client.rescale(spec.job_id, overrides={"w": p})
             st = await wait_status(
                 job_client, spec.job_id,
-                lambda s: s.parallelism.get("w") == p and s.state == "Running" and s.generation > before.generation,
+                lambda s: s.parallelism.get("w") == p and s.state == "Running" and s.generation > before.generation,  # noqa: B023
                 timeout_s=60, what=f"rescale of w to {p}",
             )
-            await wait_status(job_client, spec.job_id, lambda s: s.epoch > st.epoch, timeout_s=30, what="a checkpoint after the rescale")
+            await wait_status(
+                job_client, spec.job_id, lambda s: s.epoch > st.epoch,  # noqa: B023 - awaited here
+                timeout_s=30, what="a checkpoint after the rescale",
+            )
         done = await wait_state(job_client, spec.job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
         assert done.restarts == 0, describe_status(done)
         assert done.parallelism["w"] == 1

@@ -104,7 +104,7 @@ def fns(tmp_path: Path) -> str:
 
 
 def _recover(program: Program, manifest: CheckpointManifest | None) -> None:
-    for op_id, params in program.operators.items():
+    for _op_id, params in program.operators.items():
         sink = sink_class(params)
         if sink is not None:
             sink.recover(params, manifest)

@@ -123,13 +123,14 @@ def test_claim_race_between_threads_has_one_winner(tmp_path: Path, monkeypatch: 
         barrier = threading.Barrier(CLAIMERS)
         looked: set[int] = set()
 
+        # gated_owner_of and claim use this round's locals: both run (threads joined) within the round.
         def gated_owner_of(path: str) -> str | None:
             owner = real_owner_of(path)
             me = threading.get_ident()
-            if path == str(out) and me not in looked:
-                looked.add(me)
+            if path == str(out) and me not in looked:  # noqa: B023
+                looked.add(me)  # noqa: B023
                 assert owner is None
-                barrier.wait(JOIN_TIMEOUT_S)  # nobody creates the marker before all have seen none
+                barrier.wait(JOIN_TIMEOUT_S)  # nobody creates the marker before all have seen none  # noqa: B023
             return owner
 
         monkeypatch.setattr(sink_owner, "owner_of", gated_owner_of)
@@ -137,10 +138,10 @@ def test_claim_race_between_threads_has_one_winner(tmp_path: Path, monkeypatch: 
 
         def claim(job: str) -> None:
             try:
-                claim_path(str(out), job)
-                results[job] = "owner"
+                claim_path(str(out), job)  # noqa: B023
+                results[job] = "owner"  # noqa: B023
             except SinkPathOwned as e:
-                results[job] = f"refused:{e.owner}"
+                results[job] = f"refused:{e.owner}"  # noqa: B023
 
         threads = [threading.Thread(target=claim, args=(f"job-{i}",)) for i in range(CLAIMERS)]
         for t in threads:

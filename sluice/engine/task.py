@@ -513,9 +513,10 @@ class SubtaskRunner:
                 announced_idle = False
                 batch, mark = poll.batch, Watermark(wm) if wm is not None else None
                 # The batch and the watermark after it in one step: one trip to the thread.
+                # (The lambda runs in this iteration: _step awaits it.)
                 out, released = await self._step(lambda: (
-                    chain.source_emitted(source.operator_id, batch),
-                    chain.watermark(mark) if mark is not None else [],
+                    chain.source_emitted(source.operator_id, batch),  # noqa: B023
+                    chain.watermark(mark) if mark is not None else [],  # noqa: B023
                 ))
                 await self._emit(out)
                 if mark is not None:
@@ -556,7 +557,7 @@ class SubtaskRunner:
                 if union:
                     self._check_union(msg)
                 batch = msg
-                await self._emit(await self._step(lambda: chain.process(batch)))
+                await self._emit(await self._step(lambda: chain.process(batch)))  # noqa: B023 - awaited here
             elif isinstance(msg, Watermark):
                 await self._watermark(msg)
             elif isinstance(msg, Idle):
