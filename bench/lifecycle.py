@@ -393,10 +393,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=5, help="measured lifecycle runs (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded lifecycle runs first (default 1)")
-    p.add_argument("--baseline-per-run", type=int, default=3, help="baseline samples before each run and at the end (default 3)")
+    p.add_argument("--baseline-per-run", type=int, default=3,
+                   help="baseline samples before each run and at the end (default 3)")
     p.add_argument("--rate", type=float, default=1000.0, help="generator rows per second per split (default 1000)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory (server log, runner logs)")

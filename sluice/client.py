@@ -408,7 +408,9 @@ class JobClient:
                 if value is not None:
                     updates[field] = value
         config = spec.config.model_copy(update=updates)
-        spec = spec.model_copy(update={"job_id": job_id, "config": type(spec.config).model_validate(config.model_dump())})
+        spec = spec.model_copy(
+            update={"job_id": job_id, "config": type(spec.config).model_validate(config.model_dump())}
+        )
         return await self.start(spec)
 
     # -------------------------------------------------------------- commands

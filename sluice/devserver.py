@@ -381,7 +381,8 @@ async def ensure_search_attributes(client: Any, namespace: str | None = None) ->
         hint = (
             "you are not permitted to add search attributes; ask an admin, or on Temporal Cloud use "
             "`tcld namespace search-attributes add`"
-            if exc.status in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.UNIMPLEMENTED)
+            if exc.status
+            in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.UNIMPLEMENTED)
             else exc.message
         )
         raise DevServerError(

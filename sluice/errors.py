@@ -26,7 +26,9 @@ class CorruptCheckpointError(Exception):
     """
 
     # A runner joins the failures of its subtasks with "; operator '...": the first one is kept.
-    _PATTERN = re.compile(r"checkpoint epoch (\d+) is corrupt: (state file|manifest) (.+?): (.+?)(?=; operator '|$)", re.S)
+    _PATTERN = re.compile(
+        r"checkpoint epoch (\d+) is corrupt: (state file|manifest) (.+?): (.+?)(?=; operator '|$)", re.S
+    )
 
     def __init__(self, epoch: int, file: str, problem: str, *, what: str = "state file") -> None:
         super().__init__(f"checkpoint epoch {epoch} is corrupt: {what} {file}: {problem}")

@@ -111,7 +111,9 @@ class SourceBase(OperatorBase):
     kind: ClassVar[str] = "source"
     out_of_orderness_ms: int = Field(
         default=0, ge=0, le=int(MAX_DURATION_S * 1000),
-        description="watermark = highest event time seen (per split) minus this; later records may still arrive within it",
+        description=(
+            "watermark = highest event time seen (per split) minus this; later records may still arrive within it"
+        ),
     )
 
 
@@ -273,7 +275,9 @@ class SlidingWindowOperator(WindowBase):
     @model_validator(mode="after")
     def _slide_divides_size(self) -> SlidingWindowOperator:
         if self.size_ms % self.slide_ms:
-            raise ValueError(f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})")
+            raise ValueError(
+                f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})"
+            )
         return self
 
 
@@ -321,7 +325,19 @@ def _operator_tag(v: Any) -> str | None:
 
 
 OperatorSpec = Annotated[
-    Annotated[GeneratorOperator, Tag("generator")] | Annotated[FilesSourceOperator, Tag("files source")] | Annotated[MapOperator, Tag("map")] | Annotated[FilterOperator, Tag("filter")] | Annotated[ProjectOperator, Tag("project")] | Annotated[KeyByOperator, Tag("key_by")] | Annotated[UnionOperator, Tag("union")] | Annotated[TumblingWindowOperator, Tag("tumbling_window")] | Annotated[SlidingWindowOperator, Tag("sliding_window")] | Annotated[RunningAggregateOperator, Tag("aggregate")] | Annotated[FilesSinkOperator, Tag("files sink")] | Annotated[StdoutSinkOperator, Tag("stdout")] | Annotated[NullSinkOperator, Tag("null")],
+    Annotated[GeneratorOperator, Tag("generator")]
+    | Annotated[FilesSourceOperator, Tag("files source")]
+    | Annotated[MapOperator, Tag("map")]
+    | Annotated[FilterOperator, Tag("filter")]
+    | Annotated[ProjectOperator, Tag("project")]
+    | Annotated[KeyByOperator, Tag("key_by")]
+    | Annotated[UnionOperator, Tag("union")]
+    | Annotated[TumblingWindowOperator, Tag("tumbling_window")]
+    | Annotated[SlidingWindowOperator, Tag("sliding_window")]
+    | Annotated[RunningAggregateOperator, Tag("aggregate")]
+    | Annotated[FilesSinkOperator, Tag("files sink")]
+    | Annotated[StdoutSinkOperator, Tag("stdout")]
+    | Annotated[NullSinkOperator, Tag("null")],
     Discriminator(_operator_tag),
 ]
 #: every operator contract by the tag its union member carries (pydantic names tags in error paths)
@@ -427,7 +443,9 @@ class JobConfig(Contract):
     stop: StopMode = "none"
     checkpoint_interval_s: float = Field(default=10.0, ge=1.0, le=86_400.0)
     ttl_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
-    parallelism: Parallelism | None = Field(default=None, description="parallelism of every operator; None = the pipeline's")
+    parallelism: Parallelism | None = Field(
+        default=None, description="parallelism of every operator; None = the pipeline's"
+    )
     overrides: Overrides = Field(default_factory=dict, max_length=MAX_OPERATORS)
     restart_nonce: int = Field(default=0, ge=0, le=MAX_INT)
     restart_mode: RestartMode = "safe"

@@ -621,7 +621,10 @@ def _digest_problem(size: int, sha256: str, digest: StateFileDigest) -> str | No
     if size != digest.size:
         return f"size {size} bytes, expected {digest.size} (truncated or rewritten)"
     if sha256 != digest.sha256:
-        return f"sha256 mismatch (sha256 {sha256[:16]}..., expected {digest.sha256[:16]}...; size {size} bytes as expected)"
+        return (
+            f"sha256 mismatch (sha256 {sha256[:16]}..., expected {digest.sha256[:16]}...; "
+            f"size {size} bytes as expected)"
+        )
     return None
 
 

@@ -31,7 +31,9 @@ operators:
 """
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run `sluice ARGS` in a subprocess (a real console: exit codes and stderr as users see them)."""
     return subprocess.run(
         sluice_command(*args),

@@ -319,7 +319,9 @@ async def test_superseded_generation_cannot_checkpoint_and_the_job_recovers(
         # Committed output exists only for epochs with a manifest, and every row exactly once.
         out = sink_path(pipeline)
         part_epochs = {int(Path(f).name.split("-")[1]) for f in committed_files(str(out))}
-        assert part_epochs <= set(manifests), f"output of epochs {sorted(part_epochs - set(manifests))} without a manifest"
+        assert part_epochs <= set(manifests), (
+            f"output of epochs {sorted(part_epochs - set(manifests))} without a manifest"
+        )
         assert_exact_output(read_committed_rows(out), expected_rows(pipeline))
         # The fence record is plain JSON a user can read.
         assert json.loads(Path(store.fence_path).read_text())["generation"] == old + 1

@@ -47,7 +47,8 @@ from tests.time_skipping import time_skipping_env
 
 pytestmark = pytest.mark.timeout(120)
 PIPELINE = PipelineSpec.model_validate(
-    {"name": "rules", "operators": [{"id": "events", "type": "generator"}, {"id": "m", "type": "filter", "expr": "value > 1"},
+    {"name": "rules", "operators": [{"id": "events", "type": "generator"},
+                                    {"id": "m", "type": "filter", "expr": "value > 1"},
                                     {"id": "out", "type": "null"}]}
 )
 

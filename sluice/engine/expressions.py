@@ -374,7 +374,11 @@ class _Translator:
         if isinstance(node.op, ast.UAdd):
             return operand
         if isinstance(node.op, ast.USub):
-            if operand.is_literal and isinstance(operand.literal, (int, float)) and not isinstance(operand.literal, bool):
+            if (
+                operand.is_literal
+                and isinstance(operand.literal, (int, float))
+                and not isinstance(operand.literal, bool)
+            ):
                 return self.literal(-operand.literal)
             return self.call("negate", [operand], None, node)
         if isinstance(node.op, (ast.Not, ast.Invert)):
@@ -492,7 +496,9 @@ class _Translator:
         if any(isinstance(a, ast.Starred) for a in node.args):
             raise self.fail(f"'*' arguments are not supported ({self.segment(node)!r})")
         if name == "col":
-            if len(node.args) != 1 or not (isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            if len(node.args) != 1 or not (
+                isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            ):
                 raise self.fail(f"col() takes one string literal, the column name ({self.segment(node)!r})")
             return self.column(node.args[0].value)
         if name == "cast":
@@ -588,7 +594,9 @@ class CompiledExpression:
         for c in self.columns:
             if batch.schema.get_field_index(c) < 0:
                 if c in names:
-                    raise ExpressionError(operator, operator_id, self.text, f"column {c!r} appears more than once in the input")
+                    raise ExpressionError(
+                        operator, operator_id, self.text, f"column {c!r} appears more than once in the input"
+                    )
                 raise MissingColumnError(operator, operator_id, c, names,
                                          context=f' (read by expression "{self.text}")')
 

@@ -286,7 +286,9 @@ class SubtaskRunner:
                 operator=operator_id, traceback=user_traceback(cause) if cause is not None else None,
             )
         if isinstance(exc, CorruptCheckpointError):  # restoring the same checkpoint again cannot help
-            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal", operator=operator_id)
+            return TaskError(
+                f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal", operator=operator_id
+            )
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
             return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user", operator=operator_id)
         return TaskError(

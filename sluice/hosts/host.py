@@ -219,7 +219,9 @@ class RunnerHost:
         try:
             jobs = await asyncio.wait_for(deregister(self.client, self.config.host_id), timeout=10.0)
             if jobs:
-                log.info("host %s deregistered; jobs told to recover elsewhere: %s", self.config.host_id, ", ".join(jobs))
+                log.info(
+                    "host %s deregistered; jobs told to recover elsewhere: %s", self.config.host_id, ", ".join(jobs)
+                )
         except Exception as e:  # noqa: BLE001 - shutting down regardless; the lease will expire
             log.warning("host %s could not deregister (%s): its lease expires instead", self.config.host_id, e)
         await self.stop_all_runners()
@@ -447,7 +449,10 @@ class RunnerHost:
                     # Reported, and followed on: a job still starting its tasks ignores silence
                     # (its start has its own timeout), and a runner that speaks again is watched.
                     if not w.ended and not w.stopping:
-                        message = f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s (hung, stopped or cut off)"
+                        message = (
+                            f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s "
+                            "(hung, stopped or cut off)"
+                        )
                         w.outbox.put_nowait(self._report(w, "lost", tasks={}, message=message,
                                                          ran=sorted(w.sent_tasks), hung=True))  # fmt: skip
         except (RunnerUnavailable, RunnerRefused) as e:

@@ -132,7 +132,9 @@ async def _update(client: Client, name: str, arg: Any, result_type: type[T], tim
         ) from exc
 
 
-async def register(client: Client, reg: HostRegistration, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> RegisterResult:
+async def register(
+    client: Client, reg: HostRegistration, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S
+) -> RegisterResult:
     """Register (or refresh) a host. `declared_lost`: its leftover runners must be killed."""
     return await _update(client, UPDATE_REGISTER, reg, RegisterResult, timeout_s)
 
@@ -165,7 +167,10 @@ async def list_hosts(client: Client, *, timeout_s: float = REGISTRY_QUERY_TIMEOU
         except WorkflowQueryFailedError as exc:
             raise RegistryError(f"host registry query failed: {exc}") from exc
         except RPCError as exc:
-            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION) and time.monotonic() < deadline:
+            if (
+                exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(RETRY_PAUSE_S)  # the run moved under us: ask the new one
                 continue
             if exc.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):

@@ -331,7 +331,9 @@ class FaultJob:
         await self.job_client.start(self.spec)
 
     async def running_with_checkpoint(self) -> JobStatus:
-        return await self.until(lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint", START_TIMEOUT_S)
+        return await self.until(
+            lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint", START_TIMEOUT_S
+        )
 
     async def hold(self) -> None:
         """Make each map batch slow (or, with `block_holds`, not return while held), and wait

@@ -46,7 +46,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 
 TMPFS_BYTES = 32 << 20  # checkpoints and output of a case take well under 1 MB
 STORE_STATES = ("Running", "Checkpoint", "CheckpointStopping", "Rescaling", "Restarting")
-SINK_STATES = ("Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Stopping", "Rescaling", "Restarting", "Recovering")
+SINK_STATES = (
+    "Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Stopping", "Rescaling", "Restarting", "Recovering"
+)
 PERSISTENT = "Running, stays full"
 CORRUPT_STATES = ("Recovering", "Scheduling")
 STAYS_FULL_RESTARTS = 2

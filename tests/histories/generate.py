@@ -228,7 +228,10 @@ async def generate(names: Sequence[str], out_dir: Path, jobs: int) -> int:
         if not o.error and o.histories:
             written += write_histories(o, out_dir)
     problems = await replay_all(written)
-    log(f"{len(written)} history files from {len(outcomes) - len(failed)} scenarios in {time.monotonic() - started:.0f} s")
+    log(
+        f"{len(written)} history files from {len(outcomes) - len(failed)} scenarios "
+        f"in {time.monotonic() - started:.0f} s"
+    )
     for o in failed:
         print(f"error: scenario {o.name} failed: {o.error or 'no runs recorded'}", file=sys.stderr)
     for p in problems:
