@@ -878,7 +878,7 @@ def savepoints(
         return
     typer.echo(f"{'name':<24}  {'epoch':>8}  {'created (UTC)':<19}  {'size':>10}  pipeline (version)")
     for i in found:
-        created = i.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = i.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         typer.echo(f"{i.name:<24}  {i.epoch:>8}  {created:<19}  {_human_size(i.size_bytes):>10}  "
                    f"{i.pipeline_name} ({i.pipeline_version})")  # fmt: skip
 

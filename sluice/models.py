@@ -543,7 +543,7 @@ class WaitForStateRequest(Contract):
 
 
 
-def pipeline_version(pipeline: "PipelineSpec") -> str:
+def pipeline_version(pipeline: PipelineSpec) -> str:
     """A short, stable fingerprint of a pipeline spec (first 12 hex digits of its SHA-256)."""
     return hashlib.sha256(pipeline.model_dump_json().encode()).hexdigest()[:12]
 
@@ -909,7 +909,7 @@ class CheckpointInput(Contract):
     pipeline_version: str = ""  # recorded with a savepoint
     # Retention, applied by the activity once the checkpoint completed (runs with the
     # lean-checkpoints patch); None: the workflow runs `cleanup_checkpoints` itself afterwards.
-    retention: "CleanupInput | None" = None
+    retention: CleanupInput | None = None
 
 
 class CleanupInput(Contract):

@@ -173,7 +173,7 @@ def _ttl_timer(wf: JobWorkflow) -> Timer | None:
     return Timer((deadline - workflow.now()).total_seconds(), "TTL")
 
 
-def _savepoint_timer(wf: "JobWorkflow") -> Timer | None:
+def _savepoint_timer(wf: JobWorkflow) -> Timer | None:
     """The next periodic savepoint (JobConfig.savepoint_interval_s), counted from entering Running."""
     interval = wf.config.savepoint_interval_s
     return Timer(interval, "savepoint interval") if interval else None
