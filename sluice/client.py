@@ -525,9 +525,10 @@ class JobClient:
         request = SavepointRequest(name=name)
         await self.describe(job_id)  # JobNotFound for an unknown id
         try:
-            return await self._handle(job_id).execute_update(  # type: ignore[no-any-return]
+            info: SavepointInfo = await self._handle(job_id).execute_update(
                 UPDATE_SAVEPOINT, request, result_type=SavepointInfo
             )
+            return info
         except WorkflowUpdateFailedError as exc:
             app = _application_error(exc.cause)
             raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
