@@ -1,4 +1,4 @@
-# sluice: `make run` runs the example pipeline; `make test` runs the test suite.
+# sluice: `make run` runs the example pipeline; `make lint` runs ruff and mypy; `make test` runs the test suite.
 # The venv is created on first use and re-installed only when pyproject.toml changes (stamp file).
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-faults bench bench-faults bench-hosts venv clean histories
+.PHONY: run lint test test-slow test-faults bench bench-faults bench-hosts venv clean histories
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 run: $(STAMP)
 	$(VENV)/bin/sluice run examples/clicks.yaml
+
+# ruff (lint, import order) on the whole tree and mypy on the sluice package (config in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Everything but the slow tests (fault injection, several machines): under 15 minutes on 2 cores.
 test: $(STAMP)

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from bytewax.testing import run_main  # noqa: E402
 from sluice.connectors.generator import generator_rows  # noqa: E402
 
 UTC_MS = pa.timestamp("ms", tz="UTC")
-ALIGN = datetime(2024, 1, 1, tzinfo=timezone.utc)
+ALIGN = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class Meter:

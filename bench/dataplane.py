@@ -62,7 +62,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,9 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def pipeline(parallelism: int, keys: int, batch_size: int, window_ms: int = WINDOW_MS, name: str = "bench_dataplane") -> Any:
+def pipeline(
+    parallelism: int, keys: int, batch_size: int, window_ms: int = WINDOW_MS, name: str = "bench_dataplane"
+) -> Any:
     from sluice.models import PipelineSpec
 
     return PipelineSpec.model_validate(
@@ -404,10 +406,14 @@ def stage_profile(keys: int, batch_size: int, reps: int) -> dict[str, Any]:
     stages["(P>1) partition into 2 (argsort, take, slices)"] = timed(lambda: partition(kept, h, 2))
     half = partition(kept, h, 2)[1]
     assert half is not None
-    stages["(P>1) IPC encode + decode of the half sent to the peer"] = timed(lambda: decode_messages(encode_messages([half])))
+    stages["(P>1) IPC encode + decode of the half sent to the peer"] = timed(
+        lambda: decode_messages(encode_messages([half]))
+    )
 
     # The window in steady state: batches in order, a watermark after each (as the source sends).
-    win = TumblingWindowOperator(WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]})
+    win = TumblingWindowOperator(
+        WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]}
+    )
     win.open(ctx(WINDOW), [])
     sink = NullSink(SINK, {"id": SINK, "type": "null"})
     sink.open(ctx(SINK), [])
@@ -436,7 +442,9 @@ def stage_profile(keys: int, batch_size: int, reps: int) -> dict[str, Any]:
     # alone is estimated by timing process alone on a fresh operator.
     stages["tumbling_window process + on_watermark (emit) + null sink"] = timed(lambda: window_step(True, True))
     out["window_rows_out_per_event"] = (sum(emitted) / len(emitted) / n) if emitted else None
-    win2 = TumblingWindowOperator(WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]})
+    win2 = TumblingWindowOperator(
+        WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]}
+    )
     win2.open(ctx(WINDOW), [])
     it2 = iter(feed)
     stages["  of which process alone (append partials)"] = timed(lambda: win2.process(next(it2)[0]))
@@ -464,7 +472,9 @@ def kernel_loop(keys: int, batch_size: int, seconds: float, start_at: float) -> 
 
     gen = {"id": GEN, "type": "generator", "splits": 1, "keys": keys, "batch_size": batch_size}
     filt = FilterOperator(FILTER, {"id": FILTER, "type": "filter", "expr": FILTER_EXPR})
-    win = TumblingWindowOperator(WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]})
+    win = TumblingWindowOperator(
+        WINDOW, {"id": WINDOW, "type": "tumbling_window", "size_ms": WINDOW_MS, "key": ["key"]}
+    )
     sink = NullSink(SINK, {"id": SINK, "type": "null"})
     for op, name in ((filt, FILTER), (win, WINDOW), (sink, SINK)):
         op.open(ctx(name), [])
@@ -643,7 +653,8 @@ class Bench:
         for r in sorted(runners, key=lambda r: r.runner_id):
             path = out_dir / f"{name}-{r.runner_id}.txt"
             proc = await asyncio.create_subprocess_exec(
-                self.args.py_spy_bin, "record", "--pid", str(r.pid), "--duration", str(max(1, round(self.args.measure_s))),
+                self.args.py_spy_bin, "record", "--pid", str(r.pid),
+                "--duration", str(max(1, round(self.args.measure_s))),
                 "--rate", str(SPY_RATE), "--format", "raw", "--output", str(path), "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             procs.append((r, path, proc))
@@ -668,7 +679,8 @@ class Bench:
 
     async def bytewax(self, keys: int, rep: int) -> dict[str, Any]:
         cmd = [sys.executable, str(BYTEWAX_SCRIPT), "--keys", str(keys), "--batch-size", str(self.args.bytewax_batch),
-               "--window-ms", str(WINDOW_MS), "--warmup-s", str(self.args.warmup_s), "--measure-s", str(self.args.measure_s)]
+               "--window-ms", str(WINDOW_MS), "--warmup-s", str(self.args.warmup_s),
+               "--measure-s", str(self.args.measure_s)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
@@ -701,8 +713,10 @@ class Bench:
         log(f"baseline keys={keys}: operators in a loop, alone on core 0 {a / 1e6:.2f} M events/s; two copies "
             f"on cores 0, 1 {per_core / 1e6:.2f} M/core (x{per_core / a:.2f})")
         return [
-            {"case": "kernel_alone", "keys": keys, "rep": rep, "events_per_s": a, "cpu_fraction": alone[0]["cpu_fraction"]},
-            {"case": "kernel_pair", "keys": keys, "rep": rep, "events_per_s": per_core * 2, "events_per_s_per_core": per_core,
+            {"case": "kernel_alone", "keys": keys, "rep": rep, "events_per_s": a,
+             "cpu_fraction": alone[0]["cpu_fraction"]},
+            {"case": "kernel_pair", "keys": keys, "rep": rep, "events_per_s": per_core * 2,
+             "events_per_s_per_core": per_core,
              "per_process": [r["events_per_s"] for r in pair], "scaling": per_core / a},
         ]
 
@@ -747,7 +761,8 @@ class Bench:
                     epochs.append(rec)
                     if rec.get("state_keys") == keys:
                         full += 1
-                    log(f"checkpoint epoch {epoch}: {rec.get('state_keys', 0):,} keys ({rec.get('state_rows', 0):,} rows), runner {rec['runner_s'] * 1000:.0f} ms "
+                    log(f"checkpoint epoch {epoch}: {rec.get('state_keys', 0):,} keys "
+                        f"({rec.get('state_rows', 0):,} rows), runner {rec['runner_s'] * 1000:.0f} ms "
                         f"({rec['generated_rows'] / 1e6:.1f} M rows generated)")
                 last = cur
         finally:
@@ -915,7 +930,9 @@ def build_results(runs: list[dict[str, Any]], ckpt: dict[str, Any] | None, profi
             "bytewax": summarize([r["events_per_s"] for r in bw]),
             "bytewax_per_cpu_s": median([r["events_per_cpu_s"] for r in bw]),
             "kept_fraction": median([r["kept_fraction"] for r in one if r.get("kept_fraction")]),
-            "window_out_per_event": median([r["window_out_per_s"] / r["events_per_s"] for r in one if r["events_per_s"]]),
+            "window_out_per_event": median(
+                [r["window_out_per_s"] / r["events_per_s"] for r in one if r["events_per_s"]]
+            ),
         }
         alone = pick("kernel_alone", keys)
         pair = pick("kernel_pair", keys)
@@ -925,7 +942,9 @@ def build_results(runs: list[dict[str, Any]], ckpt: dict[str, Any] | None, profi
         s["machine_scaling"] = median([r["scaling"] for r in pair])  # per-core speed with both cores busy / alone
         s["two_factor"] = (a / (b / 2)) if a and b else None  # (a) / (b per core)
         s["framework_share"] = (a / k1) if a and k1 else None  # (a) / operators in a loop
-        s["two_factor_machine_adjusted"] = (s["two_factor"] * s["machine_scaling"]) if s["two_factor"] and s["machine_scaling"] else None
+        s["two_factor_machine_adjusted"] = (
+            (s["two_factor"] * s["machine_scaling"]) if s["two_factor"] and s["machine_scaling"] else None
+        )
         s["bytewax_ratio"] = (a / c) if a and c else None
         s["goal_one_met"] = a is not None and a >= GOAL_ONE_RUNNER
         s["goal_two_met"] = s["two_factor"] is not None and s["two_factor"] <= GOAL_TWO_RUNNER_FACTOR
@@ -936,10 +955,12 @@ def build_results(runs: list[dict[str, Any]], ckpt: dict[str, Any] | None, profi
         for keys in args.keys:
             rs = pick("one", keys, batch)
             if rs:
-                sweep[f"{keys}/{batch}"] = {"keys": keys, "batch_size": batch, **summarize([r["events_per_s"] for r in rs])}
+                sweep[f"{keys}/{batch}"] = {
+                    "keys": keys, "batch_size": batch, **summarize([r["events_per_s"] for r in rs])
+                }
     return {
         "benchmark": "dataplane",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "config": {
             "keys": args.keys, "batch_size": args.batch_size, "batch_sweep": args.batch_sweep, "repeats": args.repeats,
@@ -1059,14 +1080,16 @@ def markdown(res: dict[str, Any], command: str, m: dict[str, Any], total_s: floa
         a = s["one"]["median"]
         L.append(f"- keys={int(keys):,}: (a) >= 3M events/s: **{'met' if s['goal_one_met'] else 'NOT met'}** "
                  f"({_m(a)} M/s); (b) per core within 1.6x of (a): **{'met' if s['goal_two_met'] else 'NOT met'}** "
-                 f"({_x(s['two_factor'])}x; {_x(s['two_factor_machine_adjusted'])}x after discounting the machine's own "
+                 f"({_x(s['two_factor'])}x; {_x(s['two_factor_machine_adjusted'])}x "
+                 f"after discounting the machine's own "
                  f"pair/alone of {_x(s['machine_scaling'])}); (c) sluice >= 10x bytewax: "
                  f"**{'met' if s['goal_bytewax_met'] else 'NOT met'}** ({_x(s['bytewax_ratio'], 0)}x).")
     ck = res.get("checkpoint")
     if ck:
         ok = ck["full_runner_s"]["median"] is not None and ck["full_runner_s"]["median"] < GOAL_CHECKPOINT_S
         L.append(f"- (d) checkpoint of {ck['keys']:,} keys < 1 s: **{'met' if ok else 'NOT met'}** "
-                 f"({_x(ck['full_runner_s']['median'], 3)} s at the runner, {_x(ck['full_controller_s']['median'], 3)} s "
+                 f"({_x(ck['full_runner_s']['median'], 3)} s at the runner, "
+                 f"{_x(ck['full_controller_s']['median'], 3)} s "
                  f"for the controller; median of {ck['full_runner_s']['n']}).")
     L.append("")
     L.append("Other facts from the same runs (medians): the filter kept "
@@ -1082,12 +1105,15 @@ def markdown(res: dict[str, Any], command: str, m: dict[str, Any], total_s: floa
         L.append("| keys | batch_size | n | median | range |")
         L.append("|---:|---:|---:|---:|---:|")
         for row in res["batch_sweep"].values():
-            L.append(f"| {row['keys']:,} | {row['batch_size']:,} | {row['n']} | {_m(row['median'])} | {_range(row, _m)} |")
+            L.append(
+                f"| {row['keys']:,} | {row['batch_size']:,} | {row['n']} | {_m(row['median'])} | {_range(row, _m)} |"
+            )
     if ck:
         L.append("")
         L.append(f"(d) Checkpoints while the window state of a `keys={ck['keys']:,}` job filled (same pipeline, window "
                  f"{ck['window_ms'] // 86_400_000} days: one window, nothing closes; every key is in the state after "
-                 f"{ck['rows_needed']:,} generated rows; a checkpoint every {ck['checkpoint_interval_s']:g} s). Runner = "
+                 f"{ck['rows_needed']:,} generated rows; "
+                 f"a checkpoint every {ck['checkpoint_interval_s']:g} s). Runner = "
                  f"`sluice_checkpoint_duration_seconds` of the window's chain for that epoch (POST /checkpoint -> "
                  f"barrier through the chain -> snapshot written); controller = the checkpoint activity's duration "
                  f"(barriers, snapshots collected, manifest, commit):")
@@ -1177,7 +1203,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if args.py_spy is not None:
                     log(f"py-spy runs (not counted in the results above), profiles in {args.py_spy}")
                     for case in ("one", "two"):
-                        spied.append(await bench.throughput(case, args.keys[0], args.batch_size, 0, spy_dir=args.py_spy))
+                        spied.append(
+                            await bench.throughput(case, args.keys[0], args.batch_size, 0, spy_dir=args.py_spy)
+                        )
                 if not args.no_checkpoint:
                     ckpt = await bench.checkpoint(args.checkpoint_keys, args.checkpoint_count)
             finally:
@@ -1198,7 +1226,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="short smoke run: 1 repeat, short windows, keys 100000 only, "
                    "checkpoint of 100000 keys, no batch sweep (numbers not for RESULTS.md)")
     p.add_argument("--repeats", type=int, default=None, help="measurements per configuration (default 3; quick 1)")
@@ -1211,16 +1241,20 @@ def main() -> int:
                    help="more batch sizes for (a) with the first --keys (default 16384,262144; quick none)")
     p.add_argument("--bytewax-batch", type=int, default=4096, help="rows per bytewax next_batch (default 4096)")
     p.add_argument("--checkpoint-keys", type=int, default=None, help="keys for (d) (default 1000000; quick 100000)")
-    p.add_argument("--checkpoint-count", type=int, default=None, help="checkpoints with every key to record (default 5; quick 1)")
-    p.add_argument("--checkpoint-interval-s", type=float, default=2.0, help="checkpoint interval of the (d) job (default 2)")
-    p.add_argument("--checkpoint-timeout-s", type=float, default=240.0, help="give up on (d) after this long (default 240)")
+    p.add_argument("--checkpoint-count", type=int, default=None,
+                   help="checkpoints with every key to record (default 5; quick 1)")
+    p.add_argument("--checkpoint-interval-s", type=float, default=2.0,
+                   help="checkpoint interval of the (d) job (default 2)")
+    p.add_argument("--checkpoint-timeout-s", type=float, default=240.0,
+                   help="give up on (d) after this long (default 240)")
     p.add_argument("--profile-reps", type=int, default=None, help="batches per stage in the stage profile (default 30)")
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="after the measurements, one more (a) and (b) run sampled with py-spy (must be installed: "
                    "pip install py-spy); raw profiles to DIR, summaries printed and in the JSON")
     p.add_argument("--no-throughput", action="store_true", help="skip (a), (b), (c) and the baseline")
     p.add_argument("--no-bytewax", action="store_true", help="skip (c)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the machine baseline (operators in a loop, 1 and 2 cores)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the machine baseline (operators in a loop, 1 and 2 cores)")
     p.add_argument("--no-checkpoint", action="store_true", help="skip (d)")
     p.add_argument("--no-profile", action="store_true", help="skip the stage profile")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every sample and summary as JSON")
@@ -1270,7 +1304,8 @@ def main() -> int:
         args.markdown.write_text(md + "\n")
         print(f"wrote {args.markdown}")
     if args.append_results:
-        complete = (not q and not args.no_throughput and not args.no_bytewax and not args.no_checkpoint and not args.no_profile and not args.no_baseline
+        complete = (not q and not args.no_throughput and not args.no_bytewax and not args.no_checkpoint
+                    and not args.no_profile and not args.no_baseline
                     and res["checkpoint"] is not None and res["checkpoint"]["complete"])
         if not complete:
             print(f"not appending to {RESULTS_MD}: a quick or partial run", file=sys.stderr)

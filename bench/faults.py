@@ -45,15 +45,15 @@ def run_suite(pytest_args: list[str], times_file: Path) -> tuple[int, str]:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/faults", *pytest_args],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    summary = [l for l in lines if l.startswith(("FAILED", "ERROR"))] + lines[-1:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    summary = [line for line in lines if line.startswith(("FAILED", "ERROR"))] + lines[-1:]
     return proc.returncode, "\n".join(summary)
 
 
 def load(times_file: Path) -> list[dict[str, Any]]:
     if not times_file.exists():
         return []
-    return [json.loads(l) for l in times_file.read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in times_file.read_text().splitlines() if line.strip()]
 
 
 def table(results: list[list[dict[str, Any]]]) -> str:

@@ -638,10 +638,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=5, help="measured runs, each with both configurations (default 5)")
     p.add_argument("--quick", action="store_true", help="a smoke test: --runs 2")
-    p.add_argument("--warmup", type=int, default=1, help="unrecorded runner-kill jobs per configuration first (default 1)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unrecorded runner-kill jobs per configuration first (default 1)")
     p.add_argument("--rate", type=float, default=1000.0, help="generator rows per second per split (default 1000)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="write the table as markdown here")

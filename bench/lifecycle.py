@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def summarize(values: list[float]) -> dict[str, float | int | None]:
 def ts(dt: datetime) -> float:
     """A transition time (timezone-aware, from workflow.now()) as a Unix timestamp."""
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -293,11 +293,11 @@ def build_results(runs: list[dict[str, Any]], baseline: list[float], warmup: lis
         samples[key] = [r[key] for r in runs if r.get(key) is not None]
     summary = {k: summarize(v) for k, v in samples.items()}
     base = summary["baseline_s"]["median"]
-    for k, s in summary.items():
+    for _k, s in summary.items():
         s["ratio_to_baseline"] = (s["median"] / base) if (s["median"] is not None and base) else None
     return {
         "benchmark": "lifecycle",
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(),
@@ -376,7 +376,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "runs": args.runs,
             "warmup": args.warmup,
             "baseline_per_run": args.baseline_per_run,
-            "pipeline": "generator(splits 2, unbounded, rate %g/s per split) -> files" % args.rate,
+            "pipeline": f"generator(splits 2, unbounded, rate {args.rate:g}/s per split) -> files",
             "parallelism": 2,
             "slots_per_runner": 1,
             "checkpoint_interval_s": 1,
@@ -393,10 +393,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=5, help="measured lifecycle runs (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded lifecycle runs first (default 1)")
-    p.add_argument("--baseline-per-run", type=int, default=3, help="baseline samples before each run and at the end (default 3)")
+    p.add_argument("--baseline-per-run", type=int, default=3,
+                   help="baseline samples before each run and at the end (default 3)")
     p.add_argument("--rate", type=float, default=1000.0, help="generator rows per second per split (default 1000)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory (server log, runner logs)")

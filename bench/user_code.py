@@ -95,7 +95,8 @@ def main() -> None:
             name = "inline" if inline else "thread"
             print(f"{size:>7} {name:>8} {args.rows / secs:>12,.0f} {per_batch[inline]:>9.1f}")
         if len(per_batch) == 2:
-            print(f"{size:>7} {'cost':>8} {'':>12} {per_batch[False] - per_batch[True]:>9.1f}  (thread - inline, per batch)")
+            print(f"{size:>7} {'cost':>8} {'':>12} {per_batch[False] - per_batch[True]:>9.1f}  "
+                  "(thread - inline, per batch)")
 
 
 if __name__ == "__main__":

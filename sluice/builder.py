@@ -192,7 +192,9 @@ class Pipeline:
 
     def _resolve(self, upstream: Stream | Sink | str, for_id: str) -> str:
         if isinstance(upstream, Sink):
-            raise PipelineBuildError(f"operator {for_id!r}: input {upstream.id!r} is a sink; a sink has no output stream")
+            raise PipelineBuildError(
+                f"operator {for_id!r}: input {upstream.id!r} is a sink; a sink has no output stream"
+            )
         if isinstance(upstream, Stream):
             if upstream.pipeline is not self:
                 raise PipelineBuildError(
@@ -207,7 +209,9 @@ class Pipeline:
                     f"operator {for_id!r}: input {upstream!r} is not an operator defined before it (defined: {known})"
                 )
             return upstream
-        raise PipelineBuildError(f"operator {for_id!r}: an input must be a Stream of this pipeline or an operator id, got {upstream!r}")
+        raise PipelineBuildError(
+            f"operator {for_id!r}: an input must be a Stream of this pipeline or an operator id, got {upstream!r}"
+        )
 
     def _add(self, id: str, type_: str, inputs: Sequence[Stream | Sink | str], params: dict[str, Any]) -> Stream:
         if not isinstance(id, str):
@@ -284,7 +288,9 @@ class Stream:
     ) -> Stream:
         """Keyed event-time tumbling windows of `size_ms` (type ``tumbling_window``). Defaults:
         time column ``ts``, no allowed lateness, aggregates ``[("count",)]``."""
-        return self._next(id, "tumbling_window", self._window(size_ms, time, allowed_lateness_ms, aggregates, parallelism))
+        return self._next(
+            id, "tumbling_window", self._window(size_ms, time, allowed_lateness_ms, aggregates, parallelism)
+        )
 
     def sliding_window(
         self,
@@ -302,7 +308,9 @@ class Stream:
         params = self._window(size_ms, time, allowed_lateness_ms, aggregates, parallelism)
         return self._next(id, "sliding_window", {"slide_ms": slide_ms, **params})
 
-    def aggregate(self, id: str, *, aggregates: Sequence[AggregateLike] | None = None, parallelism: int | None = None) -> Stream:
+    def aggregate(
+        self, id: str, *, aggregates: Sequence[AggregateLike] | None = None, parallelism: int | None = None
+    ) -> Stream:
         """Keyed running aggregate with updating output (type ``aggregate``); default ``[("count",)]``."""
         return self._next(id, "aggregate", _given(aggregates=self._aggregates(aggregates), parallelism=parallelism))
 

@@ -19,8 +19,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from datetime import timezone
+from collections.abc import Callable, Coroutine
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -117,14 +117,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (SluiceClientError, DevServerError, UserError)
 
 
-def run_async(coro_fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+def run_async(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     """Run an async command body; turn user errors into one line on stderr and exit 1."""
 
     @functools.wraps(coro_fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         _mark_temporal_used()  # every async command talks to Temporal
         try:
-            return asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
+            return asyncio.run(coro_fn(*args, **kwargs))
         except typer.Exit:
             raise
         except PipelineFileError as exc:
@@ -490,7 +490,7 @@ async def _run(
     from rich.console import Console
     from rich.live import Live
 
-    from sluice.client import JobClient, JobNotFound, JobFailedError, JobClosed, connect, server_reachable
+    from sluice.client import JobClient, JobClosed, JobFailedError, JobNotFound, connect, server_reachable
     from sluice.devserver import DevServer
 
     console = Console()
@@ -767,11 +767,11 @@ CheckpointUrlOpt = typer.Option(
 )
 
 
-def _human_size(n: int) -> str:
+def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n} B"
 
 
@@ -802,7 +802,7 @@ def checkpoints(
     typer.echo(f"checkpoints of job {job_id} in {url}")
     typer.echo(f"{'epoch':>10}  {'created (UTC)':<19}  {'size':>10}  verified")
     for r in reports:
-        created = r.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
+        created = r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
         verdict = "ok" + (" (final, then stop)" if r.then_stop else "") if r.ok else f"CORRUPT: {r.problems[0]}"
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"
@@ -890,7 +890,7 @@ def savepoints(
         return
     typer.echo(f"{'name':<24}  {'epoch':>8}  {'created (UTC)':<19}  {'size':>10}  pipeline (version)")
     for i in found:
-        created = i.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = i.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         typer.echo(f"{i.name:<24}  {i.epoch:>8}  {created:<19}  {_human_size(i.size_bytes):>10}  "
                    f"{i.pipeline_name} ({i.pipeline_version})")  # fmt: skip
 

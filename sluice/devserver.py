@@ -264,7 +264,7 @@ class DevServer:
             f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
         )
 
-    async def astart(self) -> "DevServer":
+    async def astart(self) -> DevServer:
         """Spawn the server and wait (without blocking the event loop) until it answers."""
         self._spawn()
         deadline = time.monotonic() + self.startup_timeout_s
@@ -283,7 +283,7 @@ class DevServer:
                 )
             await asyncio.sleep(READY_POLL_INTERVAL_S)
 
-    def start(self) -> "DevServer":
+    def start(self) -> DevServer:
         """Blocking `astart`; safe to call with or without a running event loop in this thread."""
         error: list[BaseException] = []
 
@@ -325,13 +325,13 @@ class DevServer:
             finally:
                 self._log_file = None
 
-    def __enter__(self) -> "DevServer":
+    def __enter__(self) -> DevServer:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    async def __aenter__(self) -> "DevServer":
+    async def __aenter__(self) -> DevServer:
         return await self.astart()
 
     async def __aexit__(
@@ -361,7 +361,7 @@ async def ensure_search_attributes(client: Any, namespace: str | None = None) ->
             f"{', '.join(f'{k} ({v})' for k, v in SEARCH_ATTRIBUTES.items())} yourself"
         ) from exc
     existing: dict[str, int] = {**dict(listed.system_attributes), **dict(listed.custom_attributes)}
-    missing: dict[str, int] = {}
+    missing: dict[str, IndexedValueType.ValueType] = {}
     for name, kind in SEARCH_ATTRIBUTES.items():
         want = kinds[kind]
         if name in existing:
@@ -381,7 +381,8 @@ async def ensure_search_attributes(client: Any, namespace: str | None = None) ->
         hint = (
             "you are not permitted to add search attributes; ask an admin, or on Temporal Cloud use "
             "`tcld namespace search-attributes add`"
-            if exc.status in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.UNIMPLEMENTED)
+            if exc.status
+            in (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.UNIMPLEMENTED)
             else exc.message
         )
         raise DevServerError(

@@ -26,7 +26,9 @@ class CorruptCheckpointError(Exception):
     """
 
     # A runner joins the failures of its subtasks with "; operator '...": the first one is kept.
-    _PATTERN = re.compile(r"checkpoint epoch (\d+) is corrupt: (state file|manifest) (.+?): (.+?)(?=; operator '|$)", re.S)
+    _PATTERN = re.compile(
+        r"checkpoint epoch (\d+) is corrupt: (state file|manifest) (.+?): (.+?)(?=; operator '|$)", re.S
+    )
 
     def __init__(self, epoch: int, file: str, problem: str, *, what: str = "state file") -> None:
         super().__init__(f"checkpoint epoch {epoch} is corrupt: {what} {file}: {problem}")
@@ -36,7 +38,7 @@ class CorruptCheckpointError(Exception):
         self.what = what
 
     @classmethod
-    def parse(cls, message: str) -> "CorruptCheckpointError | None":
+    def parse(cls, message: str) -> CorruptCheckpointError | None:
         """The error whose `str()` appears in `message` (e.g. prefixed by an operator), or None."""
         m = cls._PATTERN.search(message)
         if m is None:

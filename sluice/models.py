@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -111,7 +111,9 @@ class SourceBase(OperatorBase):
     kind: ClassVar[str] = "source"
     out_of_orderness_ms: int = Field(
         default=0, ge=0, le=int(MAX_DURATION_S * 1000),
-        description="watermark = highest event time seen (per split) minus this; later records may still arrive within it",
+        description=(
+            "watermark = highest event time seen (per split) minus this; later records may still arrive within it"
+        ),
     )
 
 
@@ -140,7 +142,7 @@ class FilesSourceOperator(SourceBase):
     """Reads a directory of JSON lines, CSV or Parquet files; one split per file; offsets checkpointed."""
 
     type: Literal["files"]
-    role: Literal["source"]  # type: ignore[misc]  # selects this class for `type: files`
+    role: Literal["source"]  # selects this class for `type: files`
     path: str
     format: FileFormat = "jsonl"
     columns_: dict[str, ColumnType] | None = Field(
@@ -190,7 +192,7 @@ class FilterOperator(OperatorBase):
     fn: FunctionRef | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "FilterOperator":
+    def _exactly_one(self) -> FilterOperator:
         if (self.expr is None) == (self.fn is None):
             raise ValueError(f"filter {self.id!r} needs exactly one of 'expr' or 'fn'")
         return self
@@ -233,7 +235,7 @@ class AggregateSpec(Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _column(self) -> "AggregateSpec":
+    def _column(self) -> AggregateSpec:
         if self.fn != "count" and self.column is None:
             raise ValueError(f"aggregate {self.fn!r} needs a 'column'")
         return self
@@ -271,9 +273,11 @@ class SlidingWindowOperator(WindowBase):
     slide_ms: int = Field(ge=1, le=int(MAX_DURATION_S * 1000))
 
     @model_validator(mode="after")
-    def _slide_divides_size(self) -> "SlidingWindowOperator":
+    def _slide_divides_size(self) -> SlidingWindowOperator:
         if self.size_ms % self.slide_ms:
-            raise ValueError(f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})")
+            raise ValueError(
+                f"sliding_window {self.id!r}: size_ms ({self.size_ms}) must be a multiple of slide_ms ({self.slide_ms})"
+            )
         return self
 
 
@@ -293,7 +297,7 @@ class FilesSinkOperator(SinkBase):
     """Exactly-once file sink: per-epoch staging files, published by the controller's commit phase."""
 
     type: Literal["files"]
-    role: Literal["sink"] = "sink"  # type: ignore[misc]
+    role: Literal["sink"] = "sink"
     path: str
     format: Literal["jsonl", "parquet"] = "jsonl"
 
@@ -321,21 +325,19 @@ def _operator_tag(v: Any) -> str | None:
 
 
 OperatorSpec = Annotated[
-    Union[
-        Annotated[GeneratorOperator, Tag("generator")],
-        Annotated[FilesSourceOperator, Tag("files source")],
-        Annotated[MapOperator, Tag("map")],
-        Annotated[FilterOperator, Tag("filter")],
-        Annotated[ProjectOperator, Tag("project")],
-        Annotated[KeyByOperator, Tag("key_by")],
-        Annotated[UnionOperator, Tag("union")],
-        Annotated[TumblingWindowOperator, Tag("tumbling_window")],
-        Annotated[SlidingWindowOperator, Tag("sliding_window")],
-        Annotated[RunningAggregateOperator, Tag("aggregate")],
-        Annotated[FilesSinkOperator, Tag("files sink")],
-        Annotated[StdoutSinkOperator, Tag("stdout")],
-        Annotated[NullSinkOperator, Tag("null")],
-    ],
+    Annotated[GeneratorOperator, Tag("generator")]
+    | Annotated[FilesSourceOperator, Tag("files source")]
+    | Annotated[MapOperator, Tag("map")]
+    | Annotated[FilterOperator, Tag("filter")]
+    | Annotated[ProjectOperator, Tag("project")]
+    | Annotated[KeyByOperator, Tag("key_by")]
+    | Annotated[UnionOperator, Tag("union")]
+    | Annotated[TumblingWindowOperator, Tag("tumbling_window")]
+    | Annotated[SlidingWindowOperator, Tag("sliding_window")]
+    | Annotated[RunningAggregateOperator, Tag("aggregate")]
+    | Annotated[FilesSinkOperator, Tag("files sink")]
+    | Annotated[StdoutSinkOperator, Tag("stdout")]
+    | Annotated[NullSinkOperator, Tag("null")],
     Discriminator(_operator_tag),
 ]
 #: every operator contract by the tag its union member carries (pydantic names tags in error paths)
@@ -378,7 +380,7 @@ class PipelineSpec(Contract):
         return v
 
     @model_validator(mode="after")
-    def _graph(self) -> "PipelineSpec":
+    def _graph(self) -> PipelineSpec:
         seen: set[str] = set()
         all_ids = {op.id for op in self.operators}
         for i, op in enumerate(self.operators):
@@ -403,7 +405,7 @@ class PipelineSpec(Contract):
             seen.add(op.id)
         return self
 
-    def parallelism_for(self, config: "JobConfig") -> dict[str, int]:
+    def parallelism_for(self, config: JobConfig) -> dict[str, int]:
         """Each operator's effective parallelism: override, else the job's, else its own, else the pipeline's."""
         return {
             op.id: config.overrides.get(op.id) or config.parallelism or op.parallelism or self.parallelism
@@ -441,7 +443,9 @@ class JobConfig(Contract):
     stop: StopMode = "none"
     checkpoint_interval_s: float = Field(default=10.0, ge=1.0, le=86_400.0)
     ttl_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
-    parallelism: Parallelism | None = Field(default=None, description="parallelism of every operator; None = the pipeline's")
+    parallelism: Parallelism | None = Field(
+        default=None, description="parallelism of every operator; None = the pipeline's"
+    )
     overrides: Overrides = Field(default_factory=dict, max_length=MAX_OPERATORS)
     restart_nonce: int = Field(default=0, ge=0, le=MAX_INT)
     restart_mode: RestartMode = "safe"
@@ -507,7 +511,7 @@ class RescaleCommand(Contract):
     overrides: Overrides | None = Field(default=None, max_length=MAX_OPERATORS)
 
     @model_validator(mode="after")
-    def _one(self) -> "RescaleCommand":
+    def _one(self) -> RescaleCommand:
         if self.parallelism is None and not self.overrides:
             raise ValueError("rescale needs 'parallelism' or 'overrides'")
         return self
@@ -539,7 +543,7 @@ class WaitForStateRequest(Contract):
 
 
 
-def pipeline_version(pipeline: "PipelineSpec") -> str:
+def pipeline_version(pipeline: PipelineSpec) -> str:
     """A short, stable fingerprint of a pipeline spec (first 12 hex digits of its SHA-256)."""
     return hashlib.sha256(pipeline.model_dump_json().encode()).hexdigest()[:12]
 
@@ -692,7 +696,7 @@ class StartRequest(Contract):
     program: Program
     subtasks: list[SubtaskRef]
     checkpoint_url: str
-    restore: "CheckpointManifest | None" = None
+    restore: CheckpointManifest | None = None
     peers: list[RunnerInfo] = Field(default_factory=list)
     assignments: list[RunnerAssignment] = Field(default_factory=list)
     task_hang_timeout_s: float = Field(
@@ -905,7 +909,7 @@ class CheckpointInput(Contract):
     pipeline_version: str = ""  # recorded with a savepoint
     # Retention, applied by the activity once the checkpoint completed (runs with the
     # lean-checkpoints patch); None: the workflow runs `cleanup_checkpoints` itself afterwards.
-    retention: "CleanupInput | None" = None
+    retention: CleanupInput | None = None
 
 
 class CleanupInput(Contract):

@@ -29,7 +29,7 @@ MAX_NODES = 100_000  # values in the document with every YAML alias expanded
 # How much of the problems an error line shows: the first few, each value quoted in short.
 MAX_PROBLEMS_SHOWN = 5
 MAX_QUOTED_CHARS = 60
-_LONG_QUOTED = re.compile(r"'([^'\n]{%d,})'" % (MAX_QUOTED_CHARS + 1))
+_LONG_QUOTED = re.compile(rf"'([^'\n]{{{MAX_QUOTED_CHARS + 1},}})'")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -10,7 +10,7 @@ Functions here do blocking I/O: call them in a thread from async code.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 from pydantic import ValidationError
@@ -148,7 +148,7 @@ def copy_savepoint_into(source: CheckpointStore, name: str, target: CheckpointSt
     # fence admits it; the target restores it like any checkpoint of its own.
     copied = manifest.model_copy(update={
         "job_id": target.job_id, "generation": target.read_fence().generation, "operators": operators,
-        "created_at": datetime.now(timezone.utc),
+        "created_at": datetime.now(UTC),
     })  # fmt: skip
     target.write_manifest(copied)
     return info

@@ -70,6 +70,9 @@ def status_lines(status: JobStatus) -> list[str]:
     if last_error is not None and (status.failure is None or last_error.signature() != status.failure.signature()):
         lines += _failure_lines("last error", last_error)
     if status.rejected_commands:
-        r = status.rejected_commands[-1]
-        lines.append(f"last rejected command: {r.command}{_payload(r.payload)} at {_when(r.time)}: {r.reason}")
+        rejected = status.rejected_commands[-1]
+        lines.append(
+            f"last rejected command: {rejected.command}{_payload(rejected.payload)} at {_when(rejected.time)}: "
+            f"{rejected.reason}"
+        )
     return lines

@@ -41,7 +41,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -312,7 +312,7 @@ class CheckpointStore:
         if generation < 1:
             raise ValueError(f"generation must be >= 1, got {generation}")
         if started_at is not None and started_at.tzinfo is None:  # compared with aware times
-            started_at = started_at.replace(tzinfo=timezone.utc)
+            started_at = started_at.replace(tzinfo=UTC)
         with self._fence_lock():
             current = self.read_fence()
             after = self._fence_after(current, generation, started_at)
@@ -350,7 +350,7 @@ class CheckpointStore:
             if started_at is None or current.started_at is not None:
                 return None
             return current.model_copy(update={"started_at": started_at})  # now with its start time
-        return GenerationFence(generation=generation, started_at=started_at, raised_at=datetime.now(timezone.utc))
+        return GenerationFence(generation=generation, started_at=started_at, raised_at=datetime.now(UTC))
 
     @contextlib.contextmanager
     def _fence_lock(self) -> Iterator[None]:
@@ -450,7 +450,7 @@ def manifest_from_snapshots(
         job_id=job_id,
         epoch=epoch,
         generation=generation,
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
         then_stop=then_stop,
         operators=operators,
     )
@@ -621,7 +621,10 @@ def _digest_problem(size: int, sha256: str, digest: StateFileDigest) -> str | No
     if size != digest.size:
         return f"size {size} bytes, expected {digest.size} (truncated or rewritten)"
     if sha256 != digest.sha256:
-        return f"sha256 mismatch (sha256 {sha256[:16]}..., expected {digest.sha256[:16]}...; size {size} bytes as expected)"
+        return (
+            f"sha256 mismatch (sha256 {sha256[:16]}..., expected {digest.sha256[:16]}...; "
+            f"size {size} bytes as expected)"
+        )
     return None
 
 

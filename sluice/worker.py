@@ -110,7 +110,7 @@ class ControllerWorker:
             await self.host.close()
         await self.worker.shutdown()
 
-    async def __aenter__(self) -> "ControllerWorker":
+    async def __aenter__(self) -> ControllerWorker:
         self._task = asyncio.create_task(self.run())
         # Ready once its build is current and the local host is registered (placement sees it).
         ready = asyncio.create_task(self.ready.wait())

@@ -191,7 +191,7 @@ def kill_leftover_runners(state_dir: Path) -> list[int]:
     for job_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         job_id = unquote(job_dir.name)  # job dirs are quote()d job ids
         with contextlib.suppress(Exception):
-            _run_coroutine_in_thread(lambda: scheduler.stop_runners(job_id))
+            _run_coroutine_in_thread(lambda: scheduler.stop_runners(job_id))  # noqa: B023 - run here
     killed: list[int] = []
     for pid in sorted(_pids_in_info_files(root)):
         if pid != os.getpid() and _pid_is_runner(pid):

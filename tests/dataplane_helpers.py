@@ -11,7 +11,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from sluice.connectors.generator import generator_rows
 from tests.e2e_helpers import committed_files
 
 WindowRow = tuple[str, int, int, int, int]  # (key, window_start_ms, window_end_ms, count, sum_value)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _ms(value: Any) -> int:
@@ -28,7 +28,7 @@ def _ms(value: Any) -> int:
         return int(value)
     dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return round((dt - EPOCH).total_seconds() * 1000)
 
 
@@ -68,7 +68,7 @@ def read_window_rows(
             assert m, f"unexpected committed file {f}"
             if int(m.group(1)) > upto_epoch:
                 continue
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+        for _n, line in enumerate(f.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             obj = json.loads(line)

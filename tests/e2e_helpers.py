@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 60.0
 POLL_S = 0.1
-TS_BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+TS_BASE = datetime(2024, 1, 1, tzinfo=UTC)
 
 # ------------------------------------------------------------------------------ user functions
 # Plain-Python reimplementations of tests/pipeline_functions.py, one row (a dict) at a time.

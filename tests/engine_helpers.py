@@ -7,12 +7,12 @@ import os
 import sys
 import textwrap
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 _M = (1 << 64) - 1
-_BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+_BASE = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def expected_row(split: int, seq: int, keys: int) -> dict[str, Any]:

@@ -12,8 +12,9 @@ the test worker's own, and what "the monitor reports" reaches the job as the hos
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from temporalio import activity
 

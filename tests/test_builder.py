@@ -88,7 +88,9 @@ def is_big(batch: pa.RecordBatch) -> pa.Array:  # referenced by the builder test
 def test_every_operator_type_has_a_method() -> None:
     p = Pipeline("all_ops", parallelism=3)
     g = p.generator("gen", splits=2, rate=10.0, batch_size=100, out_of_orderness_ms=5)
-    f = p.files_source("files_in", "in/dir", format="csv", schema={"key": "string", "ts": "timestamp"}, event_time="ts", follow=True)
+    f = p.files_source(
+        "files_in", "in/dir", format="csv", schema={"key": "string", "ts": "timestamp"}, event_time="ts", follow=True
+    )
     u = g.union("u", f, parallelism=1)
     m = u.map("m", "examples.clicks:is_big")
     fl = m.filter("fl", fn=is_big).filter("fl2", expr="value > 1")
@@ -96,7 +98,9 @@ def test_every_operator_type_has_a_method() -> None:
     k = pr.key_by("k", ["key"])
     k.tumbling_window("tw", size_ms=10, time="ts", allowed_lateness_ms=5).stdout("out1")
     k.sliding_window("sw", size_ms=10, slide_ms=5, aggregates=[{"fn": "max", "column": "v2"}]).null("out2")
-    k.aggregate("agg", aggregates=[AggregateSpec(fn="mean", column="v2", **{"as": "avg"})]).files("out3", "out/x", format="parquet")
+    k.aggregate("agg", aggregates=[AggregateSpec(fn="mean", column="v2", **{"as": "avg"})]).files(
+        "out3", "out/x", format="parquet"
+    )
     pr.project("keep", ["key"]).stdout("out4")
     spec = p.build()
     types = {op.id: op.type for op in spec.operators}

@@ -259,11 +259,15 @@ def test_corrupt_checkpoint_error_survives_a_message_prefix() -> None:
     assert parsed is not None
     assert (parsed.epoch, parsed.file, parsed.problem, parsed.what) == (err.epoch, err.file, err.problem, "state file")
     assert CorruptCheckpointError.parse("operator 'gen' subtask 0: open failed: ValueError: x") is None
-    error = corrupt_checkpoint_error(CheckpointStore("/nonexistent-store", "j"), [CheckpointProblem(7, err.file, err.problem)])
+    error = corrupt_checkpoint_error(
+        CheckpointStore("/nonexistent-store", "j"), [CheckpointProblem(7, err.file, err.problem)]
+    )
     assert error.type == CORRUPT_CHECKPOINT_TYPE and "no older checkpoint verifies" in error.message
 
 
-async def test_runner_restoring_a_corrupt_state_file_fails_not_retryable(store: CheckpointStore, tmp_path: Path) -> None:
+async def test_runner_restoring_a_corrupt_state_file_fails_not_retryable(
+    store: CheckpointStore, tmp_path: Path
+) -> None:
     """Defence in depth: the runner's own read of a state file names it and is not retryable."""
     manifest = _checkpoint(store, tmp_path, 2)
     f = _state_file(store, manifest, 0)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 from sluice.cli import EXIT_TIMEOUT, EXIT_USAGE, app
 from sluice.devserver import DevServer, free_port
+from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 
 CLI_TIMEOUT_S = 60.0
 
@@ -31,7 +31,9 @@ operators:
 """
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run `sluice ARGS` in a subprocess (a real console: exit codes and stderr as users see them)."""
     return subprocess.run(
         sluice_command(*args),
@@ -116,10 +118,9 @@ def test_pipeline_error_in_a_real_process_is_one_line_on_stderr(tmp_path: Path) 
 
 
 def test_example_pipeline_is_valid() -> None:
-    from sluice.pipeline_files import load_pipeline
-
     from sluice.engine.compiler import compile_program
     from sluice.models import JobConfig
+    from sluice.pipeline_files import load_pipeline
 
     spec = load_pipeline(PROJECT_ROOT / "examples" / "clicks.yaml")
     assert spec.name == "clicks"

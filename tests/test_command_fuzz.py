@@ -49,8 +49,8 @@ from sluice.models import (
     PipelineSpec,
 )
 from sluice.workflows.job import JobWorkflow
-from tests.fake_controller import FakeController
 from tests.e2e_helpers import unique_job_id, wait_closed, wait_until
+from tests.fake_controller import FakeController
 
 # Bounds (waits, not timing goals).
 RUNNING_TIMEOUT_S = 30.0
@@ -431,7 +431,7 @@ async def run_update(step: Update, handle: Any, out: Outcome) -> None:
                 out.update_problems.append(f"{step!r} refused without naming {step.problem!r}: {message[:300]}")
             if len(message) > MAX_REJECTION_CHARS:
                 out.update_problems.append(f"{step!r} refusal is {len(message):,} chars: {message[:200]}...")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         result = "caller gave up"
     except Exception as exc:  # noqa: BLE001 - the job closed meanwhile
         result = f"{type(exc).__name__}: {str(exc)[:100]}"
@@ -553,7 +553,7 @@ async def run_sequence(steps_: list[Step], ending: Signal | None, controller: Co
 
     try:
         await asyncio.wait_for(run(), timeout=SEQUENCE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(
             f"the sequence did not finish within {SEQUENCE_TIMEOUT_S:g} s:\n" + "\n".join(out.log)
         ) from None

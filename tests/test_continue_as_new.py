@@ -9,8 +9,9 @@ commands recorded before, and a command sent right after a renewal must still be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
@@ -110,7 +111,9 @@ async def _run(client: Client, job_client: JobClient, state_dir: Path) -> None:
             what="two continue-as-new", last=lambda: f"runs={runs} {describe_status(samples[-1] if samples else None)}",
         )
         for old in runs[:-1]:
-            assert await _last_event_type(client, job_id, old) == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+            assert (
+                await _last_event_type(client, job_id, old) == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+            )
 
         # Nothing was lost: every sample since the changes shows the same job.
         epochs = [s.epoch for s in samples]

@@ -48,7 +48,9 @@ MIN_VALUE = 100
 def _window_pipeline(out: Path, *, limit: int, rate: float | None = None, parallelism: int = 3) -> PipelineSpec:
     """Two generators -> union -> filter -> key_by -> tumbling window (count, sum) -> files."""
     def gen(op_id: str, splits: int, keys: int) -> dict[str, Any]:
-        g: dict[str, Any] = {"id": op_id, "type": "generator", "splits": splits, "keys": keys, "limit": limit, "batch_size": 250}
+        g: dict[str, Any] = {
+            "id": op_id, "type": "generator", "splits": splits, "keys": keys, "limit": limit, "batch_size": 250
+        }
         if rate is not None:
             g["rate"] = rate
         return g
@@ -101,7 +103,9 @@ async def test_runner_sigkill_mid_window_is_exactly_once(job_client: JobClient, 
     await job_client.start(spec)
     try:
         await wait_state(job_client, spec.job_id, "Running", timeout_s=START_TIMEOUT_S)
-        first = await wait_status(job_client, spec.job_id, lambda s: s.epoch >= 1, timeout_s=30, what="first checkpoint")
+        first = await wait_status(
+            job_client, spec.job_id, lambda s: s.epoch >= 1, timeout_s=30, what="first checkpoint"
+        )
         victim = first.runners[-1]
         assert victim.pid is not None
         kill_runner(victim.pid, spec.job_id)
@@ -131,10 +135,13 @@ async def test_rescale_window_2_5_1_is_exactly_once(job_client: JobClient, state
             await job_client.rescale(spec.job_id, overrides={"w": p})
             st = await wait_status(
                 job_client, spec.job_id,
-                lambda s: s.parallelism.get("w") == p and s.state == "Running" and s.generation > before.generation,
+                lambda s: s.parallelism.get("w") == p and s.state == "Running" and s.generation > before.generation,  # noqa: B023
                 timeout_s=60, what=f"rescale of w to {p}",
             )
-            await wait_status(job_client, spec.job_id, lambda s: s.epoch > st.epoch, timeout_s=30, what="a checkpoint after the rescale")
+            await wait_status(
+                job_client, spec.job_id, lambda s: s.epoch > st.epoch,  # noqa: B023 - awaited here
+                timeout_s=30, what="a checkpoint after the rescale",
+            )
         done = await wait_state(job_client, spec.job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
         assert done.restarts == 0, describe_status(done)
         assert done.parallelism["w"] == 1

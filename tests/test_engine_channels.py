@@ -324,7 +324,9 @@ async def server() -> AsyncIterator[DataServer]:
 
 
 @contextlib.asynccontextmanager
-async def sender(port: int, *, gen: int = 1, tok: str | None = None, channel: ChannelId = CH, **kw: object) -> AsyncIterator[RemoteSender]:
+async def sender(
+    port: int, *, gen: int = 1, tok: str | None = None, channel: ChannelId = CH, **kw: object
+) -> AsyncIterator[RemoteSender]:
     s = await RemoteSender.connect(
         LOOPBACK, port, job_id=JOB, generation=gen, token=tok if tok is not None else token(gen), channel=channel, **kw  # type: ignore[arg-type]
     )
@@ -639,7 +641,9 @@ async def test_connect_gives_up_with_a_clear_error() -> None:
         probe.bind((LOOPBACK, 0))
         port = probe.getsockname()[1]
     with pytest.raises(ChannelClosed) as ei:
-        await RemoteSender.connect(LOOPBACK, port, job_id=JOB, generation=1, token=token(), channel=CH, connect_timeout_s=0.3)
+        await RemoteSender.connect(
+            LOOPBACK, port, job_id=JOB, generation=1, token=token(), channel=CH, connect_timeout_s=0.3
+        )
     text = str(ei.value)
     assert f"{LOOPBACK}:{port}" in text and "gen->win[0->1]" in text and "could not connect within 0.3 s" in text
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import user_module
 from sluice.engine.compiler import assign, compile_program, runners_needed
 from sluice.errors import UserError
 from sluice.models import JobConfig, PipelineSpec, RunnerInfo
+from tests.engine_helpers import user_module
 
 
 def _pipeline(*ops: dict, parallelism: int = 2) -> PipelineSpec:
@@ -38,7 +38,10 @@ def test_linear_pipeline_is_one_chain(fns: str, tmp_path: Path) -> None:
 
 
 def test_parallelism_precedence(fns: str) -> None:
-    p = _pipeline({"id": "src", "type": "generator", "parallelism": 5}, {"id": "m", "type": "map", "fn": f"{fns}:ident", "parallelism": 5})
+    p = _pipeline(
+        {"id": "src", "type": "generator", "parallelism": 5},
+        {"id": "m", "type": "map", "fn": f"{fns}:ident", "parallelism": 5},
+    )
     assert compile_program(p, JobConfig()).parallelism == {"src": 5, "m": 5}
     assert compile_program(p, JobConfig(parallelism=3)).parallelism == {"src": 3, "m": 3}
     prog = compile_program(p, JobConfig(parallelism=3, overrides={"m": 4}))
@@ -130,7 +133,9 @@ def test_bad_function_messages(fns: str) -> None:
     p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "filter", "fn": "no_such_pkg.mod:fn"})
     with pytest.raises(UserError) as err:
         compile_program(p, JobConfig())
-    assert str(err.value).startswith("operator 'big': cannot import function 'no_such_pkg.mod:fn': ModuleNotFoundError:")
+    assert str(err.value).startswith(
+        "operator 'big': cannot import function 'no_such_pkg.mod:fn': ModuleNotFoundError:"
+    )
     p = _pipeline({"id": "src", "type": "generator"}, {"id": "big", "type": "filter", "fn": f"{fns}:missing"})
     with pytest.raises(UserError, match="AttributeError"):
         compile_program(p, JobConfig())
@@ -188,7 +193,8 @@ def test_pipeline_file_errors_name_the_operator() -> None:
          "x.yaml: operators.0.parallelism: Input should be greater than or equal to 1 (operator 'a')"),
         ([{"id": "a", "type": "generator"}, {"id": "w", "type": "tumbling_window"}],
          "x.yaml: operators.1.size_ms: Field required (operator 'w')"),
-        ([{"id": "a", "type": "generator", "colour": "red"}], "x.yaml: operators.0.colour: unknown field (operator 'a')"),
+        ([{"id": "a", "type": "generator", "colour": "red"}],
+         "x.yaml: operators.0.colour: unknown field (operator 'a')"),
         ([{"id": "a", "type": "nope"}], "unknown operator type 'nope'; expected one of generator, files, map"),
     ]
     for ops, message in cases:

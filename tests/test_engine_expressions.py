@@ -193,7 +193,11 @@ def test_filter_runtime_errors_name_operator_expression_and_culprit() -> None:
 def test_filter_with_a_function_still_works(tmp_path: Any) -> None:
     from tests.engine_helpers import user_module
 
-    mod = user_module(tmp_path, "def positive(batch):\n    return [v is not None and v > 0 for v in batch.column('value').to_pylist()]\n")
+    mod = user_module(
+        tmp_path,
+        "def positive(batch):\n"
+        "    return [v is not None and v > 0 for v in batch.column('value').to_pylist()]\n",
+    )
     op = open_op({"id": "f", "type": "filter", "fn": f"{mod}:positive", "expr": None})
     assert op.process(data())[0].column("value").to_pylist() == [1, 600, 500]
 
@@ -238,7 +242,9 @@ def test_union_passes_through_and_schema_check_names_differences() -> None:
     assert str(info.value) == ("union 'u': inputs have different columns: missing 'x'; unexpected 'extra'; "
                                "'key' is large_string instead of string")
     with pytest.raises(ValueError, match="another order"):
-        check_same_schema("u", pa.schema([("a", pa.int8()), ("b", pa.int8())]), pa.schema([("b", pa.int8()), ("a", pa.int8())]))
+        check_same_schema(
+            "u", pa.schema([("a", pa.int8()), ("b", pa.int8())]), pa.schema([("b", pa.int8()), ("a", pa.int8())])
+        )
 
 
 def test_filter_is_fast() -> None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from tests.engine_helpers import read_committed
 from sluice.connectors import sink_class
 from sluice.connectors.files import FilesSink
 from sluice.engine.operators import OperatorContext
 from sluice.models import CheckpointManifest, OperatorCheckpoint
+from tests.engine_helpers import read_committed
 
 
 def _sink(path: Path, index: int = 0, generation: int = 1) -> FilesSink:
@@ -58,7 +58,7 @@ def test_recover_publishes_manifest_and_discards_rest(tmp_path: Path) -> None:
     s.snapshot(4)  # epoch 4 never got a manifest
     s.process(pa.record_batch({"a": [3]}))  # in progress when the runner died
     s.close()
-    manifest = CheckpointManifest(job_id="job", epoch=3, generation=1, created_at=datetime.now(timezone.utc),
+    manifest = CheckpointManifest(job_id="job", epoch=3, generation=1, created_at=datetime.now(UTC),
                                   operators={"out": OperatorCheckpoint(parallelism=1, commits=kept)})
     FilesSink.recover(params, manifest)
     FilesSink.recover(params, manifest)  # idempotent

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from tests.engine_helpers import expected_row
 from sluice.connectors.generator import SCHEMA, GeneratorSource, generator_rows, owned_splits
 from sluice.engine.operators import OperatorContext
+from tests.engine_helpers import expected_row
 
 
 def test_rows_match_documented_formula() -> None:

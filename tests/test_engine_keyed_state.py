@@ -210,7 +210,9 @@ def test_running_aggregate_updating_output() -> None:
         return [r for out in op.process(b) for r in out.to_pylist()]
 
     first = feed(["a", "b", "a"], [1, 2, 3])
-    assert sorted((r["k"], r["count"], r["sum_value"], r["mean_value"]) for r in first) == [("a", 2, 4, 2.0), ("b", 1, 2, 2.0)]
+    assert sorted((r["k"], r["count"], r["sum_value"], r["mean_value"]) for r in first) == [
+        ("a", 2, 4, 2.0), ("b", 1, 2, 2.0)
+    ]
     assert list(first[0]) == ["k", "count", "sum_value", "max_k2", "mean_value"]
     second = feed(["b", "c"], [None, 5])  # only touched keys come out, with their new totals
     assert sorted((r["k"], r["count"], r["sum_value"]) for r in second) == [("b", 2, 2), ("c", 1, 5)]
@@ -225,7 +227,9 @@ def test_running_aggregate_snapshot_restores_totals() -> None:
     op.process(b)
     restored = open_all("aggregate", 1, [through_ipc(op.snapshot(1).table)])[0]
     out = [r for x in restored.process(b) for r in x.to_pylist()]
-    assert sorted((r["k"], r["count"], r["sum_value"], r["max_k2"]) for r in out) == [("a", 2, 2, "x"), ("b", 2, 4, "y")]
+    assert sorted((r["k"], r["count"], r["sum_value"], r["max_k2"]) for r in out) == [
+        ("a", 2, 2, "x"), ("b", 2, 4, "y")
+    ]
     assert open_all("aggregate", 1, [])[0].snapshot(1).table is None  # nothing held, nothing stored
 
 

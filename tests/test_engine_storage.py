@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +15,7 @@ from sluice.storage import CheckpointStore
 
 def _manifest(epoch: int, job: str = "job1") -> CheckpointManifest:
     return CheckpointManifest(
-        job_id=job, epoch=epoch, generation=1, created_at=datetime.now(timezone.utc),
+        job_id=job, epoch=epoch, generation=1, created_at=datetime.now(UTC),
         operators={"gen": OperatorCheckpoint(parallelism=1, state_files=[f"x-{epoch}"])},
     )
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.engine_helpers import expected_row, read_committed, user_module
 from sluice.connectors import sink_class
 from sluice.engine.compiler import compile_program
 from sluice.engine.task import SubtaskRunner, TaskError
 from sluice.models import CheckpointManifest, JobConfig, PipelineSpec, Program, SubtaskRef
 from sluice.storage import CheckpointStore, manifest_from_snapshots
+from tests.engine_helpers import expected_row, read_committed, user_module
 
 JOB = "job-e2e"
 SPLITS, KEYS, LIMIT = 5, 7, 2000
@@ -104,7 +104,7 @@ def fns(tmp_path: Path) -> str:
 
 
 def _recover(program: Program, manifest: CheckpointManifest | None) -> None:
-    for op_id, params in program.operators.items():
+    for _op_id, params in program.operators.items():
         sink = sink_class(params)
         if sink is not None:
             sink.recover(params, manifest)

@@ -222,7 +222,9 @@ def test_end_of_stream_flushes_every_window_once() -> None:
 def test_sliding_window_late_for_some_windows_still_counts_in_the_open_ones() -> None:
     op = make_window(20, slide=10, aggregates=[{"fn": "count"}])
     op.process(batch([("a", 0, 1)]))
-    assert sorted((ms(r["window_start"]), r["count"]) for r in rows(op.on_watermark(Watermark(20)))) == [(-10, 1), (0, 1)]
+    assert sorted((ms(r["window_start"]), r["count"]) for r in rows(op.on_watermark(Watermark(20)))) == [
+        (-10, 1), (0, 1)
+    ]
     op.process(batch([("a", 15, 1), ("a", 12, 1)]))  # [0, 20) was emitted, [10, 30) is open
     assert op.late_records == 2
     op.process(batch([("a", 5, 1)]))  # all its windows ([-10, 10), [0, 20)) were emitted
@@ -244,7 +246,8 @@ def test_timestamp_event_times_of_any_unit() -> None:
     for unit, scale in (("s", 1 / 1000), ("ms", 1), ("us", 1000), ("ns", 1_000_000)):
         op = make_window(2000, aggregates=[{"fn": "count"}], time="ts")
         b = pa.RecordBatch.from_arrays(
-            [pa.array(["a", "a", "a"]), pa.array([int(v * scale) for v in (0, 1000, 2000)], pa.timestamp(unit, tz="UTC"))],
+            [pa.array(["a", "a", "a"]),
+             pa.array([int(v * scale) for v in (0, 1000, 2000)], pa.timestamp(unit, tz="UTC"))],
             names=["k", "ts"])
         op.process(b)
         got = sorted((ms(r["window_start"]), r["count"]) for r in rows(op.on_end()))
@@ -284,8 +287,12 @@ def test_null_event_time_is_an_error_naming_operator_and_column() -> None:
 
 def test_columns_of_the_wrong_type_are_named() -> None:
     op = make_window(10, aggregates=[{"fn": "sum", "column": "name"}])
-    b = pa.RecordBatch.from_arrays([pa.array(["a"]), pa.array([1], pa.int64()), pa.array(["x"])], names=["k", "t", "name"])
-    with pytest.raises(TypeError, match=r"tumbling_window 'w': sum of column 'name' needs numbers, but the column is string"):
+    b = pa.RecordBatch.from_arrays(
+        [pa.array(["a"]), pa.array([1], pa.int64()), pa.array(["x"])], names=["k", "t", "name"]
+    )
+    with pytest.raises(
+        TypeError, match=r"tumbling_window 'w': sum of column 'name' needs numbers, but the column is string"
+    ):
         op.process(b)
     op = make_window(10, time="name")
     with pytest.raises(TypeError, match=r"event-time column 'name' is string; it must be a timestamp or integer"):
@@ -340,10 +347,12 @@ def test_both_merge_methods_give_the_same_rows(data: list[tuple]) -> None:
     from sluice.models import AggregateSpec
 
     specs = [AggregateSpec(fn="count"), AggregateSpec(fn="sum", column="i"), AggregateSpec(fn="min", column="f"),
-             AggregateSpec(fn="max", column="f"), AggregateSpec(fn="mean", column="i"), AggregateSpec(fn="max", column="i")]
+             AggregateSpec(fn="max", column="f"), AggregateSpec(fn="mean", column="i"),
+             AggregateSpec(fn="max", column="i")]
     aggs = Aggregates("test", "t", specs)
     table = pa.table({"k": [r[0] for r in data], "p": pa.array([r[1] for r in data], pa.int64()),
-                      "i": pa.array([r[2] for r in data], pa.int64()), "f": pa.array([r[3] for r in data], pa.float64())})
+                      "i": pa.array([r[2] for r in data], pa.int64()),
+                      "f": pa.array([r[3] for r in data], pa.float64())})
     raw = pa.Table.from_arrays([table.column("k"), table.column("p"), *aggs.raw_partials(table)],
                                names=["k", "p", *aggs.part_names])
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from sluice.hosts.host import DEFAULT_HANG_TIMEOUT_S
 from sluice.client import JobClient
+from sluice.hosts.host import DEFAULT_HANG_TIMEOUT_S
 from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
 from tests.e2e_helpers import (
     assert_exact_output,
@@ -162,7 +162,9 @@ async def test_stopped_runner_is_named_and_replaced_with_output_exactly_once(
         # Its host noticed: after the host's hang timeout, or the job's heartbeat timeout if shorter.
         timeout = min(spec.config.runner_heartbeat_timeout_s, DEFAULT_HANG_TIMEOUT_S)
         host = before.runners[0].host_id
-        assert f"(pid {victim} on host {host}) sent nothing for {timeout:g} s (hung, stopped or cut off)" in reason, reason
+        assert (
+            f"(pid {victim} on host {host}) sent nothing for {timeout:g} s (hung, stopped or cut off)" in reason
+        ), reason
         ran = reason.split("; it ran ", 1)[1]
         assert "events[" in ran and "out[" in ran, reason
         assert not pid_is_runner(victim, spec.job_id), "the frozen runner of the old generation was not removed"

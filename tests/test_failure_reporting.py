@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -167,22 +167,31 @@ def test_a_silent_runner_is_named_with_pid_host_and_operators() -> None:
     ops = ", ".join(f"{op}[0]" for op in program.chains[window_chain].operators)
     assert msg == f"runner r-1 (pid 123 on 127.0.0.1) sent nothing for 10 s (hung, stopped or cut off); it ran {ops}"
     # A runner that never said which subtasks it has: named from the assignment.
-    gone = RunnerUnavailable(f"runner r-2 ({runners[1].control_url}) event stream: connection lost (runner process exited?)")
+    gone = RunnerUnavailable(
+        f"runner r-2 ({runners[1].control_url}) event stream: connection lost (runner process exited?)"
+    )
     msg = lost_message(runners[1], gone, view, runners)
-    assert msg.startswith("runner r-2 (pid 124 on 127.0.0.1) is gone: connection lost (runner process exited?); it ran ")
+    assert msg.startswith(
+        "runner r-2 (pid 124 on 127.0.0.1) is gone: connection lost (runner process exited?); it ran "
+    )
     assert msg.split("; it ran ")[1] != "no subtasks"
 
 
 def test_status_lines_show_reason_failure_traceback_and_rejected_command() -> None:
-    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     failure = Failure(
         message="operator 'parse' (map m:parse) raised ValueError: bad", domain="user", operator="parse",
-        traceback='Traceback (most recent call last):\n  File "/src/m.py", line 12, in parse\n    raise ValueError("bad")\nValueError: bad\n',
+        traceback=(
+            'Traceback (most recent call last):\n  File "/src/m.py", line 12, in parse\n'
+            '    raise ValueError("bad")\nValueError: bad\n'
+        ),
     )
     status = JobStatus(
         job_id="j", pipeline_name="p", state="Failed", generation=4, epoch=2, restarts=2, config=JobConfig(),
         failure=failure,
-        transitions=[TransitionRecord(time=now, from_state="Failing", to_state="Failed", reason="the same failure 3 times")],
+        transitions=[
+            TransitionRecord(time=now, from_state="Failing", to_state="Failed", reason="the same failure 3 times")
+        ],
         rejected_commands=[RejectedCommand(time=now, command="rescale", payload={"parallelism": 0},
                                            reason="parallelism must be >= 1")],
     )

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def _store(tmp_path: Path) -> CheckpointStore:
 
 def _manifest(epoch: int, generation: int, commits: list[dict[str, Any]] | None = None) -> CheckpointManifest:
     return CheckpointManifest(
-        job_id=JOB, epoch=epoch, generation=generation, created_at=datetime.now(timezone.utc),
+        job_id=JOB, epoch=epoch, generation=generation, created_at=datetime.now(UTC),
         operators={"out": OperatorCheckpoint(parallelism=1, commits=commits or [])},
     )
 
@@ -156,7 +156,7 @@ def test_fence_raises_are_atomic_and_never_lower_it_under_concurrency(tmp_path: 
 def test_a_newer_run_takes_the_fence_by_start_time(tmp_path: Path) -> None:
     # A new run of a job numbers its generations from 1 again: it is newer by its start time.
     store = _store(tmp_path)
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     store.raise_fence(5, started_at=t0)
     assert store.raise_fence(1, started_at=t0 + timedelta(seconds=30)).generation == 1
     with pytest.raises(StaleGeneration, match="generation 5 of job .* is superseded by generation 1 of a newer run"):
@@ -169,7 +169,7 @@ def test_a_newer_run_takes_the_fence_by_start_time(tmp_path: Path) -> None:
 def test_a_raise_without_start_time_is_completed_by_the_generation_itself(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.raise_fence(4)  # e.g. by hand, or a tool, for a generation that is starting
-    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    started = datetime(2026, 1, 1, tzinfo=UTC)
     fence = store.raise_fence(4, started_at=started)
     assert (fence.generation, fence.started_at) == (4, started)
     with pytest.raises(StaleGeneration):
@@ -293,7 +293,7 @@ async def test_superseded_generation_cannot_checkpoint_and_the_job_recovers(
 
         # A newer generation starts elsewhere (a controller that thinks this one is dead).
         await asyncio.to_thread(store.raise_fence, old + 1)
-        raised_at = datetime.now(timezone.utc).timestamp()
+        raised_at = datetime.now(UTC).timestamp()
         refused = f"generation {old} of job {job_id} is superseded by generation {old + 1}: refused"
 
         st = await wait_status(job_client, job_id, lambda s: s.state == "Running" and s.generation > old,
@@ -319,7 +319,9 @@ async def test_superseded_generation_cannot_checkpoint_and_the_job_recovers(
         # Committed output exists only for epochs with a manifest, and every row exactly once.
         out = sink_path(pipeline)
         part_epochs = {int(Path(f).name.split("-")[1]) for f in committed_files(str(out))}
-        assert part_epochs <= set(manifests), f"output of epochs {sorted(part_epochs - set(manifests))} without a manifest"
+        assert part_epochs <= set(manifests), (
+            f"output of epochs {sorted(part_epochs - set(manifests))} without a manifest"
+        )
         assert_exact_output(read_committed_rows(out), expected_rows(pipeline))
         # The fence record is plain JSON a user can read.
         assert json.loads(Path(store.fence_path).read_text())["generation"] == old + 1

@@ -381,7 +381,8 @@ async def test_hosts_that_go_away_are_declared_lost_and_only_their_jobs_told(reg
         f"host {ghost} lost: no process took up its task queue {host_task_queue(ghost)} within 3 s"
     )
     assert lost[hung]["payload"]["reason"] == (
-        f"host {hung} lost: no heartbeat for {HOST_HEARTBEAT_TIMEOUT.total_seconds():g} s and no process took up its task queue "
+        f"host {hung} lost: no heartbeat for {HOST_HEARTBEAT_TIMEOUT.total_seconds():g} s "
+        f"and no process took up its task queue "
         f"{host_task_queue(hung)} within 3 s"
     )
     # Missed heartbeats, then the reacquire timeout: not earlier than the heartbeat timeout.
@@ -406,7 +407,9 @@ async def test_hosts_served_by_some_process_stay_registered(registry: Registry) 
     leaving, _ = await _add_pinned_host(registry, "leaving")
     on = {h: await _pinned_job(registry, h, 2) for h in (twice, steady, leaving)}
 
-    await eventually(lambda: _true(first.leases_taken + second.leases_taken == 1), "a process of `twice` takes its lease")
+    await eventually(
+        lambda: _true(first.leases_taken + second.leases_taken == 1), "a process of `twice` takes its lease"
+    )
     holder, other = (0, second) if first.leases_taken else (1, first)
     await registry.host_workers[holder].shutdown()  # the process holding the lease goes away
     assert await rc.deregister(registry.client, leaving) == [on[leaving]]

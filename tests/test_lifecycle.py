@@ -114,7 +114,7 @@ async def test_bounded_job_runs_to_finished(job_client: JobClient, state_dir: Pa
     # A closed run: the client answers from its result and history.
     result = await job_client.client.get_workflow_handle(spec.job_id, result_type=JobResult).result()
     assert result.state == "Finished" and result.epoch >= 1
-    rows = [json.loads(l) for f in sorted((state_dir / "out").glob("part-*")) for l in f.read_text().splitlines()]
+    rows = [json.loads(line) for f in sorted((state_dir / "out").glob("part-*")) for line in f.read_text().splitlines()]
     assert len(rows) == 900
     assert all(r["value"] >= 1 for r in rows)  # the map ran
     store = CheckpointStore(spec.checkpoint_url, spec.job_id)

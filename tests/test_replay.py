@@ -23,11 +23,11 @@ from temporalio import workflow
 from temporalio.worker import UnsandboxedWorkflowRunner
 
 from sluice.models import JobResult, JobStateName, StopMode
-from sluice.workflows.job import JobWorkflow
 from sluice.workflows.constants import PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS, PATCH_RUNNER_HOSTS
+from sluice.workflows.job import JobWorkflow
 from tests.histories.corpus import (
-    activity_types,
     CORPUS_DIR,
+    activity_types,
     closed,
     history_files,
     load_history,

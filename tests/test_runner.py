@@ -19,13 +19,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.processes import pid_exists, wait_pids_gone
-
 from sluice.auth import GENERATION_HEADER, JOB_HEADER, runner_token
 from sluice.errors import RunnerRefused, RunnerUnavailable
 from sluice.models import RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerRequestRefused
 from sluice.schedulers.process import ProcessScheduler
+from tests.processes import pid_exists, wait_pids_gone
 
 SECRET = b"test-secret"
 START_TIMEOUT_S = 30.0

@@ -275,8 +275,12 @@ async def test_a_user_function_that_never_returns_fails_its_task_and_the_runner_
     sched = ProcessScheduler(state_dir, SECRET)
     try:
         infos = await sched.start_runners(JOB, GEN, 1, 2, START_TIMEOUT_S)
-        spec = pipeline(tmp_path / "out", {"id": "slow", "type": "map", "fn": "tests.pipeline_functions:sleeps_forever"})
-        reqs = [r.model_copy(update={"task_hang_timeout_s": hang_s}) for r in start_requests(spec, infos, tmp_path / "ckpt")]
+        spec = pipeline(
+            tmp_path / "out", {"id": "slow", "type": "map", "fn": "tests.pipeline_functions:sleeps_forever"}
+        )
+        reqs = [
+            r.model_copy(update={"task_hang_timeout_s": hang_s}) for r in start_requests(spec, infos, tmp_path / "ckpt")
+        ]
         async with collect_events(infos[0]) as events, client(infos[0]) as c:
             await c.start(reqs[0])
             deadline = time.monotonic() + 30

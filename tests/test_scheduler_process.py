@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.processes import pid_exists, wait_pids_gone
-
 from sluice.models import RunnerInfo
 from sluice.runner.server import write_info_file
 from sluice.schedulers import RunnerStartError
 from sluice.schedulers.process import ProcessScheduler, is_runner_process
 from sluice.settings import runners_dir
+from tests.processes import pid_exists, wait_pids_gone
 
 SECRET = b"test-secret"
 START_TIMEOUT_S = 30.0

@@ -10,7 +10,7 @@ import json
 import multiprocessing
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +123,14 @@ def test_claim_race_between_threads_has_one_winner(tmp_path: Path, monkeypatch: 
         barrier = threading.Barrier(CLAIMERS)
         looked: set[int] = set()
 
+        # gated_owner_of and claim use this round's locals: both run (threads joined) within the round.
         def gated_owner_of(path: str) -> str | None:
             owner = real_owner_of(path)
             me = threading.get_ident()
-            if path == str(out) and me not in looked:
-                looked.add(me)
+            if path == str(out) and me not in looked:  # noqa: B023
+                looked.add(me)  # noqa: B023
                 assert owner is None
-                barrier.wait(JOIN_TIMEOUT_S)  # nobody creates the marker before all have seen none
+                barrier.wait(JOIN_TIMEOUT_S)  # nobody creates the marker before all have seen none  # noqa: B023
             return owner
 
         monkeypatch.setattr(sink_owner, "owner_of", gated_owner_of)
@@ -137,10 +138,10 @@ def test_claim_race_between_threads_has_one_winner(tmp_path: Path, monkeypatch: 
 
         def claim(job: str) -> None:
             try:
-                claim_path(str(out), job)
-                results[job] = "owner"
+                claim_path(str(out), job)  # noqa: B023
+                results[job] = "owner"  # noqa: B023
             except SinkPathOwned as e:
-                results[job] = f"refused:{e.owner}"
+                results[job] = f"refused:{e.owner}"  # noqa: B023
 
         threads = [threading.Thread(target=claim, args=(f"job-{i}",)) for i in range(CLAIMERS)]
         for t in threads:
@@ -286,7 +287,7 @@ def test_activity_helpers_turn_a_foreign_owner_into_a_user_failure(tmp_path: Pat
         assert "files sink 'out'" in str(failed.value) and "'job-a'" in str(failed.value)
     assert staged.exists()  # a refused recover cleans up nothing
     final = tmp_path / "out" / "part-0000000001-0000-00000000.jsonl"
-    manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(timezone.utc),
+    manifest = CheckpointManifest(job_id="job-b", epoch=1, generation=1, created_at=datetime.now(UTC),
                                   operators={"out": OperatorCheckpoint(parallelism=1, commits=[
                                       {"staged": str(staged), "final": str(final)}])})
     with pytest.raises(ApplicationError, match="'job-a'"):

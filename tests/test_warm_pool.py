@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import pid_exists, wait_pids_gone
-
 from sluice.auth import runner_token
 from sluice.hosts.pool import WarmPool
 from sluice.models import RunnerInfo
@@ -37,6 +35,7 @@ from sluice.schedulers.process import (
     send_assignment,
 )
 from sluice.settings import runners_dir
+from tests.processes import pid_exists, wait_pids_gone
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="warm runners need /proc")
 

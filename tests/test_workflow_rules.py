@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -30,7 +30,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-
 from sluice.models import (
     JobConfig,
     JobInput,
@@ -41,14 +40,15 @@ from sluice.models import (
     WaitForStateRequest,
 )
 from sluice.workflows.constants import CORRUPT_CHECKPOINT_TYPE, IDENTICAL_FAILURES_TO_FAIL
-from sluice.workflows.states.recovering import restart_backoff_s
 from sluice.workflows.job import JobWorkflow
+from sluice.workflows.states.recovering import restart_backoff_s
 from tests.fake_controller import FakeController
 from tests.time_skipping import time_skipping_env
 
 pytestmark = pytest.mark.timeout(120)
 PIPELINE = PipelineSpec.model_validate(
-    {"name": "rules", "operators": [{"id": "events", "type": "generator"}, {"id": "m", "type": "filter", "expr": "value > 1"},
+    {"name": "rules", "operators": [{"id": "events", "type": "generator"},
+                                    {"id": "m", "type": "filter", "expr": "value > 1"},
                                     {"id": "out", "type": "null"}]}
 )
 
@@ -225,4 +225,4 @@ def test_wait_request_bounds() -> None:
     with pytest.raises(ValueError):
         WaitForStateRequest(states=["Running"], timeout_s=float("inf"))
     assert WaitForStateRequest(states=["Running"], timeout_s=2).timeout_s == 2
-    assert datetime.now(timezone.utc)  # the module imports cleanly without a server
+    assert datetime.now(UTC)  # the module imports cleanly without a server

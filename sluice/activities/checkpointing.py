@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -22,6 +23,9 @@ from sluice.models import (
 from sluice.savepoints import protected_epochs, prune_periodic, savepoint_taken, write_savepoint
 from sluice.storage import CheckpointStore, manifest_from_snapshots
 from sluice.workflows.constants import SAVEPOINT_EXISTS_TYPE, TASK_FAILED_TYPE
+
+if TYPE_CHECKING:
+    from sluice.runner.client import RunnerClient
 
 # Each long-poll for snapshots is this long, so heartbeats and cancellation stay prompt.
 WAIT_POLL_S = 2.0
@@ -100,8 +104,8 @@ class CheckpointActivities:
             savepoint=savepoint,
         )
 
-    async def _collect(self, clients: list, epoch: int) -> list[SubtaskSnapshot]:
-        async def one(client) -> list[SubtaskSnapshot]:
+    async def _collect(self, clients: list[RunnerClient], epoch: int) -> list[SubtaskSnapshot]:
+        async def one(client: RunnerClient) -> list[SubtaskSnapshot]:
             while True:
                 result = await client.wait_checkpoint_result(epoch, WAIT_POLL_S)
                 task = result.failed_task

@@ -42,10 +42,10 @@ class JobView:
         return {s.label() for s in self.program.subtasks()}
 
     def sources_finished(self) -> bool:
-        return all(self.tasks.get(l) in ("source_finished", "finished") for l in self.source_labels())
+        return all(self.tasks.get(label) in ("source_finished", "finished") for label in self.source_labels())
 
     def all_finished(self) -> bool:
-        return all(self.tasks.get(l) == "finished" for l in self.all_labels())
+        return all(self.tasks.get(label) == "finished" for label in self.all_labels())
 
     def summary(self) -> dict[str, object]:
         states: dict[str, int] = {}
@@ -87,14 +87,14 @@ class MonitorActivities:
         self,
         inp: MonitorInput,
         view: JobView,
-        queue: "asyncio.Queue[tuple[RunnerInfo, RunnerEvent | Exception]]",
+        queue: asyncio.Queue[tuple[RunnerInfo, RunnerEvent | Exception]],
     ) -> MonitorResult:
         watch = set(inp.watch)
         while True:
             activity.heartbeat(view.summary())
             try:
                 info, item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_EVERY_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if isinstance(item, Exception):
                 if "runner_lost" in watch:
@@ -129,7 +129,7 @@ class MonitorActivities:
             # A failure seen only in a heartbeat's task states (its event was missed) still counts;
             # not in `hello`, which the runner follows with the failure events it kept.
             if event.kind == "heartbeat" and "failed" in view.tasks.values() and "task_failed" in watch:
-                bad = sorted(l for l, s in view.tasks.items() if s == "failed")
+                bad = sorted(label for label, s in view.tasks.items() if s == "failed")
                 return MonitorResult(kind="task_failed", message=f"subtasks {', '.join(bad)} failed")
             if "all_finished" in watch and view.all_finished():
                 return MonitorResult(kind="all_finished", message="every task finished")

@@ -10,7 +10,8 @@ where another job has taken over the destination.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sluice.activities.context import user_error
 from sluice.connectors import sink_class

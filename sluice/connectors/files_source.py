@@ -47,7 +47,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, BinaryIO
@@ -128,7 +128,7 @@ class _Shape:
     given that type instead of a new one.
     """
 
-    declared: dict[str, str] | None
+    declared: Mapping[str, str] | None
     event_time: str | None
     inferred: dict[str, pa.DataType] = field(default_factory=dict)
 
@@ -440,7 +440,9 @@ class CsvReader(FileReader):
             if c not in names:
                 raise InputError(display, "row 1", f"missing column {c!r} in the header ({', '.join(names)})")
         if shape.event_time is not None and shape.event_time not in names:
-            raise InputError(display, "row 1", f"missing column {shape.event_time!r} in the header ({', '.join(names)})")
+            raise InputError(
+                display, "row 1", f"missing column {shape.event_time!r} in the header ({', '.join(names)})"
+            )
         while self._consumed < start_row and self._fill(start_row - self._consumed):
             take = min(self._buffered, start_row - self._consumed)
             self._take(take)
@@ -453,7 +455,9 @@ class CsvReader(FileReader):
     def _error(self, exc: Exception) -> InputError:
         row, self._invalid = self._invalid, None
         if row is not None:
-            where = f"row {row.number}" if row.number is not None else f"after row {self._consumed + self._buffered + 1}"
+            where = (
+                f"row {row.number}" if row.number is not None else f"after row {self._consumed + self._buffered + 1}"
+            )
             return InputError(self.display, where,
                               f"expected {row.expected_columns} columns, got {row.actual_columns}: {_quote(row.text)}")
         return InputError(self.display, f"after row {self._consumed + self._buffered + 1}", str(exc))
@@ -533,7 +537,9 @@ class ParquetReader(FileReader):
             except StopIteration:
                 return None
             except (pa.ArrowInvalid, OSError) as exc:
-                raise InputError(self.display, f"after row {self._position}", f"cannot read Parquet data: {exc}") from None
+                raise InputError(
+                    self.display, f"after row {self._position}", f"cannot read Parquet data: {exc}"
+                ) from None
             if self._skip:
                 drop = min(self._skip, batch.num_rows)
                 batch = batch.slice(drop)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sluice.errors import UserError
 from sluice.fsutil import fsync_dir
@@ -129,7 +129,7 @@ def claim_path(path: str, job_id: str) -> None:
 
 def _create_marker(path: str, job_id: str) -> bool:
     """Publish a marker naming `job_id` unless one exists; True if this call created it."""
-    body = json.dumps({"job_id": job_id, "claimed_at": datetime.now(timezone.utc).isoformat()}) + "\n"
+    body = json.dumps({"job_id": job_id, "claimed_at": datetime.now(UTC).isoformat()}) + "\n"
     tmp = os.path.join(path, f"{_CLAIM_TMP_PREFIX}{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:

@@ -360,7 +360,10 @@ def state_schema_problem(table: pa.Table, expected: Sequence[str]) -> str | None
     """Why a restored state table lacks columns an operator needs (None when it has them all)."""
     missing = [c for c in expected if table.schema.get_field_index(c) < 0]
     if missing:
-        return f"restored state lacks column(s) {', '.join(map(repr, missing))} (columns: {', '.join(table.schema.names)})"
+        return (
+            f"restored state lacks column(s) {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(table.schema.names)})"
+        )
     return None
 
 

@@ -890,7 +890,10 @@ class RemoteSender:
                 self._writer.close()
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT_S)
         except TimeoutError:
-            log.warning("channel %s to %s: buffered data not flushed within %g s; aborting", self.channel, self.peer, CLOSE_TIMEOUT_S)
+            log.warning(
+                "channel %s to %s: buffered data not flushed within %g s; aborting",
+                self.channel, self.peer, CLOSE_TIMEOUT_S,
+            )
             transport.abort()
         except (ConnectionError, OSError):
             pass  # the peer already went; nothing left to flush to

@@ -155,7 +155,7 @@ def _plan(
     `expressions=False` skips parsing expressions (pure Python, for the workflow's rescale check)."""
     inputs = pipeline.input_ids()
     ops = {op.id: op for op in pipeline.operators}
-    types = {op.id: op.type for op in pipeline.operators}
+    types: dict[str, str] = {op.id: op.type for op in pipeline.operators}
     consumers: dict[str, list[str]] = {op.id: [] for op in pipeline.operators}
     for op_id, ups in inputs.items():
         for up in ups:
@@ -187,12 +187,12 @@ def _plan(
                 raise UserError(f"operator {op.id!r}: event_time column {event_time!r} must be declared in "
                                 f"'schema' as a timestamp (schema: {declared})")
         if op.type == "key_by":
-            _require(op.id, "key column(s)", op.key, cols[ups[0]])  # type: ignore[union-attr]
-        if expressions and op.type == "filter" and getattr(op, "expr", None):
-            _require(op.id, "column(s)", _expression_columns(op.id, op.expr), cols[ups[0]])  # type: ignore[union-attr]
+            _require(op.id, "key column(s)", op.key, cols[ups[0]])
+        if expressions and op.type == "filter" and op.expr:
+            _require(op.id, "column(s)", _expression_columns(op.id, op.expr), cols[ups[0]])
         if expressions and op.type == "project":
             needed: list[str] = []
-            for expr in op.outputs().values():  # type: ignore[union-attr]
+            for expr in op.outputs().values():
                 needed += [c for c in _expression_columns(op.id, expr) if c not in needed]
             _require(op.id, "column(s)", needed, cols[ups[0]])
         cols[op.id] = _columns_known(op, ups, cols)
@@ -216,8 +216,8 @@ def _plan(
         chains.append(Chain(operators=[op.id], parallelism=parallelism[op.id]))
         for up in ups:
             kind = _edge_kind(up, op.id, parallelism, types)
-            key = list(ops[up].key) if kind == "hash" else None  # type: ignore[union-attr]
-            edges.append(Edge(from_op=up, to_op=op.id, kind=kind, key=key))
+            edge_key = list(ops[up].key) if kind == "hash" else None  # type: ignore[union-attr]
+            edges.append(Edge(from_op=up, to_op=op.id, kind=kind, key=edge_key))
     return chains, edges, keys
 
 

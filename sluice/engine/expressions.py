@@ -32,7 +32,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +42,7 @@ from sluice.engine.operators import UserFunctionError
 #: longest expression text accepted (a guard against pathological input, not a real limit)
 MAX_EXPRESSION_CHARS = 10_000
 
-Value = pa.Array | pa.ChunkedArray | pa.Scalar
+Value: TypeAlias = pa.Array | pa.ChunkedArray | pa.Scalar
 Evaluator = Callable[[pa.RecordBatch], Value]
 
 
@@ -329,11 +329,11 @@ class _Translator:
             scalar = pa.scalar(value)
         except (pa.ArrowException, OverflowError) as exc:
             raise self.fail(f"literal {value!r} is not representable: {exc}") from exc
-        return _Node(pc.scalar(value), lambda _b, s=scalar: s, literal=value, is_literal=True, label=repr(value))
+        return _Node(pc.scalar(value), lambda _b: scalar, literal=value, is_literal=True, label=repr(value))
 
     def column(self, name: str) -> _Node:
         self.columns.add(name)
-        return _Node(pc.field(name), lambda b, n=name: b.column(n), column=name, label=f"column {name!r}")
+        return _Node(pc.field(name), lambda b: b.column(name), column=name, label=f"column {name!r}")
 
     def call(self, name: str, args: list[_Node], options: pc.FunctionOptions | None, node: ast.AST) -> _Node:
         seg = self.segment(node)
@@ -374,7 +374,11 @@ class _Translator:
         if isinstance(node.op, ast.UAdd):
             return operand
         if isinstance(node.op, ast.USub):
-            if operand.is_literal and isinstance(operand.literal, (int, float)) and not isinstance(operand.literal, bool):
+            if (
+                operand.is_literal
+                and isinstance(operand.literal, (int, float))
+                and not isinstance(operand.literal, bool)
+            ):
                 return self.literal(-operand.literal)
             return self.call("negate", [operand], None, node)
         if isinstance(node.op, (ast.Not, ast.Invert)):
@@ -492,7 +496,9 @@ class _Translator:
         if any(isinstance(a, ast.Starred) for a in node.args):
             raise self.fail(f"'*' arguments are not supported ({self.segment(node)!r})")
         if name == "col":
-            if len(node.args) != 1 or not (isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            if len(node.args) != 1 or not (
+                isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            ):
                 raise self.fail(f"col() takes one string literal, the column name ({self.segment(node)!r})")
             return self.column(node.args[0].value)
         if name == "cast":
@@ -509,8 +515,9 @@ class _Translator:
             seg = self.segment(node)
             options = pc.CastOptions.safe(target)
             labels = [value.label]
+            f = value.evaluate
             return _Node(pc.Expression._call("cast", [value.expression], options),
-                         lambda b, f=value.evaluate: _call("cast", [f(b)], options, seg, labels), label=repr(seg))
+                         lambda b: _call("cast", [f(b)], options, seg, labels), label=repr(seg))
         spec = FUNCTIONS.get(name)
         if spec is None:
             raise self.fail(f"unknown function {name!r} (known: {', '.join(sorted([*FUNCTIONS, *SPECIAL_FUNCTIONS]))})")
@@ -587,7 +594,9 @@ class CompiledExpression:
         for c in self.columns:
             if batch.schema.get_field_index(c) < 0:
                 if c in names:
-                    raise ExpressionError(operator, operator_id, self.text, f"column {c!r} appears more than once in the input")
+                    raise ExpressionError(
+                        operator, operator_id, self.text, f"column {c!r} appears more than once in the input"
+                    )
                 raise MissingColumnError(operator, operator_id, c, names,
                                          context=f' (read by expression "{self.text}")')
 

@@ -148,7 +148,10 @@ class Hello:
 
     def __repr__(self) -> str:
         # Never print the credential.
-        return f"Hello(job_id={self.job_id!r}, generation={self.generation}, channel={self.channel}, version={self.version})"
+        return (
+            f"Hello(job_id={self.job_id!r}, generation={self.generation}, channel={self.channel}, "
+            f"version={self.version})"
+        )
 
 
 def encode_hello(hello: Hello) -> bytes:
@@ -253,7 +256,9 @@ class MessageEncoder:
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self._max:
-            raise ValueError(f"{what} serialises to {n} bytes, more than the {self._max}-byte frame limit; send smaller batches")
+            raise ValueError(
+                f"{what} serialises to {n} bytes, more than the {self._max}-byte frame limit; send smaller batches"
+            )
 
 
 class MessageDecoder:
@@ -399,7 +404,9 @@ class FrameReader:
         if kind not in _KINDS:
             raise FramingError(f"unknown frame kind {kind} (garbage or a different protocol)")
         if length > self.max_frame_bytes:
-            raise FramingError(f"{FrameKind(kind).name} frame of {length} bytes exceeds the {self.max_frame_bytes}-byte limit")
+            raise FramingError(
+                f"{FrameKind(kind).name} frame of {length} bytes exceeds the {self.max_frame_bytes}-byte limit"
+            )
         if avail >= HEADER_SIZE + length:
             body_start = self._start + HEADER_SIZE
             payload = bytes(self._view[body_start:body_start + length])

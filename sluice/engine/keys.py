@@ -124,8 +124,8 @@ def _hash_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         values = np.asarray(col.fill_null(0)).astype(np.int64).view(np.uint64)
         h = _splitmix(values ^ _GOLDEN)
     elif pa.types.is_floating(t):
-        values = np.asarray(col.cast(pa.float64()).fill_null(0.0)) + 0.0  # -0.0 and 0.0 are one key
-        h = _splitmix(values.view(np.uint64))
+        floats = np.asarray(col.cast(pa.float64()).fill_null(0.0)) + 0.0  # -0.0 and 0.0 are one key
+        h = _splitmix(floats.view(np.uint64))
     else:
         raise KeyTypeError(f"cannot use a column of type {t} as a key (strings, binaries, integers, "
                            f"floats, booleans, dates and timestamps can be)")

@@ -8,7 +8,6 @@ before end-of-stream is all there is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import pyarrow as pa
 
@@ -39,5 +38,5 @@ class EndOfStream:
     """The upstream has no more records; operators flush what they hold."""
 
 
-ControlMessage = Union[Barrier, Watermark, Idle, EndOfStream]
-Message = Union[pa.RecordBatch, Barrier, Watermark, Idle, EndOfStream]
+ControlMessage = Barrier | Watermark | Idle | EndOfStream
+Message = pa.RecordBatch | Barrier | Watermark | Idle | EndOfStream

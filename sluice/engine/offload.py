@@ -45,7 +45,9 @@ class CallThread:
     """One daemon thread running submitted callables for one subtask."""
 
     def __init__(self, name: str | None = None) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = (
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop] | None
+        ] = (
             queue.SimpleQueue()
         )
         self._lock = threading.Lock()

@@ -16,14 +16,13 @@ different) and keeps the part it now owns, so a rescale neither loses nor repeat
 
 from __future__ import annotations
 
-from sluice.errors import UserError
-
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from sluice.engine.messages import Watermark
+from sluice.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,8 +58,15 @@ from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
 from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
 from sluice.errors import CorruptCheckpointError, StaleGeneration, UserError
-from sluice.models import CheckpointManifest, OperatorSnapshot, Program, SubtaskRef, SubtaskSnapshot, operator_role
-from sluice.models import StateFileDigest
+from sluice.models import (
+    CheckpointManifest,
+    OperatorSnapshot,
+    Program,
+    StateFileDigest,
+    SubtaskRef,
+    SubtaskSnapshot,
+    operator_role,
+)
 from sluice.storage import CheckpointStore
 
 T = TypeVar("T")
@@ -279,7 +286,9 @@ class SubtaskRunner:
                 operator=operator_id, traceback=user_traceback(cause) if cause is not None else None,
             )
         if isinstance(exc, CorruptCheckpointError):  # restoring the same checkpoint again cannot help
-            return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal", operator=operator_id)
+            return TaskError(
+                f"{self._where(operator_id)}: {exc}", retryable=False, domain="internal", operator=operator_id
+            )
         if isinstance(exc, UserError):  # bad input data (a malformed file, a schema mismatch)
             return TaskError(f"{self._where(operator_id)}: {exc}", retryable=False, domain="user", operator=operator_id)
         return TaskError(
@@ -506,9 +515,10 @@ class SubtaskRunner:
                 announced_idle = False
                 batch, mark = poll.batch, Watermark(wm) if wm is not None else None
                 # The batch and the watermark after it in one step: one trip to the thread.
+                # (The lambda runs in this iteration: _step awaits it.)
                 out, released = await self._step(lambda: (
-                    chain.source_emitted(source.operator_id, batch),
-                    chain.watermark(mark) if mark is not None else [],
+                    chain.source_emitted(source.operator_id, batch),  # noqa: B023
+                    chain.watermark(mark) if mark is not None else [],  # noqa: B023
                 ))
                 await self._emit(out)
                 if mark is not None:
@@ -549,7 +559,7 @@ class SubtaskRunner:
                 if union:
                     self._check_union(msg)
                 batch = msg
-                await self._emit(await self._step(lambda: chain.process(batch)))
+                await self._emit(await self._step(lambda: chain.process(batch)))  # noqa: B023 - awaited here
             elif isinstance(msg, Watermark):
                 await self._watermark(msg)
             elif isinstance(msg, Idle):

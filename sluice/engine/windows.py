@@ -224,7 +224,9 @@ class WindowOperator(Operator):
         if self._segments:
             columns = [*self.key, self.pane_column, *self.aggs.part_names]
             state = pa.concat_tables([s.table.select(columns) for s in self._segments])
-            hashes = pa.array(np.concatenate([key_hashes(s.table, list(self.key)) for s in self._segments]), type=pa.uint64())
+            hashes = pa.array(
+                np.concatenate([key_hashes(s.table, list(self.key)) for s in self._segments]), type=pa.uint64()
+            )
             table = pa.Table.from_arrays([hashes] + state.columns, names=[KEY_HASH_COLUMN, *state.column_names])
         else:
             table = pa.Table.from_arrays([pa.array([], type=pa.uint64())], names=[KEY_HASH_COLUMN])
@@ -246,7 +248,9 @@ class WindowOperator(Operator):
         check_key_columns(self.type_name, self.operator_id, self.key, schema)
         idx = schema.get_field_index(self.spec.time)
         if idx < 0:
-            raise MissingColumnError(self.type_name, self.operator_id, self.spec.time, schema.names, role="event-time column")
+            raise MissingColumnError(
+                self.type_name, self.operator_id, self.spec.time, schema.names, role="event-time column"
+            )
         t = schema.field(idx).type
         if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)):
             raise BadInputTypeError(self.operator_id, f"{self.type_name} {self.operator_id!r}: event-time column "
@@ -371,7 +375,9 @@ class WindowOperator(Operator):
         rows, window_starts = np.concatenate(rows_parts), np.concatenate(start_parts)
         if not self.aggs.numeric(panes.schema):
             copies = panes.take(pa.array(rows))
-            copies = copies.set_column(copies.schema.get_field_index(self.pane_column), "window_start", pa.array(window_starts))
+            copies = copies.set_column(
+                copies.schema.get_field_index(self.pane_column), "window_start", pa.array(window_starts)
+            )
             return self.aggs.merge(copies, ["window_start", *self.key], self._steps, "slide")
         # Each pane feeds S/D windows: code the keys of the (fewer) panes once, then group the
         # copies by arithmetic on (window, key code) instead of hashing every copy's key again.

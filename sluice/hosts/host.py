@@ -54,9 +54,9 @@ from sluice.hosts.contracts import (
     RunnerReport,
     host_task_queue,
 )
+from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.models import RunnerEvent, RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerSilent
-from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.schedulers import RunnerStartError
 from sluice.schedulers.process import ProcessScheduler, is_runner_process
 from sluice.settings import load_secret, runners_dir
@@ -219,7 +219,9 @@ class RunnerHost:
         try:
             jobs = await asyncio.wait_for(deregister(self.client, self.config.host_id), timeout=10.0)
             if jobs:
-                log.info("host %s deregistered; jobs told to recover elsewhere: %s", self.config.host_id, ", ".join(jobs))
+                log.info(
+                    "host %s deregistered; jobs told to recover elsewhere: %s", self.config.host_id, ", ".join(jobs)
+                )
         except Exception as e:  # noqa: BLE001 - shutting down regardless; the lease will expire
             log.warning("host %s could not deregister (%s): its lease expires instead", self.config.host_id, e)
         await self.stop_all_runners()
@@ -241,7 +243,7 @@ class RunnerHost:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> "RunnerHost":
+    async def __aenter__(self) -> RunnerHost:
         await self.start()
         return self
 
@@ -273,7 +275,7 @@ class RunnerHost:
 
         last_contact = time.monotonic()
         fenced = False
-        client = self.client
+        client: Client | None = self.client
         while not self._closing:
             await asyncio.sleep(REGISTRY_CHECK_S)
             try:
@@ -345,7 +347,7 @@ class RunnerHost:
         for w in self._watches.values():
             if w.job_id == inp.job_id and _matches(w.generation, inp):
                 w.stopping = True
-        grace = {} if inp.grace_s is None else {"grace_s": inp.grace_s}
+        grace: dict[str, Any] = {} if inp.grace_s is None else {"grace_s": inp.grace_s}
         return await self.scheduler.stop_runners(
             inp.job_id, generation=inp.generation, below_generation=inp.below_generation, **grace
         )
@@ -390,7 +392,7 @@ class RunnerHost:
             # A broken event stream (most often a process that just died) scans again at once.
             try:
                 await asyncio.wait_for(self._scan_now.wait(), WATCH_SCAN_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._scan_now.clear()
 
@@ -447,7 +449,10 @@ class RunnerHost:
                     # Reported, and followed on: a job still starting its tasks ignores silence
                     # (its start has its own timeout), and a runner that speaks again is watched.
                     if not w.ended and not w.stopping:
-                        message = f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s (hung, stopped or cut off)"
+                        message = (
+                            f"{_who(w, self.config.host_id)} sent nothing for {w.hang_timeout_s:g} s "
+                            "(hung, stopped or cut off)"
+                        )
                         w.outbox.put_nowait(self._report(w, "lost", tasks={}, message=message,
                                                          ran=sorted(w.sent_tasks), hung=True))  # fmt: skip
         except (RunnerUnavailable, RunnerRefused) as e:
@@ -497,7 +502,7 @@ class RunnerHost:
                 **fields: Any) -> RunnerReport:  # fmt: skip
         return RunnerReport(
             job_id=w.job_id, generation=w.generation, runner_id=w.info.runner_id,
-            host_id=self.config.host_id, kind=kind, tasks=tasks, ran=ran or [], **fields,  # type: ignore[arg-type]
+            host_id=self.config.host_id, kind=kind, tasks=tasks, ran=ran or [], **fields,
         )  # fmt: skip
 
     async def _send_reports(self, w: RunnerWatch) -> None:

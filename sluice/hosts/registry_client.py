@@ -110,7 +110,7 @@ async def _update(client: Client, name: str, arg: Any, result_type: type[T], tim
         while True:
             handle = await ensure_registry(client)
             try:
-                return await handle.execute_update(name, arg, result_type=result_type)  # type: ignore[no-any-return]
+                return await handle.execute_update(name, arg, result_type=result_type)
             except WorkflowUpdateFailedError as exc:
                 raise RegistryRejected(f"host registry refused {name}: {_message(exc)}") from exc
             except WorkflowUpdateRPCTimeoutOrCancelledError:
@@ -132,14 +132,16 @@ async def _update(client: Client, name: str, arg: Any, result_type: type[T], tim
         ) from exc
 
 
-async def register(client: Client, reg: HostRegistration, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> RegisterResult:
+async def register(
+    client: Client, reg: HostRegistration, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S
+) -> RegisterResult:
     """Register (or refresh) a host. `declared_lost`: its leftover runners must be killed."""
     return await _update(client, UPDATE_REGISTER, reg, RegisterResult, timeout_s)
 
 
 async def deregister(client: Client, host_id: str, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> list[str]:
     """Remove a host that shuts down; the job ids that had runners reserved there."""
-    return await _update(client, UPDATE_DEREGISTER, host_id, list[str], timeout_s)  # type: ignore[arg-type]
+    return await _update(client, UPDATE_DEREGISTER, host_id, list[str], timeout_s)
 
 
 async def place(client: Client, req: PlaceRequest, *, timeout_s: float = REGISTRY_CALL_TIMEOUT_S) -> Placement:
@@ -159,13 +161,16 @@ async def list_hosts(client: Client, *, timeout_s: float = REGISTRY_QUERY_TIMEOU
         handle = await ensure_registry(client)
         left = max(0.001, deadline - time.monotonic())
         try:
-            return await handle.query(  # type: ignore[no-any-return]
+            return await handle.query(
                 QUERY_HOSTS, result_type=list[HostRecord], rpc_timeout=timedelta(seconds=left)
             )
         except WorkflowQueryFailedError as exc:
             raise RegistryError(f"host registry query failed: {exc}") from exc
         except RPCError as exc:
-            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION) and time.monotonic() < deadline:
+            if (
+                exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(RETRY_PAUSE_S)  # the run moved under us: ask the new one
                 continue
             if exc.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):

@@ -81,7 +81,7 @@ class RunnerClient:
         }
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "RunnerClient":
+    async def __aenter__(self) -> RunnerClient:
         self._session = aiohttp.ClientSession(
             base_url=self.info.control_url,
             headers=self._headers,
@@ -136,7 +136,7 @@ class RunnerClient:
             async with self.session.request(method, path, **kwargs) as resp:
                 text = await resp.text()
                 status = resp.status
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise RunnerUnavailable(f"{what}: timed out") from e
         except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError, OSError) as e:
             raise RunnerUnavailable(f"{what}: {type(e).__name__}: {e}") from e
@@ -156,8 +156,8 @@ class RunnerClient:
                 retryable=detail.get("retryable"),
             )
         if status >= 500:
-            message = data.get("error") if isinstance(data, dict) else text
-            raise RunnerUnavailable(f"{what}: {status}: {message}")
+            error = data.get("error") if isinstance(data, dict) else text
+            raise RunnerUnavailable(f"{what}: {status}: {error}")
         return data
 
     async def health(self) -> dict[str, Any]:
@@ -265,7 +265,7 @@ class RunnerClient:
                     yield event
         except aiohttp.ConnectionTimeoutError as e:
             raise RunnerUnavailable(f"{what}: cannot connect within {CONNECT_TIMEOUT_S:g} s") from e
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             silent = heartbeat_timeout_s or 0.0
             raise RunnerSilent(f"{what}: no event for {silent:g} s", silent_s=silent) from e
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,7 +83,7 @@ _DOMAINS = ("user", "internal", "external")
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -424,7 +424,7 @@ class RunnerServer:
 
     def _event(self, kind: str, **fields: Any) -> RunnerEvent:
         return RunnerEvent(
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             runner_id=self.runner_id,
             generation=self.generation,
             time=_now(),
@@ -631,7 +631,7 @@ class RunnerServer:
             return
         st.outcome = outcome
         failure = why if isinstance(why, StartFailure) else None
-        message = failure.message if failure is not None else why
+        message = why.message if isinstance(why, StartFailure) else why  # `failure` is `why` then
         st.error = message if outcome == "failed" else None
         if outcome == "failed":
             event = self._event(

@@ -82,7 +82,9 @@ class Wiring:
         if self.data_server is None:
             raise RuntimeError(f"channel {label} crosses runners, but this runner has no data server")
         inbound = self.data_server.register(self.req.job_id, self.req.generation, cid, CHANNEL_CAPACITY)
-        return InputChannel(f"{label} (from runner {self._runner_of(self.program.chain_of(edge.from_op), sender)})", inbound)
+        return InputChannel(
+            f"{label} (from runner {self._runner_of(self.program.chain_of(edge.from_op), sender)})", inbound
+        )
 
     async def _sender(self, edge: Edge, sender: int, receiver: int) -> Sender:
         cid = ChannelId(edge=edge.name, sender=sender, receiver=receiver)

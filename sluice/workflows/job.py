@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RawValue, SearchAttributeKey
@@ -19,7 +20,20 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
+    from sluice.engine.compiler import plan_problem
+    from sluice.hosts.contracts import (
+        HOST_STOP_RUNNERS,
+        SIGNAL_HOST_LOST,
+        SIGNAL_RUNNER_REPORT,
+        SIGNAL_SLOTS_FREED,
+        HostLost,
+        HostStopInput,
+        ReleaseRequest,
+        RunnerReport,
+    )
     from sluice.models import (
+        SEARCH_ATTRIBUTE_PIPELINE,
+        SEARCH_ATTRIBUTE_STATE,
         CleanupInput,
         ConfigPatch,
         Failure,
@@ -42,33 +56,20 @@ with workflow.unsafe.imports_passed_through():
         TeardownInput,
         TransitionRecord,
         WaitForStateRequest,
-        SEARCH_ATTRIBUTE_PIPELINE,
-        SEARCH_ATTRIBUTE_STATE,
-    )
-    from sluice.hosts.contracts import (
-        HOST_STOP_RUNNERS,
-        SIGNAL_HOST_LOST,
-        SIGNAL_RUNNER_REPORT,
-        SIGNAL_SLOTS_FREED,
-        HostLost,
-        HostStopInput,
-        ReleaseRequest,
-        RunnerReport,
     )
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.savepoints import SavepointRequests
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
-    from sluice.engine.compiler import plan_problem
 
 JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
 
 # Monitor watch sets: in Running every event matters; while stopping or taking a final
 # checkpoint, finished tasks are expected and only failures need the workflow.
-WATCH_ALL = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
-WATCH_FAILURES = ["task_failed", "runner_lost"]
+WATCH_ALL: list[WatchKind] = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
+WATCH_FAILURES: list[WatchKind] = ["task_failed", "runner_lost"]
 
 
 class CommandRejected(Exception):
@@ -118,7 +119,7 @@ class ViewMonitor:
     """The monitor of a run on runner hosts: done once the hosts' reports (folded into the job's
     RunnerView) show something the watch set cares about. Holds no activity slot."""
 
-    def __init__(self, wf: "JobWorkflow", watch: list[WatchKind]) -> None:
+    def __init__(self, wf: JobWorkflow, watch: list[WatchKind]) -> None:
         self.wf = wf
         self.watch = watch
 
@@ -157,10 +158,19 @@ class JobWorkflow:
         self.epoch: int
         self.next_epoch: int
         self.restarts: int
+        self.applied_nonce: int
         self.program: Program | None
         self.checkpoint_url: str | None
         self.runners: list[RunnerInfo]
         self.failure: Failure | None
+        self.rejected: list[RejectedCommand]
+        self.transitions: list[TransitionRecord]
+        self.started_at: datetime | None
+        self.ignore_state_pending: bool
+        self.compiled_once: bool
+        self.stop_mode: str | None
+        self.restart_mode: str
+        self.state_floor: int
         self.last_error: Failure | None
         self.failure_streak: int
         self.streak_failure: Failure | None
@@ -227,7 +237,7 @@ class JobWorkflow:
             raise ApplicationError(f.message, f.model_dump(), type="JobFailed", non_retryable=True)
         return JobResult(
             job_id=self.job_id,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             epoch=self.epoch,
             generation=self.generation,
             restarts=self.restarts,
@@ -252,7 +262,11 @@ class JobWorkflow:
 
     def _count_repeat(self, failure: Failure | None) -> None:
         """Track how often the same failure repeats in a row (see `repeats_deterministically`)."""
-        if failure is not None and self.streak_failure is not None and failure.signature() == self.streak_failure.signature():
+        if (
+            failure is not None
+            and self.streak_failure is not None
+            and failure.signature() == self.streak_failure.signature()
+        ):
             self.failure_streak += 1
         else:
             self.failure_streak = 1 if failure is not None else 0
@@ -340,10 +354,10 @@ class JobWorkflow:
         except BaseException:  # noqa: BLE001 - cancellation or failure, both expected here
             pass
 
-    def start_monitor(self, watch: list[str]) -> None:
+    def start_monitor(self, watch: list[WatchKind]) -> None:
         assert self.program is not None
         if self.on_hosts:
-            self.monitor = ViewMonitor(self, watch)  # type: ignore[arg-type]
+            self.monitor = ViewMonitor(self, watch)
             return
         self.monitor = workflow.start_activity(
             "monitor_runners",
@@ -353,7 +367,7 @@ class JobWorkflow:
                 program=self.program,
                 runners=self.runners,
                 heartbeat_timeout_s=self.config.runner_heartbeat_timeout_s,
-                watch=watch,  # type: ignore[arg-type]
+                watch=watch,
             ),
             result_type=MonitorResult,
             start_to_close_timeout=C.MONITOR_TIMEOUT,
@@ -718,7 +732,7 @@ class JobWorkflow:
                 timeout=req.timeout_s,
                 timeout_summary="wait_for_state timeout",
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApplicationError(
                 f"job did not reach {' or '.join(req.states)} within {req.timeout_s:g} s (it is {self.state})",
                 type="WaitTimedOut", non_retryable=True,
@@ -730,7 +744,9 @@ class JobWorkflow:
             raise ApplicationError(f"job failed: {f.message}", f.model_dump(), type="JobFailed", non_retryable=True)
         if self.state in TERMINAL:
             raise ApplicationError(
-                f"job is {self.state}; it will not reach {' or '.join(req.states)}", type="JobClosed", non_retryable=True
+                f"job is {self.state}; it will not reach {' or '.join(req.states)}",
+                type="JobClosed",
+                non_retryable=True,
             )
         raise ApplicationError("job continued as new; wait again", type="ContinuedAsNew", non_retryable=True)
 
@@ -779,7 +795,7 @@ class JobWorkflow:
         return JobStatus(
             job_id=self.job_id,
             pipeline_name=self.spec.pipeline.name,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             generation=self.generation,
             epoch=self.epoch,
             restarts=self.restarts,
@@ -834,7 +850,7 @@ def _parse_job_input(raw: Any, workflow_id: str) -> tuple[JobInput, str | None]:
             )
         else:
             problem = str(e)
-        spec = JobSpec(job_id=workflow_id, pipeline=_INVALID_PIPELINE)  # type: ignore[arg-type]
+        spec = JobSpec(job_id=workflow_id, pipeline=_INVALID_PIPELINE)
         return JobInput(spec=spec), f"invalid job input: {problem}"
 
 

@@ -76,11 +76,11 @@ class RunnerView(BaseModel):
         if program is None:
             return None
         labels = [s.label() for s in program.subtasks()]
-        if "all_finished" in watch and labels and all(self.tasks.get(l) == "finished" for l in labels):
+        if "all_finished" in watch and labels and all(self.tasks.get(label) == "finished" for label in labels):
             return MonitorResult(kind="all_finished", message="every task finished")
         if "sources_finished" in watch:
             sources = source_labels(program)
-            if sources and all(self.tasks.get(l) in ("source_finished", "finished") for l in sources):
+            if sources and all(self.tasks.get(label) in ("source_finished", "finished") for label in sources):
                 return MonitorResult(kind="sources_finished", message="every source reached its end")
         return None
 

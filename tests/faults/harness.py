@@ -31,7 +31,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def path_after(status: JobStatus, when: datetime) -> list[str]:
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # ------------------------------------------------------------------------------ the case
@@ -321,7 +321,7 @@ class FaultJob:
         now = time.time()
         for a in desc.raw_description.pending_activities:
             if a.activity_type.name == "checkpoint" and a.HasField("scheduled_time"):
-                if now - a.scheduled_time.ToDatetime(tzinfo=timezone.utc).timestamp() >= min_age_s:
+                if now - a.scheduled_time.ToDatetime(tzinfo=UTC).timestamp() >= min_age_s:
                     return True
         return False
 
@@ -331,7 +331,9 @@ class FaultJob:
         await self.job_client.start(self.spec)
 
     async def running_with_checkpoint(self) -> JobStatus:
-        return await self.until(lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint", START_TIMEOUT_S)
+        return await self.until(
+            lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint", START_TIMEOUT_S
+        )
 
     async def hold(self) -> None:
         """Make each map batch slow (or, with `block_holds`, not return while held), and wait

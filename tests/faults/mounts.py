@@ -42,7 +42,7 @@ class Tmpfs:
         self._layers = 0  # mounts stacked on `path` by this object
         self._filled = False
 
-    def mount(self) -> "Tmpfs":
+    def mount(self) -> Tmpfs:
         self.path.mkdir(parents=True, exist_ok=True)
         r = _run("mount", "-t", "tmpfs", "-o", f"size={self.size_bytes},mode=0755", "tmpfs", str(self.path))
         if r.returncode != 0:

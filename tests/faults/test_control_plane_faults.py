@@ -31,7 +31,7 @@ from sluice.models import JobStatus
 from tests.conftest import ManagedProcess, run_process_worker
 from tests.e2e_helpers import describe_status
 from tests.faults.harness import RUNS_ON, STATES, FaultJob, now_utc
-from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix
+from tests.faults.matrix import MATRIX_TIMEOUT_S, JobFactory, Matrix
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 

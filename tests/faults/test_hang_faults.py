@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from tests.e2e_helpers import describe_status
 from tests.faults.harness import NAMES_MAP, RECOVERS, RESCALE_TO, RUNS_ON
-from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
+from tests.faults.matrix import MATRIX_TIMEOUT_S, JobFactory, Matrix, run_matrix, selected
 from tests.pipeline_functions import HANG_ALWAYS_FILE, HANG_ONCE_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from tests.faults.harness import RECOVERS, RESCALE_TO, RUNS_ON, STATES, release_stopped, signal_runner
-from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
+from tests.faults.matrix import MATRIX_TIMEOUT_S, JobFactory, Matrix, run_matrix, selected
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 

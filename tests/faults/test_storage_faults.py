@@ -39,14 +39,16 @@ from tests.faults.harness import (
     path_after,
     signal_runner,
 )
-from tests.faults.matrix import JobFactory, MATRIX_TIMEOUT_S, Matrix, run_matrix, selected
+from tests.faults.matrix import MATRIX_TIMEOUT_S, JobFactory, Matrix, run_matrix, selected
 from tests.faults.mounts import Tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(MATRIX_TIMEOUT_S)]
 
 TMPFS_BYTES = 32 << 20  # checkpoints and output of a case take well under 1 MB
 STORE_STATES = ("Running", "Checkpoint", "CheckpointStopping", "Rescaling", "Restarting")
-SINK_STATES = ("Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Stopping", "Rescaling", "Restarting", "Recovering")
+SINK_STATES = (
+    "Scheduling", "Running", "Checkpoint", "CheckpointStopping", "Stopping", "Rescaling", "Restarting", "Recovering"
+)
 PERSISTENT = "Running, stays full"
 CORRUPT_STATES = ("Recovering", "Scheduling")
 STAYS_FULL_RESTARTS = 2

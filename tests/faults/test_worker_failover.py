@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,9 @@ class Case:
 # ------------------------------------------------------------------------------ reaching a state
 
 
-async def _status(job: Job, predicate: Callable[[JobStatus], bool], what: str, timeout_s: float = START_TIMEOUT_S) -> JobStatus:
+async def _status(
+    job: Job, predicate: Callable[[JobStatus], bool], what: str, timeout_s: float = START_TIMEOUT_S
+) -> JobStatus:
     return await wait_status(job.job_client, job.job_id, predicate, timeout_s=timeout_s, what=what)
 
 
@@ -242,7 +244,7 @@ async def test_sticky_worker_killed(
     )
     spec = job_spec(pipeline, state_dir, **{"checkpoint_interval_s": 1.0, **case.config})
     job = Job(client, job_client, spec.job_id, state_dir, pipeline, workers)
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     await job_client.start(spec)
     try:
         await case.reach(job)
@@ -257,10 +259,14 @@ async def test_sticky_worker_killed(
         await _answers_status(job)
         if case.stops_first:
             await _status(job, lambda s: s.state == "Stopped", "Stopped", timeout_s=FAILOVER_TIMEOUT_S)
-            await wait_until(lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed")
+            await wait_until(
+                lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed"
+            )
             await job_client.stop(job.job_id, "none")  # resume: a new run restores the final checkpoint
         await _status(job, lambda s: s.state == "Finished", "Finished", timeout_s=END_TIMEOUT_S)
-        await wait_until(lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed")
+        await wait_until(
+            lambda: job_client.final_state(job.job_id), timeout_s=FAILOVER_TIMEOUT_S, what="run closed"
+        )
 
         # Once closed, a query replays the whole history on the surviving worker.
         closed = await job_client.status(job.job_id, timeout_s=QUERY_TIMEOUT_S * 2)

@@ -32,7 +32,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ async def run_scenario(name: str, client: Client, state_root: Path, address: str
         state_dir = state_root / f"{name}-{attempt}"
         state_dir.mkdir(parents=True)
         ctx = ScenarioContext(client=client, job_client=JobClient(client), state_dir=state_dir)
-        since = datetime.now(timezone.utc)
+        since = datetime.now(UTC)
         try:
             if address is not None:
                 ctx.process_workers = [run_process_worker(address, state_dir) for _ in range(FAILOVER_WORKERS)]
@@ -228,7 +228,10 @@ async def generate(names: Sequence[str], out_dir: Path, jobs: int) -> int:
         if not o.error and o.histories:
             written += write_histories(o, out_dir)
     problems = await replay_all(written)
-    log(f"{len(written)} history files from {len(outcomes) - len(failed)} scenarios in {time.monotonic() - started:.0f} s")
+    log(
+        f"{len(written)} history files from {len(outcomes) - len(failed)} scenarios "
+        f"in {time.monotonic() - started:.0f} s"
+    )
     for o in failed:
         print(f"error: scenario {o.name} failed: {o.error or 'no runs recorded'}", file=sys.stderr)
     for p in problems:

@@ -89,7 +89,9 @@ class Cluster:
         self.processes.append(proc)
         return proc
 
-    def start_worker(self, ns: Namespace | None = None, *, max_activities: int | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, ns: Namespace | None = None, *, max_activities: int | None = None
+    ) -> subprocess.Popen[bytes]:
         """A controller worker with no local host (every runner lives on a `sluice host`)."""
         args = ["worker", "--local-slots", "0"]
         if max_activities is not None:

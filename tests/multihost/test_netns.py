@@ -95,7 +95,9 @@ def root_server(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     (tmp_path / "whoami").write_text("root")
 
     def start(address: str) -> str:
-        handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))
+        def handler(*a):
+            return http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))
+
         server = http.server.ThreadingHTTPServer((address, 0), handler)
         servers.append(server)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from sluice.workflows.states.recovering import failing, recovering
 from sluice.workflows.states.rescaling import rescaling, restarting

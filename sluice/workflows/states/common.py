@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from sluice.models import (
+        PERIODIC_SAVEPOINT_PREFIX,
         CheckpointInfo,
         CheckpointInput,
         CompileInput,
@@ -18,7 +20,6 @@ with workflow.unsafe.imports_passed_through():
         Failure,
         JobSpec,
         MonitorResult,
-        PERIODIC_SAVEPOINT_PREFIX,
         pipeline_version,
     )
     from sluice.workflows import constants as C
@@ -31,8 +32,8 @@ ESCALATED = "escalated"
 
 def cause_of(e: BaseException) -> str:
     """The innermost message of an activity failure: what the user needs to read."""
-    while getattr(e, "cause", None) is not None:
-        e = e.cause  # type: ignore[assignment]
+    while (cause := getattr(e, "cause", None)) is not None:
+        e = cause
     return str(e) or type(e).__name__
 
 
@@ -50,7 +51,7 @@ def is_user_error(e: BaseException) -> bool:
     return error_type(e) == C.USER_ERROR_TYPE
 
 
-async def compile_program(wf: "JobWorkflow") -> bool:
+async def compile_program(wf: JobWorkflow) -> bool:
     """Run the compile activity; on failure transition (Failing or Recovering) and return False."""
     spec = JobSpec(
         job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.config, checkpoint_url=wf.checkpoint_url
@@ -81,7 +82,7 @@ async def compile_program(wf: "JobWorkflow") -> bool:
     return True
 
 
-def fail_or_recover(wf: "JobWorkflow", e: BaseException, *, user: str, other: str) -> None:
+def fail_or_recover(wf: JobWorkflow, e: BaseException, *, user: str, other: str) -> None:
     """A failed activity: a user error fails the job (domain user), a corrupt checkpoint fails it
     too (domain external: restoring it again cannot help; the message names epoch and file and how
     to restore an older one), anything else recovers."""
@@ -97,7 +98,7 @@ def fail_or_recover(wf: "JobWorkflow", e: BaseException, *, user: str, other: st
         wf.transition("Recovering", wf.last_error.message)
 
 
-def start_checkpoint(wf: "JobWorkflow", then_stop: bool, savepoint: str | None = None) -> None:
+def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = None) -> None:
     """Start checkpoint `next_epoch`, kept as savepoint `savepoint` when given."""
     assert wf.program is not None and wf.checkpoint_url is not None
     epoch = wf.next_epoch
@@ -126,7 +127,7 @@ def start_checkpoint(wf: "JobWorkflow", then_stop: bool, savepoint: str | None =
     )
 
 
-def start_savepoint(wf: "JobWorkflow") -> None:
+def start_savepoint(wf: JobWorkflow) -> None:
     """Serve the oldest waiting `savepoint` update (no checkpoint may be in flight)."""
     assert wf.inflight_checkpoint is None
     pending = wf.savepoints.next()
@@ -168,7 +169,7 @@ def innermost_application_error(e: BaseException | None) -> ApplicationError | N
     return found
 
 
-def take_checkpoint_result(wf: "JobWorkflow") -> CheckpointFailed | None:
+def take_checkpoint_result(wf: JobWorkflow) -> CheckpointFailed | None:
     """Consume the finished in-flight checkpoint: None on success, else why it failed."""
     handle, wf.inflight_checkpoint = wf.inflight_checkpoint, None
     assert handle is not None and handle.done()
@@ -190,7 +191,7 @@ def take_checkpoint_result(wf: "JobWorkflow") -> CheckpointFailed | None:
     return None
 
 
-async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> Failure | str | None:
+async def final_checkpoint(wf: JobWorkflow, escalate: Callable[[], bool]) -> Failure | str | None:
     """Checkpoint with then-stop and wait until every task finished.
 
     A periodic checkpoint in flight is waited for first (its result kept). Meanwhile runner
@@ -208,9 +209,10 @@ async def final_checkpoint(wf: "JobWorkflow", escalate: Callable[[], bool]) -> F
             start_checkpoint(wf, then_stop=True)
             final_started = True
         handle = wf.inflight_checkpoint
+        assert handle is not None  # started above, or a periodic one in flight
         monitor = wf.monitor
         await workflow.wait_condition(
-            lambda: handle.done() or (monitor is not None and monitor.done()) or escalate()
+            lambda: handle.done() or (monitor is not None and monitor.done()) or escalate()  # noqa: B023 - awaited in this iteration
         )
         if escalate():
             await wf.cancel(handle)
@@ -238,7 +240,7 @@ def outcome_failure(outcome: MonitorResult) -> Failure:
     )
 
 
-def stop_transition(wf: "JobWorkflow", reason: str, running: bool) -> None:
+def stop_transition(wf: JobWorkflow, reason: str, running: bool) -> None:
     """Go to the stop state the requested mode calls for (the reference's stop macros)."""
     mode = wf.config.stop
     if running and mode == "checkpoint":
@@ -248,5 +250,5 @@ def stop_transition(wf: "JobWorkflow", reason: str, running: bool) -> None:
     wf.transition("Stopping", reason)
 
 
-def seconds_until(wf: "JobWorkflow", deadline: Any) -> float:
+def seconds_until(wf: JobWorkflow, deadline: datetime) -> float:
     return max(0.0, (deadline - workflow.now()).total_seconds())

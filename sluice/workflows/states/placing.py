@@ -29,7 +29,7 @@ class PlacementFailed(Exception):
     """Starting the placed runners failed on a host (the message names it)."""
 
 
-async def place_runners(wf: "JobWorkflow") -> Placement | None:
+async def place_runners(wf: JobWorkflow) -> Placement | None:
     """Reserve runner slots for the new generation; None if a stop was requested meanwhile."""
     assert wf.program is not None
     count = runners_needed(wf.program, wf.config.slots_per_runner)
@@ -58,18 +58,18 @@ async def place_runners(wf: "JobWorkflow") -> Placement | None:
         seen = wf.slots_freed_seen
         try:
             await workflow.wait_condition(
-                lambda: wf.slots_freed_seen != seen or wf.stop_requested(),
+                lambda: wf.slots_freed_seen != seen or wf.stop_requested(),  # noqa: B023 - awaited in this iteration
                 timeout=C.PLACEMENT_RECHECK,
                 timeout_summary="ask again for runner slots",
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if wf.stop_requested():
             wf.waiting_for = None
             return None
 
 
-async def start_placed_runners(wf: "JobWorkflow", placement: Placement) -> list[RunnerInfo]:
+async def start_placed_runners(wf: JobWorkflow, placement: Placement) -> list[RunnerInfo]:
     """Start every share on its host (in parallel); the runners, in index order. Raises
     PlacementFailed naming each host that failed (the runners started elsewhere are recorded,
     so a teardown reaches them)."""

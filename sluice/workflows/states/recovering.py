@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from temporalio import workflow
@@ -28,11 +27,11 @@ def restart_backoff_s(restarts: int, jitter: float, *, immediate_first: bool = T
         initial, doublings = C.RESTART_BACKOFF_INITIAL_S, restarts - 2
     else:
         initial, doublings = C.RESTART_BACKOFF_INITIAL_S_BEFORE_FAST_RECOVERY, max(0, restarts - 1)
-    step = min(C.RESTART_BACKOFF_MAX_S, initial * 2**doublings)
+    step: float = min(C.RESTART_BACKOFF_MAX_S, initial * 2**doublings)
     return step / 2 + jitter * step / 2
 
 
-async def recovering(wf: "JobWorkflow") -> None:
+async def recovering(wf: JobWorkflow) -> None:
     await wf.cancel(wf.inflight_checkpoint)
     wf.inflight_checkpoint = None
     await wf.cancel_monitor()
@@ -68,7 +67,7 @@ async def recovering(wf: "JobWorkflow") -> None:
             await workflow.wait_condition(
                 wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.restarts}"
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if wf.stop_requested():
             _stop(wf)
@@ -84,12 +83,12 @@ async def recovering(wf: "JobWorkflow") -> None:
     wf.transition("Compiling", f"restart {wf.restarts} {waited}")
 
 
-def _stop(wf: "JobWorkflow") -> None:
+def _stop(wf: JobWorkflow) -> None:
     # The runners' condition is unknown while recovering: kill them rather than wait on them.
     wf.stop_mode = "force"
     wf.transition("Stopping", f"stop {wf.config.stop} requested while recovering")
 
 
-async def failing(wf: "JobWorkflow") -> None:
+async def failing(wf: JobWorkflow) -> None:
     await wf.release_runners()
     wf.transition("Failed", (wf.failure or Failure(message="job failed")).message)

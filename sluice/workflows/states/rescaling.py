@@ -11,14 +11,16 @@ with workflow.unsafe.imports_passed_through():
     from sluice.workflows.states.common import ESCALATED, cause_of, final_checkpoint, stop_transition
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sluice.workflows.job import JobWorkflow
 
 
-async def rescaling(wf: "JobWorkflow") -> None:
+async def rescaling(wf: JobWorkflow) -> None:
     await _through_final_checkpoint(wf, f"rescaling to {wf.desired_parallelism()}", lambda: False)
 
 
-async def restarting(wf: "JobWorkflow") -> None:
+async def restarting(wf: JobWorkflow) -> None:
     if wf.restart_mode == "safe":
         # A second restart with force while the safe one checkpoints switches to force.
         done = await _through_final_checkpoint(wf, "safe restart", lambda: wf.config.restart_mode == "force")
@@ -30,7 +32,7 @@ async def restarting(wf: "JobWorkflow") -> None:
     await _teardown_then_schedule(wf, "forced restart: runners torn down")
 
 
-async def _through_final_checkpoint(wf: "JobWorkflow", what: str, switch_to_force) -> bool:
+async def _through_final_checkpoint(wf: JobWorkflow, what: str, switch_to_force: Callable[[], bool]) -> bool:
     """Final checkpoint then Scheduling; returns False only when asked to switch to force."""
     result = await final_checkpoint(wf, lambda: wf.stop_requested() or switch_to_force())
     if result is None:
@@ -48,7 +50,7 @@ async def _through_final_checkpoint(wf: "JobWorkflow", what: str, switch_to_forc
     return True
 
 
-async def _teardown_then_schedule(wf: "JobWorkflow", reason: str) -> None:
+async def _teardown_then_schedule(wf: JobWorkflow, reason: str) -> None:
     try:
         await wf.teardown(generation=wf.generation)
     except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again

@@ -47,7 +47,7 @@ class Timer:
             self._task.cancel()
 
 
-async def running(wf: "JobWorkflow") -> None:
+async def running(wf: JobWorkflow) -> None:
     from sluice.workflows.job import WATCH_ALL
 
     if wf.monitor is None:
@@ -152,10 +152,11 @@ async def running(wf: "JobWorkflow") -> None:
             monitor, inflight = wf.monitor, wf.inflight_checkpoint
             timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer) if t is not None]
             await workflow.wait_condition(
-                lambda: wf.commands_seen != seen
-                or (monitor is not None and monitor.done())
-                or (inflight is not None and inflight.done())
-                or any(t.fired for t in timers)
+                # The predicate reads this iteration's locals: it is awaited before the loop goes on.
+                lambda: wf.commands_seen != seen  # noqa: B023
+                or (monitor is not None and monitor.done())  # noqa: B023
+                or (inflight is not None and inflight.done())  # noqa: B023
+                or any(t.fired for t in timers)  # noqa: B023
             )
     finally:
         for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer):
@@ -163,7 +164,7 @@ async def running(wf: "JobWorkflow") -> None:
                 t.cancel()
 
 
-def _ttl_timer(wf: "JobWorkflow") -> Timer | None:
+def _ttl_timer(wf: JobWorkflow) -> Timer | None:
     """The TTL counts from the job's first Running (kept across restarts and continue-as-new)."""
     if wf.config.ttl_s is None or wf.started_at is None:
         return None
@@ -172,7 +173,7 @@ def _ttl_timer(wf: "JobWorkflow") -> Timer | None:
     return Timer((deadline - workflow.now()).total_seconds(), "TTL")
 
 
-def _savepoint_timer(wf: "JobWorkflow") -> Timer | None:
+def _savepoint_timer(wf: JobWorkflow) -> Timer | None:
     """The next periodic savepoint (JobConfig.savepoint_interval_s), counted from entering Running."""
     interval = wf.config.savepoint_interval_s
     return Timer(interval, "savepoint interval") if interval else None

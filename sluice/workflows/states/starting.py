@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
 
 
-async def created(wf: "JobWorkflow") -> None:
+async def created(wf: JobWorkflow) -> None:
     wf.transition("Compiling", "job created")
 
 
-async def compiling(wf: "JobWorkflow") -> None:
+async def compiling(wf: JobWorkflow) -> None:
     if wf.input_problem is not None:
         wf.failure = Failure(message=wf.input_problem, domain="user")
         wf.transition("Failing", f"program invalid: {wf.input_problem}")
@@ -35,7 +35,7 @@ async def compiling(wf: "JobWorkflow") -> None:
         wf.transition("Scheduling", "program valid")
 
 
-async def scheduling(wf: "JobWorkflow") -> None:
+async def scheduling(wf: JobWorkflow) -> None:
     if wf.stop_requested():
         stop_transition(wf, f"stop {wf.config.stop} requested while scheduling", running=False)
         return
@@ -92,11 +92,11 @@ async def scheduling(wf: "JobWorkflow") -> None:
     )
 
 
-async def _schedule_here(wf: "JobWorkflow") -> list[RunnerInfo] | None:
+async def _schedule_here(wf: JobWorkflow) -> list[RunnerInfo] | None:
     """Runs from before runner hosts: the controller worker starts the runners itself."""
     assert wf.program is not None
     try:
-        return await workflow.execute_activity(
+        runners: list[RunnerInfo] = await workflow.execute_activity(
             "schedule_runners",
             ScheduleInput(
                 job_id=wf.job_id,
@@ -110,13 +110,14 @@ async def _schedule_here(wf: "JobWorkflow") -> list[RunnerInfo] | None:
             retry_policy=C.SCHEDULE_RETRY,
             summary=f"schedule generation {wf.generation}",
         )
+        return runners
     except ActivityError as e:
         wf.last_error = Failure(message=f"scheduling failed: {cause_of(e)}")
         wf.transition("Recovering", wf.last_error.message)
         return None
 
 
-async def _schedule_on_hosts(wf: "JobWorkflow") -> list[RunnerInfo] | None:
+async def _schedule_on_hosts(wf: JobWorkflow) -> list[RunnerInfo] | None:
     """Place the generation's runners on hosts with free slots and start them there; None if
     the job transitioned (a stop requested while waiting for slots, or a failed start)."""
     try:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
 
 
-async def checkpoint_stopping(wf: "JobWorkflow") -> None:
+async def checkpoint_stopping(wf: JobWorkflow) -> None:
     result = await final_checkpoint(wf, lambda: wf.config.stop in ("graceful", "immediate", "force"))
     if result is None:
         await wf.release_runners()
@@ -30,7 +30,7 @@ async def checkpoint_stopping(wf: "JobWorkflow") -> None:
         wf.transition("Stopping", f"{result.message}; killing runners (restore point stays epoch {wf.epoch})")
 
 
-async def stopping(wf: "JobWorkflow") -> None:
+async def stopping(wf: JobWorkflow) -> None:
     await wf.cancel(wf.inflight_checkpoint)
     wf.inflight_checkpoint = None
     mode = wf.stop_mode or wf.non_running_stop_mode()
@@ -43,7 +43,7 @@ async def stopping(wf: "JobWorkflow") -> None:
                 job_id=wf.job_id,
                 generation=wf.generation,
                 runners=wf.runners,
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,
                 finish_timeout_s=wf.config.finish_timeout_s,
             ),
             start_to_close_timeout=timedelta(seconds=wf.config.finish_timeout_s) + C.STOP_MARGIN,
@@ -52,7 +52,7 @@ async def stopping(wf: "JobWorkflow") -> None:
             summary=f"stop {mode}",
         )
         stronger = _stronger_than(mode)
-        if not await wf.race(handle, lambda: wf.config.stop in stronger):
+        if not await wf.race(handle, lambda: wf.config.stop in stronger):  # noqa: B023 - awaited in this iteration
             await wf.cancel(handle)
             mode = wf.config.stop
             continue
@@ -71,7 +71,7 @@ def _stronger_than(mode: str) -> tuple[str, ...]:
     return ("immediate", "force") if mode == "graceful" else ("force",)
 
 
-async def finishing(wf: "JobWorkflow") -> None:
+async def finishing(wf: JobWorkflow) -> None:
     result = await final_checkpoint(wf, wf.stop_requested)
     if result is None:
         await wf.release_runners()
