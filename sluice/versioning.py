@@ -19,16 +19,16 @@ import hashlib
 import logging
 import os
 import time
-from datetime import datetime, timedelta, timezone
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from google.protobuf.field_mask_pb2 import FieldMask
+from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflow.v1 import VersioningOverride, WorkflowExecutionOptions
-from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import (
     DescribeTaskQueueRequest,
     DescribeWorkerDeploymentRequest,
@@ -143,10 +143,10 @@ async def live_builds(client: Client) -> set[str]:
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )  # fmt: skip
     )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     out = set()
     for poller in resp.pollers:
-        seen = poller.last_access_time.ToDatetime(tzinfo=timezone.utc)
+        seen = poller.last_access_time.ToDatetime(tzinfo=UTC)
         if now - seen < POLLER_GONE_AFTER and poller.deployment_options.build_id:
             out.add(poller.deployment_options.build_id)
     return out

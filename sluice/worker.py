@@ -14,6 +14,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from sluice import versioning
 from sluice.activities.checkpointing import CheckpointActivities
 from sluice.activities.compiling import CompileActivities
 from sluice.activities.context import ControllerContext
@@ -24,7 +25,6 @@ from sluice.activities.stopping import StopActivities
 from sluice.hosts.host import LOCAL_SLOTS, HostConfig, RunnerHost, default_host_id
 from sluice.hosts.pool import DEFAULT_POOL_SIZE
 from sluice.hosts.registry import HostRegistryWorkflow
-from sluice import versioning
 from sluice.models import TASK_QUEUE
 from sluice.schedulers.process import ProcessScheduler
 from sluice.settings import load_secret
