@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode, ServiceClient
 from temporalio.worker import Worker
@@ -51,6 +51,7 @@ from sluice.hosts.contracts import (
     HostRegistration,
     HostStartInput,
     HostStopInput,
+    ReleaseRequest,
     RunnerReport,
     host_task_queue,
 )
@@ -86,6 +87,11 @@ REGISTRY_CHECK_S = 2.0
 """How often the host reads the registry (a query: no history) to find out whether it is still
 registered; one that was declared lost (e.g. cut off by a partition that has healed) learns it
 here, stops its leftover runners and registers again."""
+CLOSED_JOBS_CHECK_S = 15.0
+"""How often the host asks Temporal whether the jobs it runs runners for are still open. A job
+whose workflow closed without tearing down (terminated, or timed out, from outside sluice) would
+otherwise keep its runners and its reserved slots for ever: the host stops them and releases the
+slots."""
 SELF_FENCE_S = 20.0
 """A host that cannot reach Temporal for this long stops its runners itself: it has lost its
 lease, and its jobs have recovered elsewhere long since (the store refuses its old generations'
@@ -155,6 +161,7 @@ class RunnerHost:
         )
         self.task_queue = host_task_queue(config.host_id)
         self._watches: dict[tuple[str, int, str], RunnerWatch] = {}
+        self._reserved_jobs: set[str] = set()  # jobs with slots reserved here (the registry, last read)
         self._senders: set[asyncio.Task[None]] = set()  # report senders, until their last report
         self._scan_now = asyncio.Event()  # set when a runner's event stream broke: scan at once
         self._hang_timeouts: dict[tuple[str, int], float] = {}
@@ -203,6 +210,7 @@ class RunnerHost:
         self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"host-watch-{self.config.host_id}"))
         await self._register()
         self._tasks.append(asyncio.create_task(self._registry_check_loop(), name=f"host-lease-{self.config.host_id}"))
+        self._tasks.append(asyncio.create_task(self._closed_jobs_loop(), name=f"host-jobs-{self.config.host_id}"))
         log.info(
             "host %s serving task queue %s with %d slots (address %s)",
             self.config.host_id, self.task_queue, self.config.slots, self.config.address,
@@ -299,8 +307,43 @@ class RunnerHost:
                 continue
             last_contact = time.monotonic()
             fenced = False
-            if not self._closing and all(h.host_id != self.config.host_id for h in hosts):
+            mine = [h for h in hosts if h.host_id == self.config.host_id]
+            self._reserved_jobs = set(mine[0].jobs) if mine else set()
+            if not self._closing and not mine:
                 await self._register(client)
+
+    async def _closed_jobs_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CLOSED_JOBS_CHECK_S)
+            try:
+                await self.stop_runners_of_closed_jobs()
+            except Exception as e:  # noqa: BLE001 - Temporal unreachable: the next round tries again
+                log.warning("host %s: checking for closed jobs failed (retried): %s", self.config.host_id, e)
+
+    async def stop_runners_of_closed_jobs(self) -> list[str]:
+        """Stop the runners (and release the slots) of every job here whose workflow is closed;
+        returns those jobs. A job that continued as new is open (its latest run is)."""
+        from sluice.hosts.registry_client import release
+
+        closed: list[str] = []
+        running_here = {w.job_id for w in self._watches.values() if not w.ended and not w.stopping}
+        for job_id in sorted(running_here | self._reserved_jobs):
+            try:
+                desc = await self.client.get_workflow_handle(job_id).describe()
+            except RPCError as e:
+                if e.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                status_name = "gone"  # deleted, or past its retention
+            else:
+                if desc.status == WorkflowExecutionStatus.RUNNING:
+                    continue
+                status_name = desc.status.name.lower() if desc.status else "closed"
+            log.warning("host %s: job %s is %s without having stopped its runners here: stopping them",
+                        self.config.host_id, job_id, status_name)  # fmt: skip
+            await self._stop(HostStopInput(job_id=job_id, grace_s=0.0))
+            await release(self.client, ReleaseRequest(job_id=job_id))
+            closed.append(job_id)
+        return closed
 
     async def stop_all_runners(self) -> int:
         for w in self._watches.values():
