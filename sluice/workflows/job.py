@@ -20,6 +20,10 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, Field, ValidationError
 
+    from sluice.activities.checkpointing import CheckpointActivities
+    from sluice.activities.monitoring import MonitorActivities
+    from sluice.activities.placing import PlacingActivities
+    from sluice.activities.stopping import StopActivities
     from sluice.engine.compiler import plan_problem
     from sluice.hosts.contracts import (
         HOST_STOP_RUNNERS,
@@ -66,10 +70,6 @@ with workflow.unsafe.imports_passed_through():
 JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
 PIPELINE_NAME = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_PIPELINE)
 
-# Monitor watch sets: in Running every event matters; while stopping or taking a final
-# checkpoint, finished tasks are expected and only failures need the workflow.
-WATCH_ALL: list[WatchKind] = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
-WATCH_FAILURES: list[WatchKind] = ["task_failed", "runner_lost"]
 
 
 class CommandRejected(Exception):
@@ -359,8 +359,8 @@ class JobWorkflow:
         if self.on_hosts:
             self.monitor = ViewMonitor(self, watch)
             return
-        self.monitor = workflow.start_activity(
-            "monitor_runners",
+        self.monitor = workflow.start_activity_method(
+            MonitorActivities.monitor_runners,
             MonitorInput(
                 job_id=self.job_id,
                 generation=self.generation,
@@ -369,7 +369,6 @@ class JobWorkflow:
                 heartbeat_timeout_s=self.config.runner_heartbeat_timeout_s,
                 watch=watch,
             ),
-            result_type=MonitorResult,
             start_to_close_timeout=C.MONITOR_TIMEOUT,
             heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
             retry_policy=C.MONITOR_RETRY,
@@ -414,8 +413,8 @@ class JobWorkflow:
             return  # the next checkpoint cleans up
         self._drain(self.cleanup)
         assert self.checkpoint_url is not None
-        self.cleanup = workflow.start_activity(
-            "cleanup_checkpoints",
+        self.cleanup = workflow.start_activity_method(
+            CheckpointActivities.cleanup_checkpoints,
             self.retention(),
             start_to_close_timeout=C.CLEANUP_TIMEOUT,
             retry_policy=C.CLEANUP_RETRY,
@@ -454,8 +453,8 @@ class JobWorkflow:
             if all(r.host_id is not None for r in self.runners):
                 return
             # Runners of an older run (before runner hosts) were started by a controller worker.
-        await workflow.execute_activity(
-            "teardown_runners",
+        await workflow.execute_activity_method(
+            StopActivities.teardown_runners,
             TeardownInput(job_id=self.job_id, generation=generation),
             start_to_close_timeout=C.TEARDOWN_TIMEOUT,
             retry_policy=C.TEARDOWN_RETRY,
@@ -498,8 +497,8 @@ class JobWorkflow:
                 )
             else:
                 self.runner_hosts.pop(host_id, None)
-        await workflow.execute_activity(
-            "release_slots",
+        await workflow.execute_activity_method(
+            PlacingActivities.release_slots,
             ReleaseRequest(job_id=self.job_id),
             start_to_close_timeout=C.PLACE_TIMEOUT,
             retry_policy=C.PLACE_RETRY,

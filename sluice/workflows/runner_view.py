@@ -114,3 +114,8 @@ def operators_of(
             refs.append(SubtaskRef(chain=int(chain), index=int(index)))
     refs.sort(key=lambda r: (r.chain, r.index))
     return [f"{op}[{r.index}]" for r in refs for op in program.chains[r.chain].operators]
+
+# Monitor watch sets: in Running every event matters; while stopping or taking a final
+# checkpoint, finished tasks are expected and only failures need the workflow.
+WATCH_ALL: list[WatchKind] = ["task_failed", "runner_lost", "sources_finished", "all_finished"]
+WATCH_FAILURES: list[WatchKind] = ["task_failed", "runner_lost"]

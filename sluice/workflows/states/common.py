@@ -11,6 +11,8 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from sluice.activities.checkpointing import CheckpointActivities
+    from sluice.activities.compiling import CompileActivities
     from sluice.models import (
         PERIODIC_SAVEPOINT_PREFIX,
         CheckpointInfo,
@@ -23,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         pipeline_version,
     )
     from sluice.workflows import constants as C
+    from sluice.workflows.runner_view import WATCH_FAILURES
 
 if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
@@ -57,10 +60,9 @@ async def compile_program(wf: JobWorkflow) -> bool:
         job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.config, checkpoint_url=wf.checkpoint_url
     )
     try:
-        res: CompileResult = await workflow.execute_activity(
-            "compile_program",
+        res: CompileResult = await workflow.execute_activity_method(
+            CompileActivities.compile_program,
             CompileInput(spec=spec),
-            result_type=CompileResult,
             start_to_close_timeout=C.COMPILE_TIMEOUT,
             retry_policy=C.COMPILE_RETRY,
             summary=f"compile {wf.spec.pipeline.name}",
@@ -104,8 +106,8 @@ def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = N
     epoch = wf.next_epoch
     wf.next_epoch += 1
     what = f"checkpoint epoch {epoch}" + (" then stop" if then_stop else "")
-    wf.inflight_checkpoint = workflow.start_activity(
-        "checkpoint",
+    wf.inflight_checkpoint = workflow.start_activity_method(
+        CheckpointActivities.checkpoint,
         CheckpointInput(
             job_id=wf.job_id,
             generation=wf.generation,
@@ -119,7 +121,6 @@ def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = N
             pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
             retention=wf.retention() if wf.lean_checkpoints else None,
         ),
-        result_type=CheckpointInfo,
         start_to_close_timeout=timedelta(seconds=wf.config.checkpoint_timeout_s),
         heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
         retry_policy=C.CHECKPOINT_RETRY,
@@ -200,7 +201,7 @@ async def final_checkpoint(wf: JobWorkflow, escalate: Callable[[], bool]) -> Fai
     ESCALATED, or the failure.
     """
     await wf.cancel_monitor()
-    wf.start_monitor(["task_failed", "runner_lost"])
+    wf.start_monitor(WATCH_FAILURES)
     final_started = False
     while True:
         if wf.inflight_checkpoint is None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from sluice.activities.placing import PlacingActivities
     from sluice.engine.compiler import runners_needed
     from sluice.hosts.contracts import HOST_START_RUNNERS, HostStartInput, Placement, PlaceRequest
     from sluice.models import RunnerInfo
@@ -37,10 +38,9 @@ async def place_runners(wf: JobWorkflow) -> Placement | None:
         job_id=wf.job_id, generation=wf.generation, runners=count, labels=wf.spec.pipeline.host_labels
     )
     while True:
-        placement: Placement = await workflow.execute_activity(
-            "place_runners",
+        placement: Placement = await workflow.execute_activity_method(
+            PlacingActivities.place_runners,
             request,
-            result_type=Placement,
             start_to_close_timeout=C.PLACE_TIMEOUT,
             retry_policy=C.PLACE_RETRY,
             summary=f"place {count} runners of generation {wf.generation}",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from sluice.workflows.runner_view import WATCH_ALL
     from sluice.workflows.states.common import (
         outcome_failure,
         start_checkpoint,
@@ -48,8 +49,6 @@ class Timer:
 
 
 async def running(wf: JobWorkflow) -> None:
-    from sluice.workflows.job import WATCH_ALL
-
     if wf.monitor is None:
         wf.start_monitor(WATCH_ALL)
     checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")

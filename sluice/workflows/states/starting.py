@@ -9,6 +9,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from sluice.activities.scheduling import SchedulingActivities
     from sluice.models import Failure, RunnerInfo, ScheduleInput, StartExecutionInput
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView
@@ -56,8 +57,8 @@ async def scheduling(wf: JobWorkflow) -> None:
     if runners is None:
         return  # transitioned
     wf.runners = runners
-    handle = workflow.start_activity(
-        "start_execution",
+    handle = workflow.start_activity_method(
+        SchedulingActivities.start_execution,
         StartExecutionInput(
             job_id=wf.job_id,
             generation=wf.generation,
@@ -96,8 +97,8 @@ async def _schedule_here(wf: JobWorkflow) -> list[RunnerInfo] | None:
     """Runs from before runner hosts: the controller worker starts the runners itself."""
     assert wf.program is not None
     try:
-        runners: list[RunnerInfo] = await workflow.execute_activity(
-            "schedule_runners",
+        runners: list[RunnerInfo] = await workflow.execute_activity_method(
+            SchedulingActivities.schedule_runners,
             ScheduleInput(
                 job_id=wf.job_id,
                 generation=wf.generation,
@@ -105,7 +106,6 @@ async def _schedule_here(wf: JobWorkflow) -> list[RunnerInfo] | None:
                 slots_per_runner=wf.config.slots_per_runner,
                 startup_timeout_s=wf.config.runner_startup_timeout_s,
             ),
-            result_type=list[RunnerInfo],
             start_to_close_timeout=timedelta(seconds=wf.config.runner_startup_timeout_s) + C.SCHEDULE_MARGIN,
             retry_policy=C.SCHEDULE_RETRY,
             summary=f"schedule generation {wf.generation}",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
+    from sluice.activities.stopping import StopActivities
     from sluice.models import Failure, StopInput
     from sluice.workflows import constants as C
     from sluice.workflows.states.common import ESCALATED, cause_of, final_checkpoint
@@ -37,8 +38,8 @@ async def stopping(wf: JobWorkflow) -> None:
     reason = ""
     # graceful -> immediate -> force: a later, stronger stop request escalates the one running.
     while mode in ("graceful", "immediate") and wf.runners:
-        handle = workflow.start_activity(
-            "stop_runners",
+        handle = workflow.start_activity_method(
+            StopActivities.stop_runners,
             StopInput(
                 job_id=wf.job_id,
                 generation=wf.generation,
