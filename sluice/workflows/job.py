@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         JobInput,
         JobResult,
         JobSpec,
+        JobStateName,
         JobStatus,
         MonitorInput,
         MonitorResult,
@@ -53,10 +54,12 @@ with workflow.unsafe.imports_passed_through():
         RejectedCommand,
         RescaleCommand,
         RestartCommand,
+        RestartMode,
         RunnerInfo,
         SavepointInfo,
         SavepointRequest,
         StopCommand,
+        StopMode,
         TeardownInput,
         TransitionRecord,
         WaitForStateRequest,
@@ -84,7 +87,7 @@ class CarriedState(BaseModel):
     """The job's durable state: the workflow's attributes, handed whole to the next run by a
     continue-as-new (runners keep running across it)."""
 
-    state: str = "Created"
+    state: JobStateName = "Created"
     config: JobConfig
     generation: int = 0
     epoch: int = 0  # last completed checkpoint: the restore point
@@ -100,8 +103,8 @@ class CarriedState(BaseModel):
     started_at: datetime | None = None
     ignore_state_pending: bool = False
     compiled_once: bool = False
-    stop_mode: str | None = None  # the mode Stopping runs with, chosen by the state that entered it
-    restart_mode: str = "safe"  # of the restart in progress, fixed when Restarting is entered
+    stop_mode: StopMode | None = None  # the mode Stopping runs with, chosen by the state that entered it
+    restart_mode: RestartMode = "safe"  # of the restart in progress, fixed when Restarting is entered
     state_floor: int = 0  # checkpoints below this epoch are never restored (ignore_state, restore_epoch)
     last_error: Failure | None = None  # why the job recovers: the failure once the budget runs out
     # Consecutive recoveries for the same failure (same operator, same message) with no checkpoint
@@ -124,7 +127,7 @@ class ViewMonitor:
         self.watch = watch
 
     def outcome(self) -> MonitorResult | None:
-        return self.wf.view.outcome(self.watch, self.wf.program)
+        return self.wf.carried.view.outcome(self.watch, self.wf.carried.program)
 
     def done(self) -> bool:
         return self.outcome() is not None
@@ -151,33 +154,8 @@ class JobWorkflow:
                 ignore_state_pending=inp.spec.config.ignore_state,
             )
         )
-        # The durable state lives in plain attributes (typed in CarriedState).
-        self.state: str
-        self.config: JobConfig
-        self.generation: int
-        self.epoch: int
-        self.next_epoch: int
-        self.restarts: int
-        self.applied_nonce: int
-        self.program: Program | None
-        self.checkpoint_url: str | None
-        self.runners: list[RunnerInfo]
-        self.failure: Failure | None
-        self.rejected: list[RejectedCommand]
-        self.transitions: list[TransitionRecord]
-        self.started_at: datetime | None
-        self.ignore_state_pending: bool
-        self.compiled_once: bool
-        self.stop_mode: str | None
-        self.restart_mode: str
-        self.state_floor: int
-        self.last_error: Failure | None
-        self.failure_streak: int
-        self.streak_failure: Failure | None
-        self.view: RunnerView
-        self.runner_hosts: dict[str, str]
-        for name in CarriedState.model_fields:
-            setattr(self, name, getattr(carried, name))
+        # The durable state: one typed model, handed whole to the next run by a continue-as-new.
+        self.carried: CarriedState = carried
         self.cleanup: workflow.ActivityHandle[Any] | None = None
         self.monitor: workflow.ActivityHandle[MonitorResult] | ViewMonitor | None = None
         # Runs that started with this patch place runners on runner hosts, learn of them from
@@ -209,12 +187,12 @@ class JobWorkflow:
         self.lean_checkpoints = workflow.patched(C.PATCH_LEAN_CHECKPOINTS)
         self._upsert_search_attributes()
         self.show_details()
-        while self.state not in TERMINAL:
-            step = STEPS[self.state]
+        while self.carried.state not in TERMINAL:
+            step = STEPS[self.carried.state]
             try:
                 await step(self)
             except Exception as e:  # noqa: BLE001 - a controller bug must not wedge the job
-                if self.state in ("Failing", *TERMINAL):
+                if self.carried.state in ("Failing", *TERMINAL):
                     raise  # failing itself failed: let Temporal retry the task (a fix can be deployed)
                 self._controller_error(e)
         return await self._close()
@@ -222,9 +200,9 @@ class JobWorkflow:
     def _controller_error(self, e: Exception) -> None:
         """An unexpected error in a state's step: fail the job (runners released), never retry
         a workflow task forever. The failure names the state and the error."""
-        message = f"controller error in {self.state}: {type(e).__name__}: {_short(str(e), 500)}"
+        message = f"controller error in {self.carried.state}: {type(e).__name__}: {_short(str(e), 500)}"
         workflow.logger.error("job %s: %s", self.job_id, message, exc_info=True)
-        self.failure = Failure(message=message, domain="internal")
+        self.carried.failure = Failure(message=message, domain="internal")
         self.transition("Failing", message)
 
     async def _close(self) -> JobResult:
@@ -232,31 +210,31 @@ class JobWorkflow:
         await self.cancel_monitor()
         await self.finish_cleanup()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        if self.state == "Failed":
-            f = self.failure or Failure(message="job failed", domain="internal")
+        if self.carried.state == "Failed":
+            f = self.carried.failure or Failure(message="job failed", domain="internal")
             raise ApplicationError(f.message, f.model_dump(), type="JobFailed", non_retryable=True)
         return JobResult(
             job_id=self.job_id,
-            state=self.state,
-            epoch=self.epoch,
-            generation=self.generation,
-            restarts=self.restarts,
+            state=self.carried.state,
+            epoch=self.carried.epoch,
+            generation=self.carried.generation,
+            restarts=self.carried.restarts,
         )
 
     # ------------------------------------------------------------------ transitions
 
-    def transition(self, target: str, reason: str) -> None:
+    def transition(self, target: JobStateName, reason: str) -> None:
         """Move to `target` if the table allows it; record it where users can see it."""
-        check_transition(self.state, target)
-        workflow.logger.info("job %s: %s -> %s (%s)", self.job_id, self.state, target, reason)
-        self.transitions.append(
-            TransitionRecord(time=workflow.now(), from_state=self.state, to_state=target, reason=reason)
+        check_transition(self.carried.state, target)
+        workflow.logger.info("job %s: %s -> %s (%s)", self.job_id, self.carried.state, target, reason)
+        self.carried.transitions.append(
+            TransitionRecord(time=workflow.now(), from_state=self.carried.state, to_state=target, reason=reason)
         )
-        del self.transitions[: -C.TRANSITIONS_KEPT]
+        del self.carried.transitions[: -C.TRANSITIONS_KEPT]
         if target == "Recovering":
-            self.restarts += 1
-            self._count_repeat(self.last_error)
-        self.state = target
+            self.carried.restarts += 1
+            self._count_repeat(self.carried.last_error)
+        self.carried.state = target
         self._upsert_search_attributes()
         self.show_details()
 
@@ -264,75 +242,76 @@ class JobWorkflow:
         """Track how often the same failure repeats in a row (see `repeats_deterministically`)."""
         if (
             failure is not None
-            and self.streak_failure is not None
-            and failure.signature() == self.streak_failure.signature()
+            and self.carried.streak_failure is not None
+            and failure.signature() == self.carried.streak_failure.signature()
         ):
-            self.failure_streak += 1
+            self.carried.failure_streak += 1
         else:
-            self.failure_streak = 1 if failure is not None else 0
-        self.streak_failure = failure
+            self.carried.failure_streak = 1 if failure is not None else 0
+        self.carried.streak_failure = failure
 
     def repeats_deterministically(self) -> bool:
         """The same failure of the user's pipeline (an operator's, or a user error) came back
         IDENTICAL_FAILURES_TO_FAIL times in a row with no checkpoint in between: restarting again
         would only repeat it."""
-        f = self.streak_failure
+        f = self.carried.streak_failure
         return (
             f is not None
             and (f.domain == "user" or f.operator is not None)
-            and self.failure_streak >= C.IDENTICAL_FAILURES_TO_FAIL
+            and self.carried.failure_streak >= C.IDENTICAL_FAILURES_TO_FAIL
         )
 
     def progress_made(self) -> None:
         """A checkpoint completed: a later failure is not a repeat of an earlier one."""
-        self.failure_streak = 0
-        self.streak_failure = None
+        self.carried.failure_streak = 0
+        self.carried.streak_failure = None
 
     def _upsert_search_attributes(self) -> None:
         workflow.upsert_search_attributes(
-            [JOB_STATE.value_set(self.state), PIPELINE_NAME.value_set(self.spec.pipeline.name)]
+            [JOB_STATE.value_set(self.carried.state), PIPELINE_NAME.value_set(self.spec.pipeline.name)]
         )
 
     def show_details(self) -> None:
         """The Markdown the Web UI shows as the workflow's current details."""
-        par = self.program.parallelism if self.program else self.spec.pipeline.parallelism_for(self.config)
+        c = self.carried
+        par = c.program.parallelism if c.program else self.spec.pipeline.parallelism_for(c.config)
         lines = [
-            f"**{self.state}** · pipeline `{self.spec.pipeline.name}`",
+            f"**{c.state}** · pipeline `{self.spec.pipeline.name}`",
             "",
-            f"- generation {self.generation}, last checkpoint epoch {self.epoch}, restarts {self.restarts}",
+            f"- generation {c.generation}, last checkpoint epoch {c.epoch}, restarts {c.restarts}",
             f"- parallelism: {', '.join(f'{k}={v}' for k, v in par.items())}",
-            f"- runners: {len(self.runners)}; stop: {self.config.stop}",
+            f"- runners: {len(c.runners)}; stop: {c.config.stop}",
         ]
         if self.waiting_for:
             lines.append(f"- waiting: {_short(self.waiting_for, 300)}")
-        if self.failure:
-            where = f" in operator `{self.failure.operator}`" if self.failure.operator else ""
-            lines.append(f"- failure ({self.failure.domain}){where}: {_short(self.failure.message, 500)}")
-        if self.rejected:
-            r = self.rejected[-1]
+        if c.failure:
+            where = f" in operator `{c.failure.operator}`" if c.failure.operator else ""
+            lines.append(f"- failure ({c.failure.domain}){where}: {_short(c.failure.message, 500)}")
+        if c.rejected:
+            r = c.rejected[-1]
             lines.append(f"- last rejected command: `{r.command}`: {_short(r.reason, 300)}")
-        if self.transitions:
-            t = self.transitions[-1]
+        if c.transitions:
+            t = c.transitions[-1]
             lines.append(f"- last transition: {t.from_state} → {t.to_state} ({_short(t.reason, 300)})")
         workflow.set_current_details("\n".join(lines))
 
     # ------------------------------------------------------------------ desired vs actual
 
     def desired_parallelism(self) -> dict[str, int]:
-        return self.spec.pipeline.parallelism_for(self.config)
+        return self.spec.pipeline.parallelism_for(self.carried.config)
 
     def rescale_needed(self) -> bool:
-        return self.program is not None and self.desired_parallelism() != self.program.parallelism
+        return self.carried.program is not None and self.desired_parallelism() != self.carried.program.parallelism
 
     def restart_needed(self) -> bool:
-        return self.config.restart_nonce != self.applied_nonce
+        return self.carried.config.restart_nonce != self.carried.applied_nonce
 
     def stop_requested(self) -> bool:
-        return self.config.stop != "none"
+        return self.carried.config.stop != "none"
 
-    def non_running_stop_mode(self) -> str:
+    def non_running_stop_mode(self) -> StopMode:
         """Outside Running there is nothing to checkpoint or drain: stop now, or kill."""
-        return "force" if self.config.stop == "force" else "immediate"
+        return "force" if self.carried.config.stop == "force" else "immediate"
 
     # ------------------------------------------------------------------ activity helpers
 
@@ -355,7 +334,7 @@ class JobWorkflow:
             pass
 
     def start_monitor(self, watch: list[WatchKind]) -> None:
-        assert self.program is not None
+        assert self.carried.program is not None
         if self.on_hosts:
             self.monitor = ViewMonitor(self, watch)
             return
@@ -363,16 +342,16 @@ class JobWorkflow:
             MonitorActivities.monitor_runners,
             MonitorInput(
                 job_id=self.job_id,
-                generation=self.generation,
-                program=self.program,
-                runners=self.runners,
-                heartbeat_timeout_s=self.config.runner_heartbeat_timeout_s,
+                generation=self.carried.generation,
+                program=self.carried.program,
+                runners=self.carried.runners,
+                heartbeat_timeout_s=self.carried.config.runner_heartbeat_timeout_s,
                 watch=watch,
             ),
             start_to_close_timeout=C.MONITOR_TIMEOUT,
             heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
             retry_policy=C.MONITOR_RETRY,
-            summary=f"monitor generation {self.generation}",
+            summary=f"monitor generation {self.carried.generation}",
         )
 
     async def cancel_monitor(self) -> None:
@@ -396,14 +375,14 @@ class JobWorkflow:
     def retention(self) -> CleanupInput:
         """What retention keeps: the newest checkpoints, the restore point, the newest periodic
         savepoints (only jobs that take periodic savepoints prune them)."""
-        assert self.checkpoint_url is not None
+        assert self.carried.checkpoint_url is not None
         return CleanupInput(
             job_id=self.job_id,
-            checkpoint_url=self.checkpoint_url,
-            keep=self.config.checkpoints_to_keep,
-            protect=[self.epoch],
+            checkpoint_url=self.carried.checkpoint_url,
+            keep=self.carried.config.checkpoints_to_keep,
+            protect=[self.carried.epoch],
             periodic_savepoints_to_keep=(
-                self.config.periodic_savepoints_to_keep if self.config.savepoint_interval_s else None
+                self.carried.config.periodic_savepoints_to_keep if self.carried.config.savepoint_interval_s else None
             ),
         )
 
@@ -412,13 +391,13 @@ class JobWorkflow:
         if self.cleanup is not None and not self.cleanup.done():
             return  # the next checkpoint cleans up
         self._drain(self.cleanup)
-        assert self.checkpoint_url is not None
+        assert self.carried.checkpoint_url is not None
         self.cleanup = workflow.start_activity_method(
             CheckpointActivities.cleanup_checkpoints,
             self.retention(),
             start_to_close_timeout=C.CLEANUP_TIMEOUT,
             retry_policy=C.CLEANUP_RETRY,
-            summary=f"clean up checkpoints before epoch {self.epoch}",
+            summary=f"clean up checkpoints before epoch {self.carried.epoch}",
         )
 
     async def finish_cleanup(self) -> None:
@@ -443,14 +422,14 @@ class JobWorkflow:
         try:
             await self.teardown(generation=None)
         except BaseException as e:  # noqa: BLE001 - the job's outcome stands; log and go on
-            workflow.logger.warning("teardown before %s failed: %s", self.state, cause_of(e))
-        self.runners = []
+            workflow.logger.warning("teardown before %s failed: %s", self.carried.state, cause_of(e))
+        self.carried.runners = []
 
     async def teardown(self, generation: int | None, *, kill: bool = False) -> None:
         """Stop the job's runners (all, or one generation); `kill`: at once, no SIGTERM grace."""
         if self.on_hosts:
             await self._teardown_on_hosts(kill=kill)
-            if all(r.host_id is not None for r in self.runners):
+            if all(r.host_id is not None for r in self.carried.runners):
                 return
             # Runners of an older run (before runner hosts) were started by a controller worker.
         await workflow.execute_activity_method(
@@ -467,7 +446,7 @@ class JobWorkflow:
         A host that does not answer within HOST_PICKUP_TIMEOUT is gone or cut off: its runners
         die with it or are stopped when it learns it was declared lost, and the store's
         generation fence refuses whatever they try to commit meanwhile."""
-        hosts = sorted(self.runner_hosts.items())
+        hosts = sorted(self.carried.runner_hosts.items())
         handles = {
             host_id: workflow.start_activity(
                 HOST_STOP_RUNNERS,
@@ -487,7 +466,7 @@ class JobWorkflow:
         for host_id, handle in handles.items():
             if not handle.done():
                 await self.cancel(handle)
-                self.runner_hosts.pop(host_id, None)
+                self.carried.runner_hosts.pop(host_id, None)
                 continue
             try:
                 handle.result()
@@ -496,7 +475,7 @@ class JobWorkflow:
                     "job %s: host %s did not tear down its runners: %s", self.job_id, host_id, cause_of(e)
                 )
             else:
-                self.runner_hosts.pop(host_id, None)
+                self.carried.runner_hosts.pop(host_id, None)
         await workflow.execute_activity_method(
             PlacingActivities.release_slots,
             ReleaseRequest(job_id=self.job_id),
@@ -514,12 +493,12 @@ class JobWorkflow:
 
     def _apply_runner_report(self, report: RunnerReport) -> None:
         if report.job_id == self.job_id:
-            self.view.apply_report(report, self.program, self.runners)
+            self.carried.view.apply_report(report, self.carried.program, self.carried.runners)
 
     def _apply_host_lost(self, lost: HostLost) -> None:
         self.lost_hosts.add(lost.host_id)
-        self.runner_hosts.pop(lost.host_id, None)  # nothing left there to tear down
-        self.view.apply_host_lost(lost, self.program, self.runners)
+        self.carried.runner_hosts.pop(lost.host_id, None)  # nothing left there to tear down
+        self.carried.view.apply_host_lost(lost, self.carried.program, self.carried.runners)
 
     # ------------------------------------------------------------------ commands
 
@@ -527,10 +506,10 @@ class JobWorkflow:
         # A bad payload can be huge (or hostile): status, details and logs quote a short prefix.
         command, reason, preview = _short(command, 100), _short(reason, C.REJECTION_REASON_CHARS), _preview(payload)
         workflow.logger.warning("job %s: rejected %s %s: %s", self.job_id, command, preview, reason)
-        self.rejected.append(
+        self.carried.rejected.append(
             RejectedCommand(time=workflow.now(), command=command, payload=preview, reason=reason)
         )
-        del self.rejected[: -C.REJECTED_COMMANDS_KEPT]
+        del self.carried.rejected[: -C.REJECTED_COMMANDS_KEPT]
         self.show_details()
 
     def _parse(self, model: type[BaseModel], command: str, payload: Any) -> Any:
@@ -548,22 +527,22 @@ class JobWorkflow:
             raise CommandRejected(f"invalid {command}: {problems}") from None
 
     def _check_open(self, command: str) -> None:
-        if self.state in TERMINAL:
-            raise JobIsClosing(f"job is already {self.state}; {command} needs a new run (sluice restart)")
+        if self.carried.state in TERMINAL:
+            raise JobIsClosing(f"job is already {self.carried.state}; {command} needs a new run (sluice restart)")
 
     def _check_stop(self, cmd: StopCommand) -> None:
         self._check_open("stop")
-        if self.state in STOPPING and cmd.mode in ("none", "checkpoint"):
+        if self.carried.state in STOPPING and cmd.mode in ("none", "checkpoint"):
             raise CommandRejected(
-                f"job is already {self.state} (mode {self.config.stop}); "
+                f"job is already {self.carried.state} (mode {self.carried.config.stop}); "
                 f"stop {cmd.mode} cannot cancel or soften it, only immediate or force escalate it"
             )
 
     def _check_parallelism(self, parallelism: int | None, overrides: dict[str, int] | None) -> JobConfig:
         self._check_open("rescale")
-        if self.state in STOPPING:
-            raise CommandRejected(f"job is {self.state}; it cannot be rescaled")
-        new = self.config.model_copy(deep=True)
+        if self.carried.state in STOPPING:
+            raise CommandRejected(f"job is {self.carried.state}; it cannot be rescaled")
+        new = self.carried.config.model_copy(deep=True)
         if parallelism is not None:
             new.parallelism, new.overrides = parallelism, {}
         if overrides:
@@ -575,17 +554,17 @@ class JobWorkflow:
 
     def _check_restart(self) -> None:
         self._check_open("restart")
-        if self.state in STOPPING:
-            raise CommandRejected(f"job is {self.state}; restart it once it is Stopped")
+        if self.carried.state in STOPPING:
+            raise CommandRejected(f"job is {self.carried.state}; restart it once it is Stopped")
 
     def _apply_stop(self, cmd: StopCommand) -> None:
-        self.config.stop = cmd.mode
+        self.carried.config.stop = cmd.mode
 
     def _apply_restart(self, cmd: RestartCommand) -> None:
-        self.config.restart_nonce += 1
-        self.config.restart_mode = "force" if cmd.force else "safe"
+        self.carried.config.restart_nonce += 1
+        self.carried.config.restart_mode = "force" if cmd.force else "safe"
         if cmd.ignore_state:
-            self.ignore_state_pending = True
+            self.carried.ignore_state_pending = True
 
     def _accepted(self) -> None:
         self.commands_seen += 1
@@ -602,14 +581,14 @@ class JobWorkflow:
         self._apply_stop(cmd)
 
     def _apply_rescale_command(self, cmd: RescaleCommand) -> None:
-        self.config = self._check_parallelism(cmd.parallelism, cmd.overrides)
+        self.carried.config = self._check_parallelism(cmd.parallelism, cmd.overrides)
 
     def _apply_restart_command(self, cmd: RestartCommand) -> None:
         self._check_restart()
         self._apply_restart(cmd)
 
     def _apply_config_patch(self, patch: ConfigPatch) -> None:
-        self.config = self._patched_config(patch)
+        self.carried.config = self._patched_config(patch)
 
     def _signal_commands(self) -> dict[str, tuple[type[BaseModel], Callable[[Any], None]]]:
         """Each signal name with the model its one argument must fit and what applies it."""
@@ -673,9 +652,9 @@ class JobWorkflow:
         changes = patch.model_dump(exclude_none=True)
         if "stop" in changes:
             self._check_stop(StopCommand(mode=changes["stop"]))
-        if "restart_nonce" in changes and changes["restart_nonce"] != self.config.restart_nonce:
+        if "restart_nonce" in changes and changes["restart_nonce"] != self.carried.config.restart_nonce:
             self._check_restart()
-        new = JobConfig.model_validate({**self.config.model_dump(), **changes})
+        new = JobConfig.model_validate({**self.carried.config.model_dump(), **changes})
         if "parallelism" in changes or "overrides" in changes:
             problem = plan_problem(self.spec.pipeline, new)
             if problem:
@@ -685,7 +664,7 @@ class JobWorkflow:
     def _check_patch(self, req: PatchRequest) -> JobConfig:
         """Everything `patch` would change, checked without changing anything."""
         self._check_open("patch")
-        new = self.config.model_copy(deep=True)
+        new = self.carried.config.model_copy(deep=True)
         if req.stop is not None:
             self._check_stop(StopCommand(mode=req.stop))
             new.stop = req.stop
@@ -706,7 +685,7 @@ class JobWorkflow:
             new = self._check_patch(req)  # the state may have moved since the validator ran
         except CommandRejected as e:
             raise _rejection(e) from None
-        self.config = new
+        self.carried.config = new
         if req.restart is not None:
             self._apply_restart(req.restart)
         self._accepted()
@@ -727,23 +706,23 @@ class JobWorkflow:
         wanted = set(req.states)
         try:
             await workflow.wait_condition(
-                lambda: self.state in wanted or self.state in TERMINAL or self.continuing,
+                lambda: self.carried.state in wanted or self.carried.state in TERMINAL or self.continuing,
                 timeout=req.timeout_s,
                 timeout_summary="wait_for_state timeout",
             )
         except TimeoutError:
             raise ApplicationError(
-                f"job did not reach {' or '.join(req.states)} within {req.timeout_s:g} s (it is {self.state})",
+                f"job did not reach {' or '.join(req.states)} within {req.timeout_s:g} s (it is {self.carried.state})",
                 type="WaitTimedOut", non_retryable=True,
             ) from None
-        if self.state in wanted:
+        if self.carried.state in wanted:
             return self.status()
-        if self.state == "Failed":
-            f = self.failure or Failure(message="job failed")
+        if self.carried.state == "Failed":
+            f = self.carried.failure or Failure(message="job failed")
             raise ApplicationError(f"job failed: {f.message}", f.model_dump(), type="JobFailed", non_retryable=True)
-        if self.state in TERMINAL:
+        if self.carried.state in TERMINAL:
             raise ApplicationError(
-                f"job is {self.state}; it will not reach {' or '.join(req.states)}",
+                f"job is {self.carried.state}; it will not reach {' or '.join(req.states)}",
                 type="JobClosed",
                 non_retryable=True,
             )
@@ -751,8 +730,8 @@ class JobWorkflow:
 
     @wait_for_state.validator
     def _validate_wait(self, req: WaitForStateRequest) -> None:
-        if self.state in TERMINAL and self.state not in req.states:
-            raise ValueError(f"job is {self.state} and will not reach {', '.join(req.states)}")
+        if self.carried.state in TERMINAL and self.carried.state not in req.states:
+            raise ValueError(f"job is {self.carried.state} and will not reach {', '.join(req.states)}")
 
     @workflow.update(name="savepoint")
     async def savepoint(self, req: SavepointRequest) -> SavepointInfo:
@@ -766,13 +745,16 @@ class JobWorkflow:
         done = self.savepoints.results
         await workflow.wait_condition(
             lambda: ticket in done
-            or (self.state != "Running" and (not self.savepoints.in_flight(ticket) or self.inflight_checkpoint is None))
+            or (
+                self.carried.state != "Running"
+                and (not self.savepoints.in_flight(ticket) or self.inflight_checkpoint is None)
+            )
         )
         outcome = done.pop(ticket, None)
         self.savepoints.withdraw(ticket)
         if isinstance(outcome, SavepointInfo):
             return outcome
-        why = outcome or f"the job left Running (it is {self.state}) before the savepoint was taken"
+        why = outcome or f"the job left Running (it is {self.carried.state}) before the savepoint was taken"
         raise ApplicationError(f"no savepoint: {why}", type="SavepointFailed", non_retryable=True)
 
     @savepoint.validator
@@ -784,8 +766,8 @@ class JobWorkflow:
 
     def _check_savepoint(self, req: SavepointRequest) -> None:
         self._check_open("savepoint")
-        if self.state != "Running":
-            raise CommandRejected(f"a savepoint needs a Running job; job is {self.state}")
+        if self.carried.state != "Running":
+            raise CommandRejected(f"a savepoint needs a Running job; job is {self.carried.state}")
         if req.name is not None and req.name in self.savepoints.names_pending():
             raise CommandRejected(f"a savepoint named {req.name!r} is already being taken")
 
@@ -794,19 +776,19 @@ class JobWorkflow:
         return JobStatus(
             job_id=self.job_id,
             pipeline_name=self.spec.pipeline.name,
-            state=self.state,
-            generation=self.generation,
-            epoch=self.epoch,
-            restarts=self.restarts,
-            config=self.config,
-            parallelism=self.program.parallelism if self.program else self.desired_parallelism(),
-            runners=self.runners,
-            failure=self.failure,
-            last_error=self.last_error,
-            rejected_commands=self.rejected,
-            transitions=self.transitions,
+            state=self.carried.state,
+            generation=self.carried.generation,
+            epoch=self.carried.epoch,
+            restarts=self.carried.restarts,
+            config=self.carried.config,
+            parallelism=self.carried.program.parallelism if self.carried.program else self.desired_parallelism(),
+            runners=self.carried.runners,
+            failure=self.carried.failure,
+            last_error=self.carried.last_error,
+            rejected_commands=self.carried.rejected,
+            transitions=self.carried.transitions,
             waiting_for=self.waiting_for,
-            checkpoint_url=self.checkpoint_url,
+            checkpoint_url=self.carried.checkpoint_url,
         )
 
     # ------------------------------------------------------------------ continue-as-new
@@ -823,7 +805,7 @@ class JobWorkflow:
         await self.cancel_monitor()
         await self.finish_cleanup()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        carried = CarriedState(**{name: getattr(self, name) for name in CarriedState.model_fields})
+        carried = self.carried
         # A job is pinned to the build that started its run; the next run starts on the current
         # build (Worker Versioning): that is how running jobs move to a new sluice.
         workflow.continue_as_new(

@@ -57,7 +57,7 @@ def is_user_error(e: BaseException) -> bool:
 async def compile_program(wf: JobWorkflow) -> bool:
     """Run the compile activity; on failure transition (Failing or Recovering) and return False."""
     spec = JobSpec(
-        job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.config, checkpoint_url=wf.checkpoint_url
+        job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.carried.config, checkpoint_url=wf.carried.checkpoint_url
     )
     try:
         res: CompileResult = await workflow.execute_activity_method(
@@ -70,17 +70,17 @@ async def compile_program(wf: JobWorkflow) -> bool:
     except ActivityError as e:
         fail_or_recover(wf, e, user="program invalid", other="compile failed")
         return False
-    wf.program = res.program
-    wf.checkpoint_url = res.checkpoint_url
-    wf.next_epoch = max(wf.next_epoch, res.highest_epoch + 1)
-    if not wf.compiled_once and wf.config.restore_epoch:
+    wf.carried.program = res.program
+    wf.carried.checkpoint_url = res.checkpoint_url
+    wf.carried.next_epoch = max(wf.carried.next_epoch, res.highest_epoch + 1)
+    if not wf.carried.compiled_once and wf.carried.config.restore_epoch:
         # Restoring an older checkpoint abandons the ones after it: never restore those later.
-        wf.epoch = wf.config.restore_epoch
-        wf.state_floor = wf.next_epoch
-    elif res.latest_epoch >= wf.state_floor:
+        wf.carried.epoch = wf.carried.config.restore_epoch
+        wf.carried.state_floor = wf.carried.next_epoch
+    elif res.latest_epoch >= wf.carried.state_floor:
         # Also a checkpoint whose activity failed after its manifest was written counts.
-        wf.epoch = max(wf.epoch, res.latest_epoch)
-    wf.compiled_once = True
+        wf.carried.epoch = max(wf.carried.epoch, res.latest_epoch)
+    wf.carried.compiled_once = True
     return True
 
 
@@ -90,38 +90,38 @@ def fail_or_recover(wf: JobWorkflow, e: BaseException, *, user: str, other: str)
     to restore an older one), anything else recovers."""
     kind = error_type(e)
     if kind == C.USER_ERROR_TYPE:
-        wf.failure = Failure(message=cause_of(e), domain="user")
+        wf.carried.failure = Failure(message=cause_of(e), domain="user")
         wf.transition("Failing", f"{user}: {cause_of(e)}")
     elif kind == C.CORRUPT_CHECKPOINT_TYPE:
-        wf.failure = Failure(message=cause_of(e), domain="external")
+        wf.carried.failure = Failure(message=cause_of(e), domain="external")
         wf.transition("Failing", f"corrupt checkpoint: {cause_of(e)}")
     else:
-        wf.last_error = Failure(message=f"{other}: {cause_of(e)}")
-        wf.transition("Recovering", wf.last_error.message)
+        wf.carried.last_error = Failure(message=f"{other}: {cause_of(e)}")
+        wf.transition("Recovering", wf.carried.last_error.message)
 
 
 def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = None) -> None:
     """Start checkpoint `next_epoch`, kept as savepoint `savepoint` when given."""
-    assert wf.program is not None and wf.checkpoint_url is not None
-    epoch = wf.next_epoch
-    wf.next_epoch += 1
+    assert wf.carried.program is not None and wf.carried.checkpoint_url is not None
+    epoch = wf.carried.next_epoch
+    wf.carried.next_epoch += 1
     what = f"checkpoint epoch {epoch}" + (" then stop" if then_stop else "")
     wf.inflight_checkpoint = workflow.start_activity_method(
         CheckpointActivities.checkpoint,
         CheckpointInput(
             job_id=wf.job_id,
-            generation=wf.generation,
-            program=wf.program,
-            runners=wf.runners,
-            checkpoint_url=wf.checkpoint_url,
+            generation=wf.carried.generation,
+            program=wf.carried.program,
+            runners=wf.carried.runners,
+            checkpoint_url=wf.carried.checkpoint_url,
             epoch=epoch,
             then_stop=then_stop,
-            finish_timeout_s=wf.config.finish_timeout_s,
+            finish_timeout_s=wf.carried.config.finish_timeout_s,
             savepoint=savepoint,
             pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
             retention=wf.retention() if wf.lean_checkpoints else None,
         ),
-        start_to_close_timeout=timedelta(seconds=wf.config.checkpoint_timeout_s),
+        start_to_close_timeout=timedelta(seconds=wf.carried.config.checkpoint_timeout_s),
         heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
         retry_policy=C.CHECKPOINT_RETRY,
         summary=what if savepoint is None else f"savepoint {savepoint}: {what}",
@@ -132,7 +132,7 @@ def start_savepoint(wf: JobWorkflow) -> None:
     """Serve the oldest waiting `savepoint` update (no checkpoint may be in flight)."""
     assert wf.inflight_checkpoint is None
     pending = wf.savepoints.next()
-    default = f"{PERIODIC_SAVEPOINT_PREFIX if pending.periodic else 'savepoint-'}{wf.next_epoch}"
+    default = f"{PERIODIC_SAVEPOINT_PREFIX if pending.periodic else 'savepoint-'}{wf.carried.next_epoch}"
     start_checkpoint(wf, then_stop=False, savepoint=pending.name or default)
 
 
@@ -185,7 +185,7 @@ def take_checkpoint_result(wf: JobWorkflow) -> CheckpointFailed | None:
         wf.savepoints.finish(f"its checkpoint failed: {failed.failure.message}")
         return failed
     wf.savepoints.finish(info.savepoint or "the checkpoint completed without a savepoint record")
-    wf.epoch = info.epoch
+    wf.carried.epoch = info.epoch
     wf.progress_made()
     if not wf.lean_checkpoints:
         wf.start_cleanup()  # else the checkpoint activity applied retention itself
@@ -243,11 +243,11 @@ def outcome_failure(outcome: MonitorResult) -> Failure:
 
 def stop_transition(wf: JobWorkflow, reason: str, running: bool) -> None:
     """Go to the stop state the requested mode calls for (the reference's stop macros)."""
-    mode = wf.config.stop
+    mode = wf.carried.config.stop
     if running and mode == "checkpoint":
         wf.transition("CheckpointStopping", reason)
         return
-    wf.stop_mode = mode if running else wf.non_running_stop_mode()
+    wf.carried.stop_mode = mode if running else wf.non_running_stop_mode()
     wf.transition("Stopping", reason)
 
 

@@ -32,10 +32,10 @@ class PlacementFailed(Exception):
 
 async def place_runners(wf: JobWorkflow) -> Placement | None:
     """Reserve runner slots for the new generation; None if a stop was requested meanwhile."""
-    assert wf.program is not None
-    count = runners_needed(wf.program, wf.config.slots_per_runner)
+    assert wf.carried.program is not None
+    count = runners_needed(wf.carried.program, wf.carried.config.slots_per_runner)
     request = PlaceRequest(
-        job_id=wf.job_id, generation=wf.generation, runners=count, labels=wf.spec.pipeline.host_labels
+        job_id=wf.job_id, generation=wf.carried.generation, runners=count, labels=wf.spec.pipeline.host_labels
     )
     while True:
         placement: Placement = await workflow.execute_activity_method(
@@ -43,7 +43,7 @@ async def place_runners(wf: JobWorkflow) -> Placement | None:
             request,
             start_to_close_timeout=C.PLACE_TIMEOUT,
             retry_policy=C.PLACE_RETRY,
-            summary=f"place {count} runners of generation {wf.generation}",
+            summary=f"place {count} runners of generation {wf.carried.generation}",
         )
         if placement.shares:
             if wf.waiting_for is not None:
@@ -74,20 +74,20 @@ async def start_placed_runners(wf: JobWorkflow, placement: Placement) -> list[Ru
     PlacementFailed naming each host that failed (the runners started elsewhere are recorded,
     so a teardown reaches them)."""
     for share in placement.shares:
-        wf.runner_hosts[share.host_id] = share.task_queue
-    startup = timedelta(seconds=wf.config.runner_startup_timeout_s)
+        wf.carried.runner_hosts[share.host_id] = share.task_queue
+    startup = timedelta(seconds=wf.carried.config.runner_startup_timeout_s)
     results = await asyncio.gather(
         *(
             workflow.execute_activity(
                 HOST_START_RUNNERS,
                 HostStartInput(
                     job_id=wf.job_id,
-                    generation=wf.generation,
+                    generation=wf.carried.generation,
                     count=share.runners,
                     first_index=share.first_index,
-                    slots_per_runner=wf.config.slots_per_runner,
-                    startup_timeout_s=wf.config.runner_startup_timeout_s,
-                    hang_timeout_s=wf.config.runner_heartbeat_timeout_s,
+                    slots_per_runner=wf.carried.config.slots_per_runner,
+                    startup_timeout_s=wf.carried.config.runner_startup_timeout_s,
+                    hang_timeout_s=wf.carried.config.runner_heartbeat_timeout_s,
                 ),
                 result_type=list[RunnerInfo],
                 task_queue=share.task_queue,
@@ -109,6 +109,6 @@ async def start_placed_runners(wf: JobWorkflow, placement: Placement) -> list[Ru
             runners.extend(result)
     runners.sort(key=lambda r: int(r.runner_id.rpartition("-r")[2] or 0))
     if problems:
-        wf.runners = runners
+        wf.carried.runners = runners
         raise PlacementFailed("; ".join(problems))
     return runners

@@ -35,37 +35,38 @@ async def recovering(wf: JobWorkflow) -> None:
     await wf.cancel(wf.inflight_checkpoint)
     wf.inflight_checkpoint = None
     await wf.cancel_monitor()
-    reason = wf.last_error.message if wf.last_error else "unknown failure"
+    reason = wf.carried.last_error.message if wf.carried.last_error else "unknown failure"
     if wf.stop_requested():
         _stop(wf)
         return
-    allowed = wf.config.allowed_restarts
-    if allowed != -1 and wf.restarts > allowed:
-        domain = wf.last_error.domain if wf.last_error else "internal"
-        last = wf.last_error
-        wf.failure = Failure(
+    allowed = wf.carried.config.allowed_restarts
+    if allowed != -1 and wf.carried.restarts > allowed:
+        domain = wf.carried.last_error.domain if wf.carried.last_error else "internal"
+        last = wf.carried.last_error
+        wf.carried.failure = Failure(
             message=f"exhausted {allowed} allowed restarts; last error: {reason}", domain=domain,
             operator=last.operator if last else None, traceback=last.traceback if last else None,
         )
-        wf.transition("Failing", wf.failure.message)
+        wf.transition("Failing", wf.carried.failure.message)
         return
     if wf.repeats_deterministically():
-        f = wf.streak_failure
+        f = wf.carried.streak_failure
         assert f is not None
-        wf.failure = f.model_copy(
-            update={"message": f"the same failure {wf.failure_streak} times in a row, not retried again: {f.message}"}
+        streak = wf.carried.failure_streak
+        wf.carried.failure = f.model_copy(
+            update={"message": f"the same failure {streak} times in a row, not retried again: {f.message}"}
         )
-        wf.transition("Failing", wf.failure.message)
+        wf.transition("Failing", wf.carried.failure.message)
         return
     if wf.continue_as_new_due():
         # A job that keeps recovering (an unlimited budget) must renew its history too; the next
         # run resumes here, in Recovering, with the same count.
         await wf.continue_as_new()
-    delay = restart_backoff_s(wf.restarts, workflow.random().random(), immediate_first=wf.fast_recovery)
+    delay = restart_backoff_s(wf.carried.restarts, workflow.random().random(), immediate_first=wf.fast_recovery)
     if delay > 0:
         try:
             await workflow.wait_condition(
-                wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.restarts}"
+                wf.stop_requested, timeout=delay, timeout_summary=f"backoff before restart {wf.carried.restarts}"
             )
         except TimeoutError:
             pass
@@ -78,17 +79,17 @@ async def recovering(wf: JobWorkflow) -> None:
         await wf.teardown(generation=None, kill=wf.fast_recovery)
     except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again
         workflow.logger.warning("teardown while recovering failed: %s", cause_of(e))
-    wf.runners = []
+    wf.carried.runners = []
     waited = f"after {delay:.1f} s backoff" if delay > 0 else "at once (first restart)"
-    wf.transition("Compiling", f"restart {wf.restarts} {waited}")
+    wf.transition("Compiling", f"restart {wf.carried.restarts} {waited}")
 
 
 def _stop(wf: JobWorkflow) -> None:
     # The runners' condition is unknown while recovering: kill them rather than wait on them.
-    wf.stop_mode = "force"
-    wf.transition("Stopping", f"stop {wf.config.stop} requested while recovering")
+    wf.carried.stop_mode = "force"
+    wf.transition("Stopping", f"stop {wf.carried.config.stop} requested while recovering")
 
 
 async def failing(wf: JobWorkflow) -> None:
     await wf.release_runners()
-    wf.transition("Failed", (wf.failure or Failure(message="job failed")).message)
+    wf.transition("Failed", (wf.carried.failure or Failure(message="job failed")).message)

@@ -21,9 +21,9 @@ async def rescaling(wf: JobWorkflow) -> None:
 
 
 async def restarting(wf: JobWorkflow) -> None:
-    if wf.restart_mode == "safe":
+    if wf.carried.restart_mode == "safe":
         # A second restart with force while the safe one checkpoints switches to force.
-        done = await _through_final_checkpoint(wf, "safe restart", lambda: wf.config.restart_mode == "force")
+        done = await _through_final_checkpoint(wf, "safe restart", lambda: wf.carried.config.restart_mode == "force")
         if done:
             return
     await wf.cancel(wf.inflight_checkpoint)
@@ -37,23 +37,23 @@ async def _through_final_checkpoint(wf: JobWorkflow, what: str, switch_to_force:
     result = await final_checkpoint(wf, lambda: wf.stop_requested() or switch_to_force())
     if result is None:
         await wf.cancel_monitor()
-        await _teardown_then_schedule(wf, f"{what}: final checkpoint epoch {wf.epoch} done")
+        await _teardown_then_schedule(wf, f"{what}: final checkpoint epoch {wf.carried.epoch} done")
         return True
     if result == ESCALATED:
         if wf.stop_requested():
-            stop_transition(wf, f"stop {wf.config.stop} requested during {what}", running=False)
+            stop_transition(wf, f"stop {wf.carried.config.stop} requested during {what}", running=False)
             return True
         return False
     assert isinstance(result, Failure)
-    wf.last_error = result
+    wf.carried.last_error = result
     wf.transition("Recovering", f"{what}: {result.message}")
     return True
 
 
 async def _teardown_then_schedule(wf: JobWorkflow, reason: str) -> None:
     try:
-        await wf.teardown(generation=wf.generation)
+        await wf.teardown(generation=wf.carried.generation)
     except BaseException as e:  # noqa: BLE001 - Scheduling kills older generations again
-        workflow.logger.warning("teardown of generation %s failed: %s", wf.generation, cause_of(e))
-    wf.runners = []
+        workflow.logger.warning("teardown of generation %s failed: %s", wf.carried.generation, cause_of(e))
+    wf.carried.runners = []
     wf.transition("Scheduling", reason)

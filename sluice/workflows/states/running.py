@@ -51,25 +51,25 @@ class Timer:
 async def running(wf: JobWorkflow) -> None:
     if wf.monitor is None:
         wf.start_monitor(WATCH_ALL)
-    checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+    checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
     checkpoint_due = False
     ttl_timer = _ttl_timer(wf)
-    ttl_s = wf.config.ttl_s
+    ttl_s = wf.carried.config.ttl_s
     # The restart count resets after healthy_duration in Running (timed from entering it).
-    healthy_timer = Timer(wf.config.healthy_duration_s, "healthy duration") if wf.restarts > 0 else None
+    healthy_timer = Timer(wf.carried.config.healthy_duration_s, "healthy duration") if wf.carried.restarts > 0 else None
     savepoint_timer = _savepoint_timer(wf)
     try:
         while True:
             # Commands first: they are the user's intent, and they are never dropped.
             if wf.stop_requested():
-                if wf.config.stop != "checkpoint":
+                if wf.carried.config.stop != "checkpoint":
                     await wf.cancel(wf.inflight_checkpoint)
                     wf.inflight_checkpoint = None
-                stop_transition(wf, f"stop {wf.config.stop} requested", running=True)
+                stop_transition(wf, f"stop {wf.carried.config.stop} requested", running=True)
                 return
             if wf.restart_needed():
-                wf.restart_mode = wf.config.restart_mode
-                wf.transition("Restarting", f"restart requested ({wf.config.restart_mode})")
+                wf.carried.restart_mode = wf.carried.config.restart_mode
+                wf.transition("Restarting", f"restart requested ({wf.carried.config.restart_mode})")
                 return
             if wf.rescale_needed():
                 wf.transition("Rescaling", f"parallelism changed to {wf.desired_parallelism()}")
@@ -77,8 +77,8 @@ async def running(wf: JobWorkflow) -> None:
             if ttl_timer is not None and ttl_timer.fired:
                 await wf.cancel(wf.inflight_checkpoint)
                 wf.inflight_checkpoint = None
-                wf.stop_mode = "immediate"
-                wf.transition("Stopping", f"TTL of {wf.config.ttl_s:g} s expired")
+                wf.carried.stop_mode = "immediate"
+                wf.transition("Stopping", f"TTL of {wf.carried.config.ttl_s:g} s expired")
                 return
 
             if wf.monitor is not None and wf.monitor.done():
@@ -90,42 +90,42 @@ async def running(wf: JobWorkflow) -> None:
                 wf.inflight_checkpoint = None
                 failure = outcome_failure(outcome)
                 if outcome.kind == "task_failed" and not outcome.retryable:
-                    wf.failure = failure
+                    wf.carried.failure = failure
                     wf.transition("Failing", f"task failed (not retryable): {outcome.message}")
                 else:
-                    wf.last_error = failure
+                    wf.carried.last_error = failure
                     wf.transition("Recovering", f"{outcome.kind.replace('_', ' ')}: {outcome.message}")
                 return
 
             if wf.inflight_checkpoint is not None and wf.inflight_checkpoint.done():
                 problem = take_checkpoint_result(wf)
                 if problem and not problem.retryable:
-                    wf.failure = problem.failure
+                    wf.carried.failure = problem.failure
                     wf.transition("Failing", f"task failed (not retryable): {problem.failure.message}")
                     return
                 if problem:
-                    wf.last_error = problem.failure
+                    wf.carried.last_error = problem.failure
                     wf.transition("Recovering", problem.failure.message)
                     return
                 wf.show_details()
 
             if healthy_timer is not None and healthy_timer.fired:
                 healthy_timer = None
-                if wf.restarts > 0:
+                if wf.carried.restarts > 0:
                     workflow.logger.info("job %s healthy for %g s: restart count reset", wf.job_id,
-                                         wf.config.healthy_duration_s)
-                    wf.restarts = 0
-                    wf.failure_streak = 0
+                                         wf.carried.config.healthy_duration_s)
+                    wf.carried.restarts = 0
+                    wf.carried.failure_streak = 0
                     wf.show_details()
 
             # A changed interval or TTL takes effect from the moment it was changed.
-            if wf.config.checkpoint_interval_s != checkpoint_timer.seconds and not checkpoint_timer.fired:
+            if wf.carried.config.checkpoint_interval_s != checkpoint_timer.seconds and not checkpoint_timer.fired:
                 checkpoint_timer.cancel()
-                checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
-            if wf.config.ttl_s != ttl_s:
+                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
+            if wf.carried.config.ttl_s != ttl_s:
                 if ttl_timer is not None:
                     ttl_timer.cancel()
-                ttl_timer, ttl_s = _ttl_timer(wf), wf.config.ttl_s
+                ttl_timer, ttl_s = _ttl_timer(wf), wf.carried.config.ttl_s
                 continue  # a TTL already past fires at once: look again from the top
 
             if savepoint_timer is not None and savepoint_timer.fired:
@@ -134,7 +134,7 @@ async def running(wf: JobWorkflow) -> None:
                     wf.savepoints.add(None, periodic=True)
             if checkpoint_timer.fired:
                 checkpoint_due = True
-                checkpoint_timer = Timer(wf.config.checkpoint_interval_s, "checkpoint interval")
+                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
             if wf.inflight_checkpoint is None and wf.savepoints.queue:
                 # A savepoint is a checkpoint too (it counts as a due one), and it goes before a
                 # continue-as-new, which would otherwise wait for its update forever.
@@ -165,14 +165,14 @@ async def running(wf: JobWorkflow) -> None:
 
 def _ttl_timer(wf: JobWorkflow) -> Timer | None:
     """The TTL counts from the job's first Running (kept across restarts and continue-as-new)."""
-    if wf.config.ttl_s is None or wf.started_at is None:
+    if wf.carried.config.ttl_s is None or wf.carried.started_at is None:
         return None
     # Only the timer's length uses the clock: whether the TTL expired is decided by its firing.
-    deadline = wf.started_at + timedelta(seconds=wf.config.ttl_s)
+    deadline = wf.carried.started_at + timedelta(seconds=wf.carried.config.ttl_s)
     return Timer((deadline - workflow.now()).total_seconds(), "TTL")
 
 
 def _savepoint_timer(wf: JobWorkflow) -> Timer | None:
     """The next periodic savepoint (JobConfig.savepoint_interval_s), counted from entering Running."""
-    interval = wf.config.savepoint_interval_s
+    interval = wf.carried.config.savepoint_interval_s
     return Timer(interval, "savepoint interval") if interval else None

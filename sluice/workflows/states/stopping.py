@@ -18,44 +18,44 @@ if TYPE_CHECKING:
 
 
 async def checkpoint_stopping(wf: JobWorkflow) -> None:
-    result = await final_checkpoint(wf, lambda: wf.config.stop in ("graceful", "immediate", "force"))
+    result = await final_checkpoint(wf, lambda: wf.carried.config.stop in ("graceful", "immediate", "force"))
     if result is None:
         await wf.release_runners()
-        wf.transition("Stopped", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
+        wf.transition("Stopped", f"final checkpoint epoch {wf.carried.epoch} committed, all tasks finished")
     elif result == ESCALATED:
-        wf.stop_mode = wf.config.stop
-        wf.transition("Stopping", f"stop {wf.config.stop} requested during the final checkpoint")
+        wf.carried.stop_mode = wf.carried.config.stop
+        wf.transition("Stopping", f"stop {wf.carried.config.stop} requested during the final checkpoint")
     else:
         assert isinstance(result, Failure)
-        wf.stop_mode = "force"
-        wf.transition("Stopping", f"{result.message}; killing runners (restore point stays epoch {wf.epoch})")
+        wf.carried.stop_mode = "force"
+        wf.transition("Stopping", f"{result.message}; killing runners (restore point stays epoch {wf.carried.epoch})")
 
 
 async def stopping(wf: JobWorkflow) -> None:
     await wf.cancel(wf.inflight_checkpoint)
     wf.inflight_checkpoint = None
-    mode = wf.stop_mode or wf.non_running_stop_mode()
+    mode = wf.carried.stop_mode or wf.non_running_stop_mode()
     reason = ""
     # graceful -> immediate -> force: a later, stronger stop request escalates the one running.
-    while mode in ("graceful", "immediate") and wf.runners:
+    while mode in ("graceful", "immediate") and wf.carried.runners:
         handle = workflow.start_activity_method(
             StopActivities.stop_runners,
             StopInput(
                 job_id=wf.job_id,
-                generation=wf.generation,
-                runners=wf.runners,
+                generation=wf.carried.generation,
+                runners=wf.carried.runners,
                 mode=mode,
-                finish_timeout_s=wf.config.finish_timeout_s,
+                finish_timeout_s=wf.carried.config.finish_timeout_s,
             ),
-            start_to_close_timeout=timedelta(seconds=wf.config.finish_timeout_s) + C.STOP_MARGIN,
+            start_to_close_timeout=timedelta(seconds=wf.carried.config.finish_timeout_s) + C.STOP_MARGIN,
             heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
             retry_policy=C.STOP_RETRY,
             summary=f"stop {mode}",
         )
         stronger = _stronger_than(mode)
-        if not await wf.race(handle, lambda: wf.config.stop in stronger):  # noqa: B023 - awaited in this iteration
+        if not await wf.race(handle, lambda: wf.carried.config.stop in stronger):  # noqa: B023 - awaited in this iteration
             await wf.cancel(handle)
-            mode = wf.config.stop
+            mode = wf.carried.config.stop
             continue
         try:
             handle.result()
@@ -76,11 +76,11 @@ async def finishing(wf: JobWorkflow) -> None:
     result = await final_checkpoint(wf, wf.stop_requested)
     if result is None:
         await wf.release_runners()
-        wf.transition("Finished", f"final checkpoint epoch {wf.epoch} committed, all tasks finished")
+        wf.transition("Finished", f"final checkpoint epoch {wf.carried.epoch} committed, all tasks finished")
     elif result == ESCALATED:
-        wf.stop_mode = wf.non_running_stop_mode()
-        wf.transition("Stopping", f"stop {wf.config.stop} requested while finishing")
+        wf.carried.stop_mode = wf.non_running_stop_mode()
+        wf.transition("Stopping", f"stop {wf.carried.config.stop} requested while finishing")
     else:
         assert isinstance(result, Failure)
-        wf.last_error = result
+        wf.carried.last_error = result
         wf.transition("Recovering", result.message)
