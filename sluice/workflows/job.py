@@ -18,6 +18,7 @@ from temporalio.common import RawValue, SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    # One module per state group; they import this module only for type checking: no cycle.
     from pydantic import BaseModel, Field, ValidationError
 
     from sluice.activities.checkpointing import CheckpointActivities
@@ -67,6 +68,7 @@ with workflow.unsafe.imports_passed_through():
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.savepoints import SavepointRequests
+    from sluice.workflows.states import STEPS
     from sluice.workflows.states.common import cause_of
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
 
@@ -180,8 +182,6 @@ class JobWorkflow:
 
     @workflow.run
     async def run(self, raw: dict[str, Any]) -> JobResult:
-        from sluice.workflows.states import STEPS  # one module per state group
-
         self.on_hosts = workflow.patched(C.PATCH_RUNNER_HOSTS)
         self.fast_recovery = workflow.patched(C.PATCH_FAST_RECOVERY)
         self.lean_checkpoints = workflow.patched(C.PATCH_LEAN_CHECKPOINTS)
