@@ -271,6 +271,13 @@ class JobClient:
     def _handle(self, job_id: str, run_id: str | None = None) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(job_id, run_id=run_id)
 
+    async def _result(self, job_id: str, run_id: str) -> JobResult:
+        """The JobResult a completed run returned."""
+        handle: WorkflowHandle[Any, JobResult] = self.client.get_workflow_handle(
+            job_id, run_id=run_id, result_type=JobResult
+        )
+        return await handle.result(follow_runs=False)
+
     async def describe(self, job_id: str) -> WorkflowExecutionDescription:
         """The latest run's description; `JobNotFound` if the id never ran."""
         try:
@@ -302,9 +309,7 @@ class JobClient:
         if state in TERMINAL_STATES:
             return state
         try:  # COMPLETED without the attribute: the result says which terminal state
-            # FIXME: WorkflowHandle.result() takes no result_type (temporalio 1.35): this raises TypeError,
-            # which the except below swallows. Left as is by the lint pass (behaviour unchanged).
-            result = await self._handle(job_id, desc.run_id).result(result_type=JobResult)  # type: ignore[call-arg]
+            result = await self._result(job_id, desc.run_id)
             return str(result.state)
         except Exception:
             return "Finished"
@@ -575,9 +580,7 @@ class JobClient:
             failure = await self._failure(job_id, desc.run_id)
         else:
             try:
-                # FIXME: WorkflowHandle.result() takes no result_type (temporalio 1.35): this raises TypeError,
-                # which the except below swallows. Left as is by the lint pass (behaviour unchanged).
-                result = await self._handle(job_id, desc.run_id).result(result_type=JobResult)  # type: ignore[call-arg]
+                result = await self._result(job_id, desc.run_id)
                 epoch, generation, restarts = result.epoch, result.generation, result.restarts
             except Exception:
                 pass

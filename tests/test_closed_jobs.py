@@ -44,3 +44,25 @@ async def test_a_terminated_job_has_its_runners_stopped_and_slots_released(
 
 async def _none(count: Any) -> bool:
     return await count() == 0
+
+
+async def test_a_finished_job_reports_its_result_when_no_worker_answers_queries(tmp_path: Path) -> None:
+    from sluice.client import connect
+    from sluice.devserver import DevServer, free_port
+    from sluice.worker import create_worker
+
+    server = DevServer(tmp_path / "temporal", port=free_port(), ui_port=None, headless=True)
+    await server.astart()
+    try:
+        client = await connect(server.address)
+        jobs = JobClient(client)
+        spec = job_spec(generator_pipeline("finished", tmp_path / "out", splits=1, limit=200), tmp_path)
+        async with create_worker(client, tmp_path / "worker", warm_runners=0):
+            await jobs.start(spec)
+            done = await wait_state(jobs, spec.job_id, "Finished", timeout_s=60)
+        assert done.epoch > 0
+        # No worker now: the status of the closed run comes from its input and its result.
+        st = await jobs.wait_for_state(spec.job_id, ["Finished"], timeout_s=30)
+        assert (st.state, st.epoch, st.generation) == ("Finished", done.epoch, done.generation), st
+    finally:
+        await server.astop()

@@ -342,6 +342,7 @@ class RunnerHost:
                         self.config.host_id, job_id, status_name)  # fmt: skip
             await self._stop(HostStopInput(job_id=job_id, grace_s=0.0))
             await release(self.client, ReleaseRequest(job_id=job_id))
+            self._reserved_jobs.discard(job_id)
             closed.append(job_id)
         return closed
 
