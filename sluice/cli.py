@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, get_args
 
 import typer
 
 from sluice import settings
-from sluice.models import TERMINAL_STATES, JobSpec, JobStatus
+from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
 from sluice.pipeline_files import PipelineFileError
 from sluice.status_view import state_line, status_lines
 
@@ -45,10 +45,7 @@ RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a c
 LIVE_REFRESH_S = 1.0
 WEB_UI_PORT = 8233
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
-JOB_STATES: tuple[str, ...] = (
-    "Created", "Compiling", "Scheduling", "Running", "Rescaling", "Restarting", "CheckpointStopping",
-    "Stopping", "Finishing", "Recovering", "Failing", "Stopped", "Finished", "Failed",
-)  # fmt: skip
+JOB_STATES: tuple[str, ...] = get_args(JobStateName)
 
 
 
@@ -96,6 +93,23 @@ app = _SluiceApp(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sluice import __version__, versioning
+
+        typer.echo(f"sluice {__version__} (build {versioning.build_id()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print sluice's version and build, exit"
+    ),
+) -> None:
+    """Streaming pipelines whose whole life is a durable Temporal workflow."""
 
 T = TypeVar("T")
 
@@ -641,8 +655,12 @@ def start(
     from_savepoint: str | None = typer.Option(
         None, "--from-savepoint", metavar="JOB/NAME", help="start from savepoint NAME of job JOB (same store)"
     ),
+    wait: bool = typer.Option(
+        False, "--wait", help="return once the job is Running (exit 1 with its failure if it fails first)"
+    ),
+    timeout: float = typer.Option(RUNNING_TIMEOUT_S, "--timeout", min=1.0, help="seconds --wait waits at most"),
 ) -> None:
-    """Start a job; prints its id once the workflow is started."""
+    """Start a job; prints its id once the workflow is started (with --wait: once it runs)."""
     if from_savepoint is not None and ignore_state:
         fail("--from-savepoint and --ignore-state cannot be combined", EXIT_USAGE)
     spec = _wrap_user_errors(
@@ -651,7 +669,13 @@ def start(
 
     @run_async
     async def main() -> str:
-        return str(await (await _job_client()).start(spec))
+        jobs = await _job_client()
+        started = str(await jobs.start(spec))
+        if wait:
+            # A job that fails while compiling or scheduling raises JobFailedError: exit 1, its failure.
+            st = await jobs.wait_for_state(started, ["Running", "Finished"], timeout_s=timeout)
+            return f"{started}\n{state_line(st)}"
+        return started
 
     typer.echo(main())
 
@@ -663,6 +687,29 @@ def _wrap_user_errors(fn: Callable[[], T]) -> T:
         fail(str(exc), EXIT_USAGE)
     except _user_error_types() as exc:
         fail(str(exc))
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="pipeline file (YAML or JSON)"),
+    parallelism: int | None = ParallelismOpt,
+) -> None:
+    """Check a pipeline file as a start would (parse, then the full compile: operators, edges,
+    keys, schemas, user functions' import paths); starts nothing. Exit 0 if valid, 2 if not."""
+    from sluice.engine.compiler import compile_program, runners_needed
+    from sluice.errors import UserError
+
+    extend_import_path(file.resolve().parent, Path.cwd())
+    spec = _wrap_user_errors(lambda: _load_spec(file, None, parallelism, None))
+    try:
+        program = compile_program(spec.pipeline, spec.config)
+    except UserError as exc:
+        fail(f"{file}: {exc}", EXIT_USAGE)
+    subtasks = sum(program.parallelism.values())
+    runners = runners_needed(program, spec.config.slots_per_runner)
+    plural = "s" if runners != 1 else ""
+    typer.echo(f"{file}: valid: pipeline {program.name!r}, {len(program.operators)} operators, "
+               f"{len(program.chains)} chains, {subtasks} subtasks on {runners} runner{plural}")  # fmt: skip
 
 
 @app.command()
@@ -915,18 +962,30 @@ def status(
 
 
 @app.command("list")
-def list_jobs(state: str | None = typer.Option(None, "--state", help="only jobs in this state")) -> None:
+def list_jobs(
+    state: str | None = typer.Option(None, "--state", help="only jobs in this state"),
+    output: str = typer.Option("table", "--output", "-o", help="table | json (a list of {job_id, state, pipeline})"),
+) -> None:
     """List jobs (latest run of each), optionally by state."""
     if state is not None and state not in JOB_STATES:
         fail(f"unknown state {state!r}; expected one of: {', '.join(JOB_STATES)}", EXIT_USAGE)
+    if output not in ("table", "json"):
+        fail(f"unknown output {output!r}; expected table or json", EXIT_USAGE)
 
     @run_async
     async def main() -> None:
         rows = await (await _job_client()).list(state)
+        if output == "json":
+            import json
+
+            body = [{"job_id": r.job_id, "state": r.state, "pipeline": r.pipeline_name} for r in rows]
+            typer.echo(json.dumps(body, indent=2))
+            return
         if not rows:
             typer.echo("no jobs")
             return
-        width = max(len(r.job_id) for r in rows)
+        width = max(len("JOB"), *(len(r.job_id) for r in rows))
+        typer.echo(f"{'JOB':<{width}}  {'STATE':<18}  PIPELINE")
         for r in rows:
             typer.echo(f"{r.job_id:<{width}}  {r.state:<18}  {r.pipeline_name}")
 

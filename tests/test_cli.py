@@ -7,6 +7,8 @@ so a started job stays in Created and nothing else in the session can touch it.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import time
@@ -130,6 +132,26 @@ def test_example_pipeline_is_valid() -> None:
         compile_program(pipeline, JobConfig())  # the examples pass every compile check
 
 
+def test_version_prints_version_and_build() -> None:
+    from sluice import __version__, versioning
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"sluice {__version__} (build {versioning.build_id()})"
+
+
+def test_validate_compiles_without_starting(tmp_path: Path) -> None:
+    ok = run_cli("validate", str(PROJECT_ROOT / "examples" / "clicks.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "clicks.yaml: valid: pipeline 'clicks', 5 operators" in ok.stdout
+    # Parses, but cannot compile: the user function does not import. A start would fail later.
+    bad = write(tmp_path, "bad.yaml", GOOD_PIPELINE.replace("examples.clicks:is_big", "nope.module:fn"))
+    result = run_cli("validate", str(bad))
+    assert result.returncode == EXIT_USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "operator 'big': cannot import function 'nope.module:fn'" in lines[0], result.stderr
+
+
 # ------------------------------------------------------------------------------ usage errors
 
 
@@ -240,7 +262,37 @@ def test_start_list_wait_timeout_and_duplicate(idle_server: DevServer, tmp_path:
             break
         time.sleep(0.2)
     assert any(line.split()[:3] == [job_id, "Created", "demo"] for line in listed.stdout.splitlines()), listed.stdout
+    assert listed.stdout.splitlines()[0].split() == ["JOB", "STATE", "PIPELINE"], listed.stdout
+    as_json = run_cli("list", "--state", "Created", "-o", "json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert {"job_id": job_id, "state": "Created", "pipeline": "demo"} in json.loads(as_json.stdout)
 
     missing = run_cli("status", "no-such-job", env=env)
     assert missing.returncode == 1
     assert "job no-such-job not found" in missing.stderr
+
+
+@pytest.mark.usefixtures("worker")
+async def test_start_wait_returns_when_running_or_fails_with_the_compile_error(
+    temporal_address: str, tmp_path: Path
+) -> None:
+    # The session's worker runs in this event loop: the CLI runs in a thread meanwhile.
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=cli_env(temporal_address, tmp_path / "state"))
+
+    # The sink under tmp_path: a relative path would resolve against the worker's directory.
+    text = GOOD_PIPELINE.replace("path: out/demo", f"path: {tmp_path / 'out'}")
+    good = write(tmp_path, "demo.yaml", text.replace("limit: 10", "rate: 10"))
+    job_id = f"cli-wait-{time.time_ns()}"
+    started = await asyncio.to_thread(cli, "start", str(good), "--job-id", job_id, "--wait")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.splitlines()[0] == job_id
+        assert started.stdout.splitlines()[1].startswith(f"{job_id}: Running"), started.stdout
+    finally:
+        await asyncio.to_thread(cli, "stop", job_id, "--mode", "force")
+    # Parses (so it starts), but its function cannot be imported: the job fails while compiling.
+    bad = write(tmp_path, "bad.yaml", text.replace("examples.clicks:is_big", "nope.module:fn"))
+    failed = await asyncio.to_thread(cli, "start", str(bad), "--job-id", f"{job_id}-bad", "--wait")
+    assert failed.returncode == 1, failed.stdout
+    assert "cannot import function 'nope.module:fn'" in failed.stderr, failed.stderr
