@@ -2,7 +2,9 @@
 
 No runner process ever exists: runners are records, starting them does nothing, checkpoints
 always succeed. Compiling uses the real (pure) compiler so that the workflow sees a real program.
-Each test steers what it needs: what a generation's monitor reports, whether its start fails.
+Each test steers what it needs: what a generation's monitor reports, whether its start fails,
+whether a compile, checkpoint or stop fails, whether placement finds no free slot, and which
+compiles and checkpoints are held (they wait, heartbeating, until `release()`).
 
 Runs on runner hosts (every new run) place their runners through `place_runners` and start them
 with `host_start_runners`; the fake places every generation on one fake host whose task queue is
@@ -55,21 +57,60 @@ class FakeController:
 
     `monitor(generation)`: what that generation's monitor reports (None: healthy, it runs until
     cancelled). `start_error(generation)`: an error its start raises (None: it starts).
-    `generations`, `checkpoints` and `stops` (host teardowns) record what the workflow asked for.
+    `compile_error(n)`: an error the n-th compile (1-based, over every job) raises.
+    `checkpoint_error(input)`: an error that checkpoint raises. `stop_error(input)`: an error a
+    graceful/immediate stop (`stop_runners`) raises. `place_waiting(generation)`: placement finds
+    no free slot (the reason given) instead of placing that generation.
+    `hold_compile(n)` / `hold_checkpoint(input)`: that activity waits until `release()` (then
+    answers as above); `held` names the activities waiting meanwhile ("compile 1",
+    "checkpoint 3 then stop").
+    `generations`, `checkpoints`, `stops` (host teardowns) and `stop_modes` (`stop_runners`) record
+    what the workflow asked for.
     """
 
     monitor: Callable[[int], MonitorResult | None] = lambda generation: None
     start_error: Callable[[int], BaseException | None] = lambda generation: None
+    compile_error: Callable[[int], BaseException | None] = lambda n: None
+    checkpoint_error: Callable[[CheckpointInput], BaseException | None] = lambda inp: None
+    stop_error: Callable[[StopInput], BaseException | None] = lambda inp: None
+    place_waiting: Callable[[int], str | None] = lambda generation: None
+    hold_compile: Callable[[int], bool] = lambda n: False
+    hold_checkpoint: Callable[[CheckpointInput], bool] = lambda inp: False
     checkpoints: list[int] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
     stops: list[HostStopInput] = field(default_factory=list)
+    stop_modes: list[str] = field(default_factory=list)
     programs: dict[str, Any] = field(default_factory=dict)  # job id -> its compiled program
+    compiles: int = 0
+    held: list[str] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        """Let every held activity (and any held later) go on."""
+        self.released.set()
+
+    async def _wait_if_held(self, hold: bool, what: str) -> None:
+        if not hold:
+            return
+        self.held.append(what)
+        try:
+            while not self.released.is_set():  # heartbeats: a cancel reaches it, no timeout fires
+                activity.heartbeat()
+                await asyncio.sleep(0.05)
+        finally:
+            self.held.remove(what)
 
     def activities(self) -> list[Callable[..., Any]]:
         fake = self
 
         @activity.defn(name="compile_program")
         async def compile_(inp: CompileInput) -> CompileResult:
+            fake.compiles += 1
+            n = fake.compiles
+            await fake._wait_if_held(fake.hold_compile(n), f"compile {n}")
+            error = fake.compile_error(n)
+            if error is not None:
+                raise error
             program = compile_program(inp.spec.pipeline, inp.spec.config)
             fake.programs[inp.spec.job_id] = program
             return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
@@ -102,6 +143,11 @@ class FakeController:
         @activity.defn(name="checkpoint")
         async def checkpoint(inp: CheckpointInput) -> CheckpointInfo:
             fake.checkpoints.append(inp.epoch)
+            what = f"checkpoint {inp.epoch}" + (" then stop" if inp.then_stop else "")
+            await fake._wait_if_held(fake.hold_checkpoint(inp), what)
+            error = fake.checkpoint_error(inp)
+            if error is not None:
+                raise error
             return CheckpointInfo(epoch=inp.epoch, manifest_path="/nonexistent", then_stop=inp.then_stop,
                                   duration_s=0.0)  # fmt: skip
 
@@ -111,7 +157,10 @@ class FakeController:
 
         @activity.defn(name="stop_runners")
         async def stop(inp: StopInput) -> None:
-            return None
+            fake.stop_modes.append(inp.mode)
+            error = fake.stop_error(inp)
+            if error is not None:
+                raise error
 
         @activity.defn(name="teardown_runners")
         async def teardown(inp: TeardownInput) -> int:
@@ -119,6 +168,9 @@ class FakeController:
 
         @activity.defn(name="place_runners")
         async def place(req: PlaceRequest) -> Placement:
+            waiting = fake.place_waiting(req.generation)
+            if waiting is not None:
+                return Placement(shares=[], waiting_reason=waiting)
             share = HostShare(host_id="fake-host", task_queue=activity.info().task_queue, address="127.0.0.1",
                               runners=max(1, req.runners), first_index=0)  # fmt: skip
             return Placement(shares=[share])
