@@ -809,6 +809,16 @@ def _store_url(job_id: str, state_dir: Path | None, checkpoint_url: str | None) 
     return main()
 
 
+def _read_store(job_id: str, url: str, what: str, read: Callable[[Any], T]) -> T:
+    """`read(the job's CheckpointStore)`; a store that cannot be read is one line naming it."""
+    from sluice.storage import CheckpointStore
+
+    try:
+        return read(CheckpointStore(url, job_id))
+    except Exception as exc:  # the store itself is unreachable or unreadable: say which one
+        fail(f"cannot read the {what} of job {job_id} in {url}: {type(exc).__name__}: {exc}")
+
+
 CheckpointUrlOpt = typer.Option(
     None, "--checkpoint-url", help="the job's checkpoint store (default: the job's own, from its spec)"
 )
@@ -830,13 +840,10 @@ def checkpoints(
     checkpoint_url: str | None = CheckpointUrlOpt,
 ) -> None:
     """List a job's completed checkpoints: epoch, time, size, and whether each verifies."""
-    url = _store_url(job_id, state_dir, checkpoint_url)
-    from sluice.storage import CheckpointStore, report_checkpoints
+    from sluice.storage import report_checkpoints
 
-    try:
-        reports = report_checkpoints(CheckpointStore(url, job_id))
-    except Exception as exc:  # the store itself is unreachable: say which one
-        fail(f"cannot read the checkpoints of job {job_id} in {url}: {type(exc).__name__}: {exc}")
+    url = _store_url(job_id, state_dir, checkpoint_url)
+    reports = _read_store(job_id, url, "checkpoints", report_checkpoints)
     if as_json:
         import json
 
@@ -919,14 +926,10 @@ def savepoints(
     checkpoint_url: str | None = CheckpointUrlOpt,
 ) -> None:
     """List a job's savepoints: name, epoch, time, size and pipeline version."""
-    from sluice.savepoints import SavepointError, list_savepoints
-    from sluice.storage import CheckpointStore
+    from sluice.savepoints import list_savepoints
 
     url = _store_url(job_id, state_dir, checkpoint_url)
-    try:
-        found = list_savepoints(CheckpointStore(url, job_id))
-    except (SavepointError, OSError) as exc:
-        fail(f"cannot read the savepoints of job {job_id} in {url}: {exc}")
+    found = _read_store(job_id, url, "savepoints", list_savepoints)
     if as_json:
         import json
 
