@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import sys
 import time
@@ -861,6 +862,68 @@ def checkpoints(
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"
         typer.echo(f"{r.epoch:>10}  {created:<19}  {_human_size(r.size):>10}  {verdict}")
+
+
+@app.command()
+def history(
+    job_id: str = typer.Argument(...),
+    output: str = typer.Option("table", "--output", "-o", help="table | json (a list of transitions)"),
+) -> None:
+    """The job's state transitions with their times and reasons (the newest 50)."""
+    if output not in ("table", "json"):
+        fail(f"unknown output {output!r}; expected table or json", EXIT_USAGE)
+
+    @run_async
+    async def main() -> Any:
+        return await (await _job_client()).status(job_id)
+
+    st = main()
+    if output == "json":
+        import json
+
+        typer.echo(json.dumps([t.model_dump(mode="json") for t in st.transitions], indent=2))
+        return
+    typer.echo(f"{'time (UTC)':<23}  {'from':<18}  {'to':<18}  reason")
+    for t in st.transitions:
+        when = t.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        typer.echo(f"{when:<23}  {t.from_state:<18}  {t.to_state:<18}  {t.reason}")
+
+
+@app.command()
+def delete(
+    job_id: str = typer.Argument(...),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    state_dir: Path | None = StateDirOpt,
+    checkpoint_url: str | None = CheckpointUrlOpt,
+) -> None:
+    """Delete a closed job's checkpoints, savepoints and runner files (its sink output stays)."""
+    from sluice.savepoints import list_savepoints
+    from sluice.schedulers.process import job_dir_name
+    from sluice.storage import CheckpointStore
+
+    @run_async
+    async def final() -> str | None:
+        return await (await _job_client()).final_state(job_id)
+
+    closed = final()
+    if closed is None:
+        fail(f"job {job_id} is open; stop it first (sluice stop {job_id})")
+    url = _store_url(job_id, state_dir, checkpoint_url)
+    store = CheckpointStore(url, job_id)
+    epochs = _read_store(job_id, url, "checkpoints", lambda st: st.completed_epochs())
+    saved = _read_store(job_id, url, "savepoints", list_savepoints)
+    runner_files = settings.runners_dir(settings.state_dir(state_dir)) / job_dir_name(job_id)
+    what = f"{len(epochs)} checkpoints and {len(saved)} savepoints in {store.job_root}"
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"deleting job {job_id} ({closed}) removes {what}: confirm with --yes", EXIT_USAGE)
+        typer.confirm(f"delete job {job_id} ({closed}): {what}, and its runner files?", abort=True)
+    try:
+        store.fs.delete_dir(store.job_root)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(runner_files, ignore_errors=True)
+    typer.echo(f"deleted job {job_id} ({closed}): {what}; runner files {runner_files}")
 
 
 @app.command()

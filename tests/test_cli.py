@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -296,3 +297,42 @@ async def test_start_wait_returns_when_running_or_fails_with_the_compile_error(
     failed = await asyncio.to_thread(cli, "start", str(bad), "--job-id", f"{job_id}-bad", "--wait")
     assert failed.returncode == 1, failed.stdout
     assert "cannot import function 'nope.module:fn'" in failed.stderr, failed.stderr
+
+
+@pytest.mark.usefixtures("worker")
+async def test_history_and_delete_of_a_job(temporal_address: str, job_client: Any, tmp_path: Path) -> None:
+    from tests.e2e_helpers import checkpoint_root, generator_pipeline, job_spec, stop_job_quietly, wait_state
+
+    state = tmp_path / "state"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=cli_env(temporal_address, state))
+
+    spec = job_spec(generator_pipeline("history", tmp_path / "out", splits=1, limit=None, rate=50), state)
+    await job_client.start(spec)
+    try:
+        await wait_state(job_client, spec.job_id, "Running", timeout_s=60)
+        refused = await asyncio.to_thread(cli, "delete", spec.job_id, "--yes")
+        assert refused.returncode == 1 and f"job {spec.job_id} is open; stop it first" in refused.stderr
+        await job_client.stop(spec.job_id, "checkpoint")
+        await wait_state(job_client, spec.job_id, "Stopped", timeout_s=60)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+
+    shown = await asyncio.to_thread(cli, "history", spec.job_id)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split()[2:4] for line in shown.stdout.splitlines()[1:]]
+    assert ["Created", "Compiling"] in rows and ["CheckpointStopping", "Stopped"] in rows, shown.stdout
+    as_json = await asyncio.to_thread(cli, "history", spec.job_id, "-o", "json")
+    assert json.loads(as_json.stdout)[-1]["to_state"] == "Stopped"
+
+    job_root = checkpoint_root(state) / spec.job_id
+    assert job_root.is_dir()
+    unconfirmed = await asyncio.to_thread(cli, "delete", spec.job_id)  # no terminal to ask on
+    assert unconfirmed.returncode == EXIT_USAGE and "confirm with --yes" in unconfirmed.stderr
+    assert job_root.is_dir()
+    deleted = await asyncio.to_thread(cli, "delete", spec.job_id, "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"deleted job {spec.job_id} (Stopped)" in deleted.stdout
+    assert not job_root.exists()
+    assert (tmp_path / "out").is_dir()  # the output stays
