@@ -422,15 +422,22 @@ def hosts(
 
     @run_async
     async def main() -> None:
-        from sluice.client import connect
-        from sluice.hosts.registry_client import list_hosts
+        from datetime import datetime
 
-        records = await list_hosts(await connect())
+        from sluice.client import connect
+        from sluice.hosts.registry_client import last_heartbeats, list_hosts
+
+        client = await connect()
+        records = await list_hosts(client)
+        beats = await last_heartbeats(client)
+        now = datetime.now(UTC)
         if output == "json":
             import json
 
             typer.echo(json.dumps([
-                {**r.model_dump(mode="json"), "slots_free": r.slots_free} for r in records
+                {**r.model_dump(mode="json"), "slots_free": r.slots_free,
+                 "last_heartbeat": beats[r.host_id].isoformat() if r.host_id in beats else None}
+                for r in records
             ], indent=2))  # fmt: skip
             return
         if not records:
@@ -439,10 +446,11 @@ def hosts(
         rows = [
             (r.host_id, r.address, f"{r.slots_in_use}/{r.slots}", str(r.slots_free),
              ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-", r.version or "?",
-             ",".join(sorted(r.jobs)) or "-")
+             ",".join(sorted(r.jobs)) or "-",
+             f"{(now - beats[r.host_id]).total_seconds():.1f} s ago" if r.host_id in beats else "-")
             for r in records
         ]  # fmt: skip
-        header = ("HOST", "ADDRESS", "IN USE", "FREE", "LABELS", "VERSION", "JOBS")
+        header = ("HOST", "ADDRESS", "IN USE", "FREE", "LABELS", "VERSION", "JOBS", "HEARTBEAT")
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
         for row in (header, *rows):
             typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,14 @@ async def test_host_registers_runs_labelled_jobs_and_deregisters_on_sigterm(
         assert len(mine) == 1, listed.stdout
         assert mine[0]["slots"] == 2 and mine[0]["slots_free"] == 2 and mine[0]["labels"] == {"zone": "cli-test"}
         assert mine[0]["task_queue"] == f"sluice-host-{HOST_ID}" and mine[0]["version"]
+        # The lease's last heartbeat, as the server saw it: within the last few seconds.
+        beat = datetime.fromisoformat(mine[0]["last_heartbeat"])
+        assert timedelta(0) <= datetime.now(UTC) - beat < timedelta(seconds=10), mine[0]
         table = await hosts_cli(temporal_address)
         assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:2] == ["HOST", "ADDRESS"]
-        assert any(line.startswith(HOST_ID) and "0/2" in line for line in table.stdout.splitlines()), table.stdout
+        assert table.stdout.splitlines()[0].split()[-1] == "HEARTBEAT", table.stdout
+        assert any(line.startswith(HOST_ID) and "0/2" in line and line.endswith(" s ago")
+                   for line in table.stdout.splitlines()), table.stdout  # fmt: skip
 
         pipeline = generator_pipeline("labelled", state_dir / "out", splits=2, limit=None, rate=20.0)
         pipeline = pipeline.model_copy(update={"host_labels": {"zone": "cli-test"}})

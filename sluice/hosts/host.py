@@ -407,7 +407,9 @@ class RunnerHost:
             )
         try:
             while not self._closing:
-                activity.heartbeat({"slots": self.config.slots, "in_use": self._runners_in_use()})
+                activity.heartbeat(
+                    {"host_id": self.config.host_id, "slots": self.config.slots, "in_use": self._runners_in_use()}
+                )
                 await asyncio.sleep(HOST_HEARTBEAT_EVERY_S)
         except asyncio.CancelledError:
             if not self._closing and (self._recheck is None or self._recheck.done()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio.client import (
@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sluice.hosts.contracts import (
+    HOST_LEASE,
     QUERY_HOSTS,
     REGISTRY_WORKFLOW_ID,
     REGISTRY_WORKFLOW_TYPE,
@@ -179,3 +180,18 @@ async def list_hosts(client: Client, *, timeout_s: float = REGISTRY_QUERY_TIMEOU
                     f"(`sluice worker`) polling task queue {TASK_QUEUE!r}?"
                 ) from exc
             raise
+
+
+async def last_heartbeats(client: Client) -> dict[str, datetime]:
+    """Each host's last lease heartbeat, as the server saw it (from the registry's pending lease
+    activities: heartbeats cost no history, so the registry's own state does not hold them)."""
+    desc = await registry_handle(client).describe()
+    out: dict[str, datetime] = {}
+    for pending in desc.raw_description.pending_activities:
+        if pending.activity_type.name != HOST_LEASE or not pending.heartbeat_details.payloads:
+            continue
+        (details,) = await client.data_converter.decode(pending.heartbeat_details.payloads)
+        host_id = details.get("host_id") if isinstance(details, dict) else None
+        if host_id and pending.HasField("last_heartbeat_time"):
+            out[host_id] = pending.last_heartbeat_time.ToDatetime(tzinfo=UTC)
+    return out
