@@ -57,8 +57,12 @@ MAKE_CURRENT_TIMEOUT_S = 30.0
 BUSY_TIMEOUT_S = 30.0
 # A poller not seen for this long is gone (pollers re-poll at least every ~70 s while alive).
 POLLER_GONE_AFTER = timedelta(seconds=90)
-# Every open workflow of sluice: jobs and the host registry.
-ORPHAN_QUERY = f"TaskQueue = '{TASK_QUEUE}' AND ExecutionStatus = 'Running'"
+# Open workflows of sluice pinned to another build than `current` (the server's own search
+# attributes: no describe per job, so a worker with thousands of jobs stays cheap).
+ORPHAN_QUERY = (
+    f"TaskQueue = '{TASK_QUEUE}' AND ExecutionStatus = 'Running' AND TemporalWorkflowVersioningBehavior = 'Pinned' "
+    f"AND TemporalWorkerDeploymentVersion != '{DEPLOYMENT_NAME}:{{current}}'"
+)
 
 
 def build_id() -> str:
@@ -153,18 +157,17 @@ async def live_builds(client: Client) -> set[str]:
 
 
 async def adopt_orphaned_jobs(client: Client) -> list[str]:
-    """Move open jobs (and the host registry) pinned to a build that no worker serves to the
-    current build (auto-upgrade). Returns their workflow ids. Without this, such a job would wait
+    """Move open jobs pinned to a build that no worker serves to the current build (an
+    auto-upgrade override). Returns their workflow ids. Without this, such a job would wait
     for a worker of its build forever."""
     current = await current_build(client)
     if current is None:
         return []
     alive = await live_builds(client)
     moved: list[str] = []
-    async for wf in client.list_workflows(ORPHAN_QUERY):
-        desc = await client.get_workflow_handle(wf.id, run_id=wf.run_id).describe()
-        info = desc.raw_description.workflow_execution_info.versioning_info
-        pinned = info.deployment_version.build_id
+    async for wf in client.list_workflows(ORPHAN_QUERY.format(current=current)):
+        versions = wf.search_attributes.get("TemporalWorkerDeploymentVersion") or []
+        pinned = str(versions[0]).partition(":")[2] if versions else ""
         if not pinned or pinned == current or pinned in alive:
             continue
         await client.workflow_service.update_workflow_execution_options(
