@@ -44,6 +44,7 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
+LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
 WEB_UI_PORT = 8233
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
 JOB_STATES: tuple[str, ...] = get_args(JobStateName)
@@ -870,6 +871,53 @@ def checkpoints(
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"
         typer.echo(f"{r.epoch:>10}  {created:<19}  {_human_size(r.size):>10}  {verdict}")
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(...),
+    generation: int | None = typer.Option(None, "--generation", "-g", min=1, help="default: the newest one here"),
+    runner: int | None = typer.Option(None, "--runner", "-r", min=0, help="only runner R (runner-R.log)"),
+    lines: int = typer.Option(100, "--lines", "-n", min=0, help="the last N lines of each log"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing what the runners write"),
+    state_dir: Path | None = StateDirOpt,
+) -> None:
+    """Print the logs of a job's runners on this machine (runner files under the state
+    directory of this machine's worker or host; on several machines, run it on each)."""
+    from sluice.schedulers.process import job_dir_name
+
+    root = settings.runners_dir(settings.state_dir(state_dir)) / job_dir_name(job_id)
+    gens = sorted(int(d.name.removeprefix("gen-")) for d in root.glob("gen-*") if d.name[4:].isdigit())
+    if not gens:
+        fail(f"no runner logs of job {job_id} under {root}")
+    gen = gens[-1] if generation is None else generation
+    if gen not in gens:
+        fail(f"job {job_id} has no runner logs of generation {gen} under {root} (generations: "
+             f"{', '.join(map(str, gens))})")  # fmt: skip
+    folder = root / f"gen-{gen}"
+
+    def files() -> list[Path]:
+        pattern = f"runner-{runner}.log" if runner is not None else "runner-*.log"
+        return sorted(folder.glob(pattern), key=lambda f: int(f.stem.removeprefix("runner-") or 0))
+
+    offsets: dict[Path, int] = {}
+    for f in files():
+        data = f.read_bytes()
+        offsets[f] = len(data)
+        for line in data.decode("utf-8", "replace").splitlines()[-lines:] if lines else []:
+            typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}")
+    while follow:
+        time.sleep(LOG_FOLLOW_S)
+        for f in files():
+            size = f.stat().st_size
+            start = offsets.get(f, 0)
+            if size > start:
+                with open(f, "rb") as fh:
+                    fh.seek(start)
+                    chunk = fh.read(size - start)
+                offsets[f] = size
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}", nl=True)
 
 
 @app.command()

@@ -300,7 +300,9 @@ async def test_start_wait_returns_when_running_or_fails_with_the_compile_error(
 
 
 @pytest.mark.usefixtures("worker")
-async def test_history_and_delete_of_a_job(temporal_address: str, job_client: Any, tmp_path: Path) -> None:
+async def test_history_logs_and_delete_of_a_job(
+    temporal_address: str, job_client: Any, tmp_path: Path, session_state_dir: Path
+) -> None:
     from tests.e2e_helpers import checkpoint_root, generator_pipeline, job_spec, stop_job_quietly, wait_state
 
     state = tmp_path / "state"
@@ -326,13 +328,22 @@ async def test_history_and_delete_of_a_job(temporal_address: str, job_client: An
     as_json = await asyncio.to_thread(cli, "history", spec.job_id, "-o", "json")
     assert json.loads(as_json.stdout)[-1]["to_state"] == "Stopped"
 
+    # The runners' logs on this machine (the session worker's state directory).
+    logged = await asyncio.to_thread(cli, "logs", spec.job_id, "--state-dir", str(session_state_dir))
+    assert logged.returncode == 0, logged.stderr
+    assert any(line.startswith("[g1-r0] ") and "serving on" in line for line in logged.stdout.splitlines()), logged
+    nothing = await asyncio.to_thread(cli, "logs", spec.job_id, "--generation", "9", "--state-dir",
+                                      str(session_state_dir))  # fmt: skip
+    assert nothing.returncode == 1 and "no runner logs of generation 9" in nothing.stderr
+
     job_root = checkpoint_root(state) / spec.job_id
     assert job_root.is_dir()
     unconfirmed = await asyncio.to_thread(cli, "delete", spec.job_id)  # no terminal to ask on
     assert unconfirmed.returncode == EXIT_USAGE and "confirm with --yes" in unconfirmed.stderr
     assert job_root.is_dir()
-    deleted = await asyncio.to_thread(cli, "delete", spec.job_id, "--yes")
+    deleted = await asyncio.to_thread(cli, "delete", spec.job_id, "--yes", "--state-dir", str(session_state_dir))
     assert deleted.returncode == 0, deleted.stderr
     assert f"deleted job {spec.job_id} (Stopped)" in deleted.stdout
     assert not job_root.exists()
+    assert not (session_state_dir / "runners" / spec.job_id).exists()
     assert (tmp_path / "out").is_dir()  # the output stays
