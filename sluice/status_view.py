@@ -50,8 +50,9 @@ def _payload(payload: object) -> str:
 
 
 def status_lines(status: JobStatus) -> list[str]:
-    """Every line of the plain view, in order: state, last transition, failure (and the error
-    the job last recovered from, when it differs), last rejected command."""
+    """Every line of the plain view, in order: state, last transition, what it waits for, where
+    its runners run, parallelism, restarts and budget, failure (and the error the job last
+    recovered from, when it differs), last rejected command."""
     lines = [state_line(status)]
     if status.transitions:
         t = status.transitions[-1]
@@ -64,6 +65,12 @@ def status_lines(status: JobStatus) -> list[str]:
             where = r.host_id or r.host
             hosts[where] = hosts.get(where, 0) + 1
         lines.append("runners: " + ", ".join(f"{n} on {h}" for h, n in sorted(hosts.items())))
+    if status.parallelism:
+        lines.append("parallelism: " + ", ".join(f"{op}={n}" for op, n in status.parallelism.items()))
+    allowed = status.config.allowed_restarts
+    budget = "unlimited" if allowed == -1 else f"{allowed} allowed"
+    lines.append(f"restarts: {status.restarts} ({budget}; the count resets after "
+                 f"{status.config.healthy_duration_s:g} s healthy)")  # fmt: skip
     if status.failure is not None:
         lines += _failure_lines("failure", status.failure)
     last_error = status.last_error

@@ -198,7 +198,8 @@ def test_status_lines_show_reason_failure_traceback_and_rejected_command() -> No
     lines = status_lines(status)
     assert lines[0] == "j: Failed (generation 4, epoch 2, restarts 2)"
     assert lines[1] == "last transition: Failing -> Failed at 2026-01-02 03:04:05 UTC: the same failure 3 times"
-    assert lines[2] == "failure (user, operator 'parse'): operator 'parse' (map m:parse) raised ValueError: bad"
+    assert lines[2] == "restarts: 2 (20 allowed; the count resets after 120 s healthy)"
+    assert lines[3] == "failure (user, operator 'parse'): operator 'parse' (map m:parse) raised ValueError: bad"
     assert '      File "/src/m.py", line 12, in parse' in lines  # indented under the failure
     assert lines[-1] == ('last rejected command: rescale {"parallelism": 0} at 2026-01-02 03:04:05 UTC: '
                          "parallelism must be >= 1")
