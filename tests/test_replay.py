@@ -33,12 +33,13 @@ from tests.histories.corpus import (
     load_history,
     patches,
     replay_file,
+    savepoint_summaries,
     scenario_of,
     states_entered,
     stop_modes_requested,
     union,
 )
-from tests.histories.scenarios import SCENARIOS
+from tests.histories.scenarios import LATER_SCENARIOS, SCENARIOS
 
 FILES = history_files()
 # Histories of runs on runner hosts (the `runner-hosts` patch): the same scenarios, recorded after
@@ -50,7 +51,9 @@ HOSTS_FILES = history_files(HOSTS_DIR)
 # scenarios those change, recorded after the changes.
 LEAN_DIR = CORPUS_DIR / "fast-recovery-lean"
 LEAN_FILES = history_files(LEAN_DIR)
-LEAN_SCENARIOS = {"recovery", "failure_restarts_exhausted", "finished", "stop_checkpoint", "continue_as_new"}
+LEAN_SCENARIOS = {
+    "recovery", "failure_restarts_exhausted", "finished", "stop_checkpoint", "continue_as_new", *LATER_SCENARIOS,
+}
 LEAN_PATCHES = {PATCH_RUNNER_HOSTS, PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}
 ALL_FILES = FILES + HOSTS_FILES + LEAN_FILES
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
@@ -120,6 +123,10 @@ def test_fast_recovery_lean_corpus_carries_its_patches() -> None:
     assert "Recovering" in union(states_entered(h) for h in histories.values())
     for name, h in histories.items():
         assert LEAN_PATCHES <= patches(h), f"{name}: {patches(h)}"
+    # The savepoint path is recorded: a savepoint taken, one refused for its name, one by default.
+    summaries = savepoint_summaries(histories["savepoints.run1.json"])
+    assert sum(s.startswith("savepoint before-change:") for s in summaries) == 2, summaries
+    assert any(s.startswith("savepoint savepoint-") for s in summaries), summaries
     # Lean checkpoints: no separate retention activity in any of them.
     assert not [n for n, h in histories.items() if "cleanup_checkpoints" in activity_types(h)]
     newer = {PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}

@@ -197,3 +197,15 @@ def activity_types(history: WorkflowHistory) -> set[str]:
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     }
+
+
+def savepoint_summaries(history: WorkflowHistory) -> list[str]:
+    """The summaries of a run's savepoint checkpoints ("savepoint NAME: checkpoint epoch N")."""
+    out = []
+    for e in history.events:
+        if e.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED or not e.user_metadata.HasField("summary"):
+            continue
+        summary = json.loads(e.user_metadata.summary.data)
+        if isinstance(summary, str) and summary.startswith("savepoint "):
+            out.append(summary)
+    return out

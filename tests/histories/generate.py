@@ -43,7 +43,14 @@ from sluice.devserver import DevServer, free_port
 from sluice.workflows.job import JobWorkflow
 from tests.conftest import LOOPBACK, kill_leftover_runners, run_process_worker, running_worker
 from tests.histories.corpus import CORPUS_DIR, FILE_PATTERN, history_file_name, replay_file, scenario_of
-from tests.histories.scenarios import CAN_SCENARIOS, FAILOVER_SCENARIOS, SCENARIOS, ScenarioContext, run_ids
+from tests.histories.scenarios import (
+    ALL_SCENARIOS,
+    CAN_SCENARIOS,
+    FAILOVER_SCENARIOS,
+    SCENARIOS,
+    ScenarioContext,
+    run_ids,
+)
 
 HISTORY_SUGGEST_CAN = 40  # events: a 1 s checkpoint cycle adds ~12, so a new run every few seconds
 DEFAULT_JOBS = 3  # scenarios at once on the shared server (each has one or two runner processes)
@@ -85,7 +92,7 @@ async def dev_server(root: Path, name: str, dynamic_config: dict[str, Any] | Non
 
 
 async def _attempt(name: str, ctx: ScenarioContext, since: datetime) -> list[WorkflowHistory]:
-    await asyncio.wait_for(SCENARIOS[name](ctx, name), timeout=SCENARIO_TIMEOUT_S)
+    await asyncio.wait_for(ALL_SCENARIOS[name](ctx, name), timeout=SCENARIO_TIMEOUT_S)
     histories: list[WorkflowHistory] = []
     for rid in await run_ids(ctx.client, name, since):
         histories.append(await ctx.client.get_workflow_handle(name, run_id=rid).fetch_history())
@@ -183,9 +190,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=CORPUS_DIR, help="where the files go (default: this folder)")
     p.add_argument("--list", action="store_true", help="print the scenario names and exit")
     args = p.parse_args(argv)
-    unknown = [n for n in args.only if n not in SCENARIOS]
+    unknown = [n for n in args.only if n not in ALL_SCENARIOS]
     if unknown:
-        p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(ALL_SCENARIOS)}")
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     return args
@@ -242,7 +249,7 @@ async def generate(names: Sequence[str], out_dir: Path, jobs: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list:
-        print("\n".join(SCENARIOS))
+        print("\n".join(ALL_SCENARIOS))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     return asyncio.run(generate(args.only or list(SCENARIOS), args.out, args.jobs))

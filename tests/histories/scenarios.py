@@ -24,7 +24,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from sluice.client import JobClient
+from sluice.client import CommandRejected, JobClient
 from sluice.models import JobSpec, JobStatus, PipelineSpec
 from tests.e2e_helpers import (
     ADD_ONE,
@@ -400,6 +400,31 @@ SCENARIOS: dict[str, Scenario] = {
     "worker_failover": _failover_scenario(mid_task=False),
     "worker_failover_mid_task": _failover_scenario(mid_task=True),
 }
+
+
+async def savepoints(ctx: ScenarioContext, job_id: str) -> None:
+    """Running: a savepoint (the `savepoint` update, a checkpoint kept under a name), the same
+    name again (refused, the job runs on), a savepoint with the default name, then stopped."""
+    pipeline = unbounded(ctx, job_id)
+    await ctx.job_client.start(spec_for(ctx, pipeline, job_id))
+    await running(ctx, job_id, epoch_above=0)
+    taken = await ctx.job_client.savepoint(job_id, "before-change")
+    try:
+        await ctx.job_client.savepoint(job_id, "before-change")
+    except CommandRejected as e:
+        assert "already has a savepoint named" in str(e), e
+    else:
+        raise AssertionError("a second savepoint of the same name was taken")
+    again = await ctx.job_client.savepoint(job_id)
+    assert again.name == f"savepoint-{again.epoch}" and again.epoch > taken.epoch, again
+    await stop_and_close(ctx, job_id)
+    check_prefix(pipeline)
+
+
+# Scenarios of features newer than the first corpora: recorded only in the folders of the
+# patches since (tests/histories/README.md), not in the older ones.
+LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints}
+ALL_SCENARIOS: dict[str, Scenario] = {**SCENARIOS, **LATER_SCENARIOS}
 CAN_SCENARIOS = frozenset({"continue_as_new"})
 FAILOVER_SCENARIOS = frozenset({"worker_failover", "worker_failover_mid_task"})
 
