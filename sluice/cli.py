@@ -15,22 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
-from datetime import UTC
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, get_args
 
 import typer
+from typer.core import TyperGroup
 
 from sluice import settings
+from sluice import watch as watching
 from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
-from sluice.pipeline_files import PipelineFileError
-from sluice.status_view import state_line, status_lines
+from sluice.pipeline_files import PipelineFileError, one_line
+from sluice.status_view import state_line, status_panel, status_parts
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer depends on click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -88,11 +98,42 @@ def _mark_temporal_used() -> None:
     _TEMPORAL_USED = True
 
 
+class _OneLineErrors(TyperGroup):
+    """The command group with sluice's error format: a usage error (unknown option or command, a
+    missing argument, an invalid value) is one line `error: ...` on stderr and exit 2, where click
+    would print the usage and a box; an aborted confirmation is `error: aborted` and exit 1."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:  # fmt: skip
+        try:
+            # Not standalone: click returns or raises instead of printing its own error and exiting.
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            help_text = exc.format_message()  # rich prints the help itself and returns ""
+            if help_text:
+                typer.echo(help_text)
+            code = EXIT_USAGE
+        except click_exceptions.ClickException as exc:
+            where = exc.ctx.command_path if isinstance(exc, click_exceptions.UsageError) and exc.ctx else None
+            hint = f" (see '{where} --help')" if where else ""
+            message = one_line(exc.format_message()).replace("Value error, ", "")  # typer's coercion prefix
+            typer.echo(f"error: {message}{hint}", err=True)
+            code = exc.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            code = EXIT_FAILED
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = _SluiceApp(
     name="sluice",
+    cls=_OneLineErrors,
     help="Streaming pipelines whose whole life is a durable Temporal workflow.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
 
@@ -248,6 +289,67 @@ ParallelismOpt = typer.Option(None, "--parallelism", min=1, help="parallelism of
 CheckpointOpt = typer.Option(
     None, "--checkpoint-interval", min=1.0, max=86_400.0, help="seconds between checkpoints (default 10)"
 )
+
+
+# ------------------------------------------------------------------------------ read commands' options
+
+
+class Output(StrEnum):
+    """What a read command prints: a table for people, or JSON for scripts (shapes: docs/cli.md)."""
+
+    table = "table"
+    json = "json"
+
+
+OutputOpt = typer.Option(
+    Output.table, "--output", "-o", case_sensitive=False, help="table or json (the JSON shapes: docs/cli.md)"
+)
+JsonAliasOpt = typer.Option(False, "--json", hidden=True, help="the same as --output json (kept for old scripts)")
+WatchOpt = typer.Option(
+    False, "--watch", "-w", help="show it again every --interval seconds until Ctrl-C (without a terminal: "
+    "a new block only when something changed; with -o json: one JSON document per line)",
+)
+IntervalOpt = typer.Option(
+    watching.DEFAULT_INTERVAL_S, "--interval", min=watching.MIN_INTERVAL_S, help="seconds between refreshes of --watch"
+)
+COMPLETION_TIMEOUT_S = 2.0  # a shell waits for completions: give up quietly rather than hang the prompt
+
+
+def _wants_json(output: Output, as_json: bool = False) -> bool:
+    return as_json or output == Output.json
+
+
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2, default=str))
+
+
+def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """A plain table: columns as wide as their widest cell, two spaces apart (`cut`/`awk` friendly)."""
+    for line in _table_lines(header, rows):
+        typer.echo(line)
+
+
+def _table_lines(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
+
+
+def _complete_job_ids(incomplete: str) -> list[str]:
+    """Shell completion of a job id: the ids `sluice list --all` would print that start with what
+    was typed; nothing when no server answers within COMPLETION_TIMEOUT_S."""
+    _mark_temporal_used()
+
+    async def ids() -> list[str]:
+        jobs = await _job_client()
+        return [r.job_id for r in await jobs.list() if r.job_id.startswith(incomplete)]
+
+    try:
+        return asyncio.run(asyncio.wait_for(ids(), COMPLETION_TIMEOUT_S))
+    except Exception:  # completion must never print an error into the user's prompt
+        return []
+
+
+JobIdArg = typer.Argument(..., metavar="JOB", help="the job's id (its workflow id)", autocompletion=_complete_job_ids)
 
 
 # ------------------------------------------------------------------------------ server, worker
@@ -414,12 +516,8 @@ def host(
 
 
 @app.command()
-def hosts(
-    output: str = typer.Option("table", "--output", "-o", help="table or json"),
-) -> None:
+def hosts(output: Output = OutputOpt) -> None:
     """List the runner hosts registered in Temporal: slots in use and free, labels, jobs."""
-    if output not in ("table", "json"):
-        fail(f"--output {output!r}: expected table or json", EXIT_USAGE)
 
     @run_async
     async def main() -> None:
@@ -432,14 +530,12 @@ def hosts(
         records = await list_hosts(client)
         beats = await last_heartbeats(client)
         now = datetime.now(UTC)
-        if output == "json":
-            import json
-
-            typer.echo(json.dumps([
+        if _wants_json(output):
+            _print_json([
                 {**r.model_dump(mode="json"), "slots_free": r.slots_free,
                  "last_heartbeat": beats[r.host_id].isoformat() if r.host_id in beats else None}
                 for r in records
-            ], indent=2))  # fmt: skip
+            ])  # fmt: skip
             return
         if not records:
             typer.echo("no runner hosts registered (start one with `sluice host`, or `sluice worker`)")
@@ -451,10 +547,7 @@ def hosts(
              f"{(now - beats[r.host_id]).total_seconds():.1f} s ago" if r.host_id in beats else "-")
             for r in records
         ]  # fmt: skip
-        header = ("HOST", "ADDRESS", "IN USE", "FREE", "LABELS", "VERSION", "JOBS", "HEARTBEAT")
-        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        for row in (header, *rows):
-            typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        _print_rows(("HOST", "ADDRESS", "IN USE", "FREE", "LABELS", "VERSION", "JOBS", "HEARTBEAT"), rows)
 
     main()
 
@@ -834,6 +927,14 @@ CheckpointUrlOpt = typer.Option(
 )
 
 
+def _utc(t: datetime | None, *, millis: bool = False) -> str:
+    """A time as `2026-01-02 03:04:05` in UTC (`.123` with millis); `?` when unknown."""
+    if t is None:
+        return "?"
+    text = t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return text[:-3] if millis else text[:-7]
+
+
 def _human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -844,8 +945,9 @@ def _human_size(n: float) -> str:
 
 @app.command()
 def checkpoints(
-    job_id: str = typer.Argument(...),
-    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    job_id: str = JobIdArg,
+    output: Output = OutputOpt,
+    as_json: bool = JsonAliasOpt,
     state_dir: Path | None = StateDirOpt,
     checkpoint_url: str | None = CheckpointUrlOpt,
 ) -> None:
@@ -854,23 +956,20 @@ def checkpoints(
 
     url = _store_url(job_id, state_dir, checkpoint_url)
     reports = _read_store(job_id, url, "checkpoints", report_checkpoints)
-    if as_json:
-        import json
-
-        body = {"job_id": job_id, "checkpoint_url": url, "checkpoints": [r.as_dict() for r in reports]}
-        typer.echo(json.dumps(body, indent=2))
+    if _wants_json(output, as_json):
+        _print_json({"job_id": job_id, "checkpoint_url": url, "checkpoints": [r.as_dict() for r in reports]})
         return
     if not reports:
         typer.echo(f"no checkpoints of job {job_id} in {url}")
         return
     typer.echo(f"checkpoints of job {job_id} in {url}")
-    typer.echo(f"{'epoch':>10}  {'created (UTC)':<19}  {'size':>10}  verified")
+    rows = []
     for r in reports:
-        created = r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "?"
         verdict = "ok" + (" (final, then stop)" if r.then_stop else "") if r.ok else f"CORRUPT: {r.problems[0]}"
         if len(r.problems) > 1:
             verdict += f" (and {len(r.problems) - 1} more)"
-        typer.echo(f"{r.epoch:>10}  {created:<19}  {_human_size(r.size):>10}  {verdict}")
+        rows.append((str(r.epoch), _utc(r.created_at), _human_size(r.size), verdict))
+    _print_rows(("EPOCH", "CREATED (UTC)", "SIZE", "VERIFIED"), rows)
 
 
 @app.command()
@@ -921,28 +1020,19 @@ def logs(
 
 
 @app.command()
-def history(
-    job_id: str = typer.Argument(...),
-    output: str = typer.Option("table", "--output", "-o", help="table | json (a list of transitions)"),
-) -> None:
+def history(job_id: str = JobIdArg, output: Output = OutputOpt) -> None:
     """The job's state transitions with their times and reasons (the newest 50)."""
-    if output not in ("table", "json"):
-        fail(f"unknown output {output!r}; expected table or json", EXIT_USAGE)
 
     @run_async
     async def main() -> Any:
         return await (await _job_client()).status(job_id)
 
     st = main()
-    if output == "json":
-        import json
-
-        typer.echo(json.dumps([t.model_dump(mode="json") for t in st.transitions], indent=2))
+    if _wants_json(output):
+        _print_json([t.model_dump(mode="json") for t in st.transitions])
         return
-    typer.echo(f"{'time (UTC)':<23}  {'from':<18}  {'to':<18}  reason")
-    for t in st.transitions:
-        when = t.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        typer.echo(f"{when:<23}  {t.from_state:<18}  {t.to_state:<18}  {t.reason}")
+    rows = [(_utc(t.time, millis=True), t.from_state, t.to_state, t.reason) for t in st.transitions]
+    _print_rows(("TIME (UTC)", "FROM", "TO", "REASON"), rows)
 
 
 @app.command()
@@ -1039,8 +1129,9 @@ def _dispose_savepoint(job_id: str, name: str, state_dir: Path | None, checkpoin
 
 @app.command()
 def savepoints(
-    job_id: str = typer.Argument(...),
-    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+    job_id: str = JobIdArg,
+    output: Output = OutputOpt,
+    as_json: bool = JsonAliasOpt,
     state_dir: Path | None = StateDirOpt,
     checkpoint_url: str | None = CheckpointUrlOpt,
 ) -> None:
@@ -1049,69 +1140,186 @@ def savepoints(
 
     url = _store_url(job_id, state_dir, checkpoint_url)
     found = _read_store(job_id, url, "savepoints", list_savepoints)
-    if as_json:
-        import json
-
-        typer.echo(json.dumps([i.model_dump(mode="json") for i in found], indent=2))
+    if _wants_json(output, as_json):
+        _print_json([i.model_dump(mode="json") for i in found])
         return
     if not found:
         typer.echo(f"no savepoints of job {job_id} in {url}")
         return
-    typer.echo(f"{'name':<24}  {'epoch':>8}  {'created (UTC)':<19}  {'size':>10}  pipeline (version)")
-    for i in found:
-        created = i.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-        typer.echo(f"{i.name:<24}  {i.epoch:>8}  {created:<19}  {_human_size(i.size_bytes):>10}  "
-                   f"{i.pipeline_name} ({i.pipeline_version})")  # fmt: skip
+    rows = [(i.name, str(i.epoch), _utc(i.created_at), _human_size(i.size_bytes),
+             f"{i.pipeline_name} ({i.pipeline_version})") for i in found]  # fmt: skip
+    _print_rows(("NAME", "EPOCH", "CREATED (UTC)", "SIZE", "PIPELINE (VERSION)"), rows)
+
+
+@dataclass
+class StatusSnapshot:
+    """What one refresh of `sluice status` shows: the workflow's status query and the facts read
+    beside it. (Further facts, e.g. per-operator rates, become fields here.)"""
+
+    status: JobStatus
+    checkpoint_time: datetime | None = None  # when the restore point (status.epoch) was written
+
+
+CHECKPOINT_TIME_TIMEOUT_S = 5.0  # reading one manifest; a slow store costs the age, not the status
+
+
+def _checkpoint_time(status: JobStatus) -> datetime | None:
+    """When the job's last checkpoint was written (its manifest's time), or None if unknown."""
+    if status.epoch == 0 or status.checkpoint_url is None:
+        return None
+    from sluice.storage import CheckpointStore
+
+    try:
+        manifest = CheckpointStore(status.checkpoint_url, status.job_id).read_manifest(status.epoch)
+    except Exception:  # the store is elsewhere or unreadable here: the panel shows the epoch alone
+        return None
+    return manifest.created_at if manifest is not None else None
+
+
+async def _fetch_status(jobs: Any, job_id: str, checkpoint_times: dict[int, datetime | None]) -> StatusSnapshot:
+    """One refresh of `sluice status`; `checkpoint_times` caches each epoch's time across a watch."""
+    st = await jobs.status(job_id)
+    if st.epoch not in checkpoint_times:
+        try:
+            checkpoint_times[st.epoch] = await asyncio.wait_for(
+                asyncio.to_thread(_checkpoint_time, st), CHECKPOINT_TIME_TIMEOUT_S
+            )
+        except TimeoutError:
+            checkpoint_times[st.epoch] = None
+    return StatusSnapshot(st, checkpoint_times[st.epoch])
+
+
+def _status_view(snapshot: StatusSnapshot, *, boxed: bool) -> Any:
+    """The panel of `sluice status`: the sections of status_view.status_parts, then any extra."""
+    parts = status_parts(snapshot.status, now=datetime.now(UTC), checkpoint_time=snapshot.checkpoint_time)
+    # Extra sections of the panel (e.g. a per-operator rates table) are appended to `parts` here.
+    return status_panel(snapshot.status, parts, boxed=boxed)
+
+
+def _status_exit_code(snapshot: StatusSnapshot) -> int | None:
+    """`status --watch` ends with the job: 0 Stopped or Finished, 1 Failed; None while it lives."""
+    state = snapshot.status.state
+    if state not in TERMINAL_STATES:
+        return None
+    return EXIT_FAILED if state == "Failed" else 0
+
+
+def _console() -> Any:
+    """The console of the read commands: no highlighting of numbers, no wrapping without a terminal."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.soft_wrap = True  # a pipe or a file gets whole lines, e.g. a traceback to grep
+    return console
 
 
 @app.command()
 def status(
-    job_id: str = typer.Argument(...),
-    as_json: bool = typer.Option(False, "--json", help="print the full status query as JSON"),
+    job_id: str = JobIdArg,
+    output: Output = OutputOpt,
+    as_json: bool = JsonAliasOpt,
+    watch: bool = WatchOpt,
+    interval: float = IntervalOpt,
 ) -> None:
-    """Show a job's status (the workflow's `status` query)."""
+    """Show a job's status: state and since when, why it last changed, generation, last checkpoint
+    and its age, restarts against the budget, parallelism, runners, what it waits for, the last
+    failure with the user function's traceback, rejected commands. With --watch it ends when the
+    job does (exit 0 Stopped/Finished, 1 Failed)."""
+    console = _console()
+    to_json = _wants_json(output, as_json)
 
     @run_async
-    async def main() -> None:
-        st = await (await _job_client()).status(job_id)
-        if as_json:
-            typer.echo(st.model_dump_json(indent=2))
-        else:
-            for line in status_lines(st):
-                typer.echo(line)
+    async def main() -> int:
+        from sluice.client import ServerUnavailable
 
-    main()
+        jobs = await _job_client()
+        checkpoint_times: dict[int, datetime | None] = {}
+        fetch = functools.partial(_fetch_status, jobs, job_id, checkpoint_times)
+        if not watch:
+            snapshot = await fetch()
+            if to_json:
+                _print_json(snapshot.status.model_dump(mode="json"))
+            else:
+                console.print(_status_view(snapshot, boxed=console.is_terminal))
+            return 0
+        view = watching.View(
+            render=lambda snap: _status_view(snap, boxed=console.is_terminal),
+            document=lambda snap: snap.status.model_dump(mode="json"),
+            done=_status_exit_code,
+        )
+        return await watching.watch(
+            fetch, view, interval_s=interval, as_json=to_json, console=console,
+            transient_errors=(ServerUnavailable, TimeoutError),
+        )  # fmt: skip
+
+    raise typer.Exit(main())
+
+
+def _listing_document(rows: list[Any]) -> list[dict[str, Any]]:
+    """`sluice list -o json`: one object per job (docs/cli.md)."""
+    return [
+        {"job_id": r.job_id, "state": r.state, "pipeline": r.pipeline_name, "open": r.open,
+         "started_at": r.started_at.isoformat() if r.started_at else None}
+        for r in rows
+    ]  # fmt: skip
+
+
+def _listing_lines(rows: list[Any]) -> list[str]:
+    if not rows:
+        return ["no jobs"]
+    table = [(r.job_id, r.state, r.pipeline_name, _utc(r.started_at)) for r in rows]
+    return _table_lines(("JOB", "STATE", "PIPELINE", "STARTED (UTC)"), table)
 
 
 @app.command("list")
 def list_jobs(
-    state: str | None = typer.Option(None, "--state", help="only jobs in this state"),
-    output: str = typer.Option("table", "--output", "-o", help="table | json (a list of {job_id, state, pipeline})"),
+    state: list[str] = typer.Option([], "--state", help="only jobs in this state (repeatable: any of them)"),
+    pipeline: str | None = typer.Option(None, "--pipeline", help="only jobs of this pipeline (its name)"),
+    show_all: bool = typer.Option(
+        False, "--all", "-a", help="closed jobs too (Stopped, Finished, Failed); by default only open ones"
+    ),
+    output: Output = OutputOpt,
+    watch: bool = WatchOpt,
+    interval: float = IntervalOpt,
 ) -> None:
-    """List jobs (latest run of each), optionally by state."""
-    if state is not None and state not in JOB_STATES:
-        fail(f"unknown state {state!r}; expected one of: {', '.join(JOB_STATES)}", EXIT_USAGE)
-    if output not in ("table", "json"):
-        fail(f"unknown output {output!r}; expected table or json", EXIT_USAGE)
+    """List jobs (the latest run of each id): open ones by default; --all adds closed ones, and
+    --state S looks in closed runs too (so --state Failed finds failed jobs)."""
+    unknown = [s for s in state if s not in JOB_STATES]
+    if unknown:
+        fail(f"unknown state {unknown[0]!r}; expected one of: {', '.join(JOB_STATES)}", EXIT_USAGE)
+    if pipeline is not None and (not pipeline.strip() or '"' in pipeline or "\\" in pipeline):
+        fail(f"--pipeline {pipeline!r}: a pipeline name, without quotes or backslashes", EXIT_USAGE)
+    console = _console()
+    to_json = _wants_json(output)
 
     @run_async
-    async def main() -> None:
-        rows = await (await _job_client()).list(state)
-        if output == "json":
-            import json
+    async def main() -> int:
+        from rich.text import Text
 
-            body = [{"job_id": r.job_id, "state": r.state, "pipeline": r.pipeline_name} for r in rows]
-            typer.echo(json.dumps(body, indent=2))
-            return
-        if not rows:
-            typer.echo("no jobs")
-            return
-        width = max(len("JOB"), *(len(r.job_id) for r in rows))
-        typer.echo(f"{'JOB':<{width}}  {'STATE':<18}  PIPELINE")
-        for r in rows:
-            typer.echo(f"{r.job_id:<{width}}  {r.state:<18}  {r.pipeline_name}")
+        from sluice.client import ServerUnavailable
 
-    main()
+        jobs = await _job_client()
+
+        async def fetch() -> list[Any]:
+            rows: list[Any] = await jobs.list(states=state, pipeline=pipeline, open_only=not (show_all or state))
+            return rows
+
+        if not watch:
+            rows = await fetch()
+            if to_json:
+                _print_json(_listing_document(rows))
+            else:
+                for line in _listing_lines(rows):
+                    typer.echo(line)
+            return 0
+        view = watching.View(render=lambda rows: Text("\n".join(_listing_lines(rows))), document=_listing_document)
+        return await watching.watch(
+            fetch, view, interval_s=interval, as_json=to_json, console=console,
+            transient_errors=(ServerUnavailable, TimeoutError),
+        )  # fmt: skip
+
+    raise typer.Exit(main())
 
 
 @app.command()

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from temporalio.api.enums.v1 import EventType
@@ -160,6 +161,8 @@ class JobListing(NamedTuple):
     job_id: str
     state: str
     pipeline_name: str
+    open: bool = True  # the run has not closed (a terminal state closes it)
+    started_at: datetime | None = None
 
 
 # ------------------------------------------------------------------------------------ connect
@@ -666,13 +669,27 @@ class JobClient:
                 f"job {job_id} did not reach {' or '.join(wanted)} within {timeout_s:g} s"
             ) from exc
 
-    async def list(self, state: str | None = None) -> list[JobListing]:
-        """Jobs in the namespace (latest run of each id), optionally only those in `state`."""
+    async def list(
+        self,
+        state: str | None = None,
+        *,
+        states: Sequence[str] = (),
+        pipeline: str | None = None,
+        open_only: bool = False,
+    ) -> list[JobListing]:
+        """Jobs in the namespace (latest run of each id), through the search attributes: only those
+        in `state` or any of `states`, of pipeline `pipeline`, and (`open_only`) not closed."""
         query = f'WorkflowType="{WORKFLOW_TYPE}"'
-        if state is not None:
-            if '"' in state or "\\" in state:
-                raise ValueError(f"invalid state {state!r}")
-            query += f' AND {SEARCH_ATTRIBUTE_STATE}="{state}"'
+        wanted = [*([state] if state is not None else []), *states]
+        for value in (*wanted, *([pipeline] if pipeline is not None else [])):
+            if '"' in value or "\\" in value:
+                raise ValueError(f"invalid search value {value!r}")
+        if wanted:
+            query += " AND (" + " OR ".join(f'{SEARCH_ATTRIBUTE_STATE}="{s}"' for s in wanted) + ")"
+        if pipeline is not None:
+            query += f' AND {SEARCH_ATTRIBUTE_PIPELINE}="{pipeline}"'
+        if open_only:
+            query += ' AND ExecutionStatus="Running"'
         rows: list[JobListing] = []
         seen: set[str] = set()
         # Newest first, so the first row of an id is its latest run.
@@ -685,6 +702,8 @@ class JobClient:
                     job_id=wf.id,
                     state=wf.typed_search_attributes.get(STATE_KEY) or "?",
                     pipeline_name=wf.typed_search_attributes.get(PIPELINE_KEY) or "?",
+                    open=wf.status == WorkflowExecutionStatus.RUNNING,
+                    started_at=wf.start_time,
                 )
             )
         return rows
