@@ -35,7 +35,7 @@ from sluice import settings
 from sluice import watch as watching
 from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
 from sluice.pipeline_files import PipelineFileError, one_line
-from sluice.status_view import state_line, status_panel, status_parts
+from sluice.status_view import state_line, status_panel, status_parts, transition_line
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -54,6 +54,7 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
+LIVE_QUERY_TIMEOUT_S = 5.0  # a status query of `sluice run`'s live view; the next refresh retries
 LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
 WEB_UI_PORT = 8233
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
@@ -570,30 +571,35 @@ class _Interrupts:
             self.on_second()
 
 
-def _status_table(status: JobStatus | None, job_id: str, note: str) -> Any:
-    from rich.table import Table
+class _TransitionLog:
+    """`sluice run` without a terminal (a pipe, a file, CI): each state transition of the job as
+    one line as it happens, where a live view would draw nothing until the end."""
 
-    table = Table(title=f"sluice job {job_id}", caption=note, show_header=False, min_width=50)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    if status is None:
-        table.add_row("state", "?")
-        return table
-    table.add_row("state", status.state)
-    table.add_row("generation", str(status.generation))
-    table.add_row("epoch (last checkpoint)", str(status.epoch))
-    table.add_row("restarts", str(status.restarts))
-    table.add_row("runners", str(len(status.runners)))
-    if status.parallelism:
-        table.add_row("parallelism", ", ".join(f"{k}={v}" for k, v in status.parallelism.items()))
-    if status.transitions:
-        t = status.transitions[-1]
-        table.add_row("last transition", f"{t.from_state} → {t.to_state}: {t.reason}")
-    failure = status.failure or status.last_error
-    if failure:
-        where = f" operator {failure.operator!r}:" if failure.operator else ""
-        table.add_row("failure" if status.failure else "last error", f"[{failure.domain}]{where} {failure.message}")
-    return table
+    def __init__(self, console: Any, after: datetime | None) -> None:
+        self.console = console
+        self.after = after  # transitions up to this time were shown (or predate this command)
+
+    def show(self, status: JobStatus) -> None:
+        for t in status.transitions:
+            if self.after is None or t.time > self.after:
+                self.console.print(transition_line(t), markup=False, highlight=False, soft_wrap=True)
+                self.after = t.time
+
+    async def follow(self, jobs: Any, job_id: str) -> None:
+        """Show new transitions every LIVE_REFRESH_S until cancelled; a failed query is retried."""
+        while True:
+            with contextlib.suppress(Exception):
+                self.show(await jobs.status(job_id, timeout_s=LIVE_QUERY_TIMEOUT_S))
+            await asyncio.sleep(LIVE_REFRESH_S)
+
+
+async def _last_transition_time(jobs: Any, job_id: str) -> datetime | None:
+    """When the job last changed state (None if unknown): `sluice run` prints only later ones."""
+    try:
+        st = await jobs.status(job_id, timeout_s=LIVE_QUERY_TIMEOUT_S)
+    except Exception:
+        return None
+    return st.transitions[-1].time if st.transitions else None
 
 
 async def _run(
@@ -604,8 +610,9 @@ async def _run(
     checkpoint_interval: float | None,
     ui_port: int,
 ) -> int:
-    from rich.console import Console
+    from rich.console import Console, Group
     from rich.live import Live
+    from rich.text import Text
 
     from sluice.client import JobClient, JobClosed, JobFailedError, JobNotFound, connect, server_reachable
     from sluice.devserver import DevServer
@@ -643,6 +650,7 @@ async def _run(
     loop.add_signal_handler(signal.SIGTERM, interrupts)
 
     worker_task: asyncio.Task[Any] | None = None
+    printer: asyncio.Task[None] | None = None
     try:
         client = await connect(address, namespace)
         from sluice.worker import create_worker
@@ -655,6 +663,7 @@ async def _run(
             final = await jobs.final_state(spec.job_id, desc)
         except JobNotFound:
             desc, final = None, None
+        seen_until = None if desc is None else await _last_transition_time(jobs, spec.job_id)
         if desc is None:
             await jobs.start(spec)
             console.print(f"started job [bold]{spec.job_id}[/]")
@@ -663,6 +672,9 @@ async def _run(
         else:
             await jobs.resume(spec.job_id, spec=spec)
             console.print(f"job [bold]{spec.job_id}[/] was {final}: started a new run from its last checkpoint")
+        transitions = None if console.is_terminal else _TransitionLog(console, seen_until)
+        if transitions is not None:
+            printer = asyncio.create_task(transitions.follow(jobs, spec.job_id), name="sluice-transitions")
 
         wait_running = asyncio.create_task(jobs.wait_for_state(spec.job_id, ["Running"], RUNNING_TIMEOUT_S))
         interrupted = asyncio.create_task(interrupts.event.wait())
@@ -672,15 +684,20 @@ async def _run(
             wait_running.result()  # raises JobFailedError / TimeoutError / JobClosed
             console.print(f"Web UI: {web_ui_link(spec.job_id, namespace, ui_port)}")
             console.print("Ctrl-C stops the job with a final checkpoint (twice: exit at once)")
-            with Live(_status_table(None, spec.job_id, "starting"), console=console, refresh_per_second=4) as live:
+            live = Live(Text("starting"), console=console, auto_refresh=False) if console.is_terminal else None
+            checkpoint_times: dict[int, datetime | None] = {}
+            with live or contextlib.nullcontext():
                 while not interrupts.event.is_set():
                     try:
-                        status = await jobs.status(spec.job_id, timeout_s=5.0)
+                        snapshot = await _fetch_status(jobs, spec.job_id, checkpoint_times, LIVE_QUERY_TIMEOUT_S)
                     except Exception as exc:  # transient: keep showing, say why
-                        live.update(_status_table(None, spec.job_id, f"status unavailable: {exc}"))
+                        if live is not None:
+                            live.update(Text(f"status unavailable: {exc}", style="yellow"), refresh=True)
                     else:
-                        live.update(_status_table(status, spec.job_id, "Ctrl-C to stop"))
-                        if status.state in TERMINAL_STATES:
+                        if live is not None:
+                            view = Group(_status_view(snapshot, boxed=True), Text("Ctrl-C to stop", style="dim"))
+                            live.update(view, refresh=True)
+                        if snapshot.status.state in TERMINAL_STATES:
                             break
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(interrupts.event.wait(), timeout=LIVE_REFRESH_S)
@@ -694,6 +711,8 @@ async def _run(
                 await jobs.stop(spec.job_id, STOP_ON_INTERRUPT_MODE)
         try:
             end = await jobs.wait_for_state(spec.job_id, ["Stopped", "Finished", "Failed"], STOP_ON_INTERRUPT_TIMEOUT_S)
+            if transitions is not None:
+                transitions.show(end)  # the last ones, before the summary line
         except JobFailedError as exc:
             console.print(f"[red]{exc}[/]")
             await _until_closed(jobs, spec.job_id)
@@ -710,6 +729,8 @@ async def _run(
             return EXIT_FAILED
         return 0
     finally:
+        if printer is not None:
+            printer.cancel()
         if worker_task is not None:
             # A clean stop: the local host deregisters and stops its runners.
             with contextlib.suppress(BaseException):
@@ -1176,9 +1197,11 @@ def _checkpoint_time(status: JobStatus) -> datetime | None:
     return manifest.created_at if manifest is not None else None
 
 
-async def _fetch_status(jobs: Any, job_id: str, checkpoint_times: dict[int, datetime | None]) -> StatusSnapshot:
+async def _fetch_status(
+    jobs: Any, job_id: str, checkpoint_times: dict[int, datetime | None], timeout_s: float | None = None
+) -> StatusSnapshot:
     """One refresh of `sluice status`; `checkpoint_times` caches each epoch's time across a watch."""
-    st = await jobs.status(job_id)
+    st = await (jobs.status(job_id) if timeout_s is None else jobs.status(job_id, timeout_s=timeout_s))
     if st.epoch not in checkpoint_times:
         try:
             checkpoint_times[st.epoch] = await asyncio.wait_for(

@@ -16,7 +16,7 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.text import Text
 
-from sluice.models import Failure, JobStatus
+from sluice.models import Failure, JobStatus, TransitionRecord
 
 #: longest payload of a rejected command shown on its line (the JSON view has all of it)
 MAX_PAYLOAD_CHARS = 200
@@ -33,6 +33,11 @@ def state_line(status: JobStatus) -> str:
 
 def _when(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def transition_line(t: TransitionRecord) -> str:
+    """`2026-01-02 03:04:05 UTC Scheduling -> Running: reason`: one transition on one line."""
+    return f"{_when(t.time)} {t.from_state} -> {t.to_state}: {t.reason}"
 
 
 def _failure_lines(label: str, failure: Failure) -> list[str]:
