@@ -54,6 +54,7 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
+STORE_QUERY_TIMEOUT_S = 5.0  # asking the controller which checkpoint store a job uses
 LIVE_QUERY_TIMEOUT_S = 5.0  # a status query of `sluice run`'s live view; the next refresh retries
 LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
 WEB_UI_PORT = 8233
@@ -919,7 +920,8 @@ def restart(
 
 
 def _store_url(job_id: str, state_dir: Path | None, checkpoint_url: str | None) -> str:
-    """The job's checkpoint store: the given URL, else the job's own (from its spec), else the default."""
+    """The job's checkpoint store: the given URL, else the job's own (from its spec, else the one its
+    controller resolved when compiling, from the status query), else this machine's default."""
     if checkpoint_url is not None:
         return checkpoint_url
 
@@ -928,7 +930,15 @@ def _store_url(job_id: str, state_dir: Path | None, checkpoint_url: str | None) 
         jobs = await _job_client()
         desc = await jobs.describe(job_id)
         spec = (await jobs._job_input(job_id, desc.run_id)).spec
-        return spec.checkpoint_url or settings.default_checkpoint_url(settings.state_dir(state_dir))
+        if spec.checkpoint_url:
+            return str(spec.checkpoint_url)
+        # The spec names none: the controller used its own default (its state directory), which the
+        # status query reports; this machine's default is only a guess when no controller answers.
+        with contextlib.suppress(Exception):
+            resolved = (await jobs.status(job_id, timeout_s=STORE_QUERY_TIMEOUT_S)).checkpoint_url
+            if resolved:
+                return str(resolved)
+        return settings.default_checkpoint_url(settings.state_dir(state_dir))
 
     return main()
 
