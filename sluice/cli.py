@@ -1,15 +1,16 @@
 """The `sluice` command: a thin layer over `JobClient`, the dev server and the worker.
 
-Contract used by scripts (DESIGN.md): `sluice start FILE [--job-id ID]` prints the job id and
+Contract used by scripts (docs/cli.md): `sluice start FILE [--job-id ID]` prints the job id and
 returns once the workflow is started; `sluice stop ID --mode MODE`; `sluice wait ID --state STATE
-[--timeout S]` exits 0 when reached and non-zero on Failed or timeout. Every command honours
-TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (Temporal's environment configuration).
+[--timeout S]` exits 0 when reached and non-zero on Failed or timeout; every read command prints
+stable JSON with `-o json`. Every command honours TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE
+(Temporal's environment configuration).
 
-Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, server unreachable);
-2 usage error (unknown mode, bad option, invalid pipeline file); 124 `wait` timed out.
-User errors print one line to stderr (`error: ...`) and no traceback.
+Exit codes: 0 ok; 1 the operation failed (job not found, closed, Failed, command rejected, server
+unreachable); 2 usage error (unknown option or command, invalid value, invalid pipeline file);
+124 timed out; 130 interrupted. Errors print one line to stderr (`error: ...`), no traceback and
+no box, usage errors included (see `_OneLineErrors`).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -839,7 +840,7 @@ def validate(
 
 @app.command()
 def stop(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     mode: str = typer.Option("checkpoint", "--mode", help="none | checkpoint | graceful | immediate | force"),
 ) -> None:
     """Ask a job to stop (returns once the command is accepted; see `wait`)."""
@@ -871,7 +872,7 @@ def _parse_overrides(items: list[str]) -> dict[str, int]:
 
 @app.command()
 def rescale(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     parallelism: int | None = typer.Option(None, "--parallelism", min=1, help="new default parallelism"),
     override: list[str] = typer.Option([], "--override", help="OPERATOR=N (repeatable)"),
 ) -> None:
@@ -890,7 +891,7 @@ def rescale(
 
 @app.command()
 def restart(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     force: bool = typer.Option(False, "--force", help="don't take a final checkpoint first"),
     ignore_state: bool = typer.Option(False, "--ignore-state", help="start from scratch, not the last checkpoint"),
     restore_epoch: int | None = typer.Option(
@@ -954,7 +955,7 @@ def _read_store(job_id: str, url: str, what: str, read: Callable[[Any], T]) -> T
 
 
 CheckpointUrlOpt = typer.Option(
-    None, "--checkpoint-url", help="the job's checkpoint store (default: the job's own, from its spec)"
+    None, "--checkpoint-url", help="the job's checkpoint store (default: the one the job uses)"
 )
 
 
@@ -1068,7 +1069,7 @@ def history(job_id: str = JobIdArg, output: Output = OutputOpt) -> None:
 
 @app.command()
 def delete(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     state_dir: Path | None = StateDirOpt,
     checkpoint_url: str | None = CheckpointUrlOpt,
@@ -1105,7 +1106,7 @@ def delete(
 
 @app.command()
 def savepoint(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     name: str | None = typer.Option(None, "--name", help="the savepoint's name (default savepoint-<epoch>)"),
     dispose: str | None = typer.Option(None, "--dispose", metavar="NAME", help="dispose of savepoint NAME instead"),
     state_dir: Path | None = StateDirOpt,
@@ -1357,7 +1358,7 @@ def list_jobs(
 
 @app.command()
 def wait(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobIdArg,
     state: list[str] = typer.Option(..., "--state", help="state to wait for (repeatable)"),
     timeout: float | None = typer.Option(None, "--timeout", min=0.0, help="seconds; exit 124 after"),
 ) -> None:
