@@ -11,6 +11,7 @@ unreachable); 2 usage error (unknown option or command, invalid value, invalid p
 124 timed out; 130 interrupted. Errors print one line to stderr (`error: ...`), no traceback and
 no box, usage errors included (see `_OneLineErrors`).
 """
+
 from __future__ import annotations
 
 import asyncio

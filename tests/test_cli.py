@@ -263,10 +263,11 @@ def test_start_list_wait_timeout_and_duplicate(idle_server: DevServer, tmp_path:
             break
         time.sleep(0.2)
     assert any(line.split()[:3] == [job_id, "Created", "demo"] for line in listed.stdout.splitlines()), listed.stdout
-    assert listed.stdout.splitlines()[0].split() == ["JOB", "STATE", "PIPELINE"], listed.stdout
+    assert listed.stdout.splitlines()[0].split() == ["JOB", "STATE", "PIPELINE", "STARTED", "(UTC)"], listed.stdout
     as_json = run_cli("list", "--state", "Created", "-o", "json", env=env)
     assert as_json.returncode == 0, as_json.stderr
-    assert {"job_id": job_id, "state": "Created", "pipeline": "demo"} in json.loads(as_json.stdout)
+    mine = [row for row in json.loads(as_json.stdout) if row["job_id"] == job_id]
+    assert [(r["state"], r["pipeline"], r["open"]) for r in mine] == [("Created", "demo", True)], as_json.stdout
 
     missing = run_cli("status", "no-such-job", env=env)
     assert missing.returncode == 1
