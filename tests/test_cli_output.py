@@ -288,13 +288,18 @@ def test_rejected_command_and_unknown_job_exit_1(idle_server: DevServer, tmp_pat
 # ------------------------------------------------------------------------------ running jobs
 
 
+def unbounded_job(name: str, temporal_address: str, tmp_path: Path) -> tuple[dict[str, str], Any]:
+    """(the CLI's environment, the spec of an endless gentle job writing under tmp_path)."""
+    state = tmp_path / "state"
+    spec = job_spec(generator_pipeline(name, tmp_path / "out", splits=1, limit=None, rate=50), state)
+    return cli_env(temporal_address, state), spec
+
+
 @pytest.mark.usefixtures("worker")
 async def test_read_commands_json_has_the_documented_keys(
     temporal_address: str, job_client: Any, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
-    env = cli_env(temporal_address, state)
-    spec = job_spec(generator_pipeline("shapes", tmp_path / "out", splits=1, limit=None, rate=50), state)
+    env, spec = unbounded_job("shapes", temporal_address, tmp_path)
     await job_client.start(spec)
     try:
         await wait_status(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 1, timeout_s=60)
@@ -345,9 +350,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]
 async def test_status_watch_prints_changes_and_ends_with_the_job(
     temporal_address: str, job_client: Any, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
-    env = cli_env(temporal_address, state)
-    spec = job_spec(generator_pipeline("watched", tmp_path / "out", splits=1, limit=None, rate=50), state)
+    env, spec = unbounded_job("watched", temporal_address, tmp_path)
     await job_client.start(spec)
     try:
         await wait_state(job_client, spec.job_id, "Running", timeout_s=60)
@@ -390,10 +393,8 @@ async def test_status_watch_of_a_failing_job_exits_1(temporal_address: str, tmp_
 async def test_list_watch_without_a_terminal_prints_changes_until_ctrl_c(
     temporal_address: str, job_client: Any, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
-    env = cli_env(temporal_address, state)
     name = f"lw{time.time_ns()}"
-    spec = job_spec(generator_pipeline(name, tmp_path / "out", splits=1, limit=None, rate=50), state)
+    env, spec = unbounded_job(name, temporal_address, tmp_path)
     watch = _watch_process(env, "list", "--pipeline", name, "--all", "-w", "--interval", "0.5")
     try:
         assert watch.stdout is not None
