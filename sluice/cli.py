@@ -46,6 +46,8 @@ RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a c
 LIVE_REFRESH_S = 1.0
 LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
 WEB_UI_PORT = 8233
+DASHBOARD_PORT = 8234  # sluice's own dashboard (`sluice ui`), beside the Temporal Web UI
+LOOPBACK_IP = "127.0.0.1"
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
 JOB_STATES: tuple[str, ...] = get_args(JobStateName)
 
@@ -510,6 +512,7 @@ async def _run(
     parallelism: int | None,
     checkpoint_interval: float | None,
     ui_port: int,
+    dashboard_port: int = 0,
 ) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -550,6 +553,7 @@ async def _run(
     loop.add_signal_handler(signal.SIGTERM, interrupts)
 
     worker_task: asyncio.Task[Any] | None = None
+    dashboard: Any = None
     try:
         client = await connect(address, namespace)
         from sluice.worker import create_worker
@@ -557,6 +561,7 @@ async def _run(
         controller = create_worker(client, base)
         worker_task = asyncio.create_task(controller.run(), name="sluice-worker")
         jobs = JobClient(client)
+        dashboard = await _start_dashboard(jobs, namespace, ui_port, state_dir, dashboard_port, fallback=True)
         try:
             desc = await jobs.describe(spec.job_id)
             final = await jobs.final_state(spec.job_id, desc)
@@ -578,6 +583,7 @@ async def _run(
         if wait_running.done() and not interrupts.event.is_set():
             wait_running.result()  # raises JobFailedError / TimeoutError / JobClosed
             console.print(f"Web UI: {web_ui_link(spec.job_id, namespace, ui_port)}")
+            console.print(f"Dashboard: {dashboard.job_url(spec.job_id)}")
             console.print("Ctrl-C stops the job with a final checkpoint (twice: exit at once)")
             with Live(_status_table(None, spec.job_id, "starting"), console=console, refresh_per_second=4) as live:
                 while not interrupts.event.is_set():
@@ -617,6 +623,8 @@ async def _run(
             return EXIT_FAILED
         return 0
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         if worker_task is not None:
             # A clean stop: the local host deregisters and stops its runners.
             with contextlib.suppress(BaseException):
@@ -646,10 +654,67 @@ def run(
     parallelism: int | None = ParallelismOpt,
     checkpoint_interval: float | None = CheckpointOpt,
     ui_port: int = typer.Option(WEB_UI_PORT, "--ui-port", help="Web UI port of the embedded server"),
+    dashboard_port: int = typer.Option(
+        DASHBOARD_PORT, "--dashboard-port", min=0, max=65535,
+        help="port of the job dashboard on 127.0.0.1 (taken or 0: any free port)",
+    ),
 ) -> None:
     """All in one: server (if none is reachable), worker and job; Ctrl-C stops it with a checkpoint."""
-    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port)
+    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port, dashboard_port)
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------ dashboard
+
+
+async def _start_dashboard(
+    jobs: Any, namespace: str, web_ui_port: int, state_dir: Path | None, port: int,
+    host: str = LOOPBACK_IP, *, fallback: bool = False,
+) -> Any:
+    """Serve the job dashboard (sluice/ui) in this event loop; returns its `DashboardServer`.
+
+    A port that is taken fails with one line, or (`fallback`, for `sluice run`, where the
+    dashboard is an extra) moves to any free port.
+    """
+    from sluice.ui.server import DashboardServer
+    from sluice.ui.views import Dashboard
+
+    web_ui = functools.partial(web_ui_link, namespace=namespace, ui_port=web_ui_port)
+    dashboard = Dashboard(jobs, web_ui=web_ui, state_dir=state_dir)
+    server = DashboardServer(dashboard, host, port)
+    try:
+        await server.start()
+    except OSError as exc:
+        if not fallback or port == 0:
+            fail(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}")
+        server = DashboardServer(dashboard, host, 0)
+        await server.start()
+    return server
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(DASHBOARD_PORT, "--port", min=0, max=65535, help="port to serve on (0: any free one)"),
+    host: str = typer.Option(
+        LOOPBACK_IP, "--host", help="address to bind; the dashboard has no authentication, keep it on loopback"
+    ),
+    state_dir: Path | None = StateDirOpt,
+    web_ui_port: int = typer.Option(WEB_UI_PORT, "--web-ui-port", help="port of the Temporal Web UI the pages link to"),
+) -> None:
+    """The live job dashboard for a browser (http://127.0.0.1:8234/) until Ctrl-C; see docs/dashboard.md."""
+
+    @run_async
+    async def main() -> None:
+        _, namespace = _configured_address()
+        server = await _start_dashboard(await _job_client(), namespace, web_ui_port, state_dir, port, host)
+        typer.echo(f"dashboard: {server.url} (Ctrl-C stops it)", err=False)
+        sys.stdout.flush()
+        try:
+            await _until_stopped()
+        finally:
+            await server.stop()
+
+    main()
 
 
 # ------------------------------------------------------------------------------ job commands

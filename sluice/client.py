@@ -326,6 +326,17 @@ class JobClient:
             return value
         raise SluiceClientError(f"job {job_id}: cannot read the input of run {run_id}")
 
+    async def spec(self, job_id: str, run_id: str | None = None) -> JobSpec:
+        """The spec run `run_id` (default: the latest run) of the job was started with: its
+        pipeline, config and checkpoint store.
+
+        Commands change the config afterwards (rescale, checkpoint interval): `status().config`
+        is the current one. Raises `JobNotFound` for an unknown id.
+        """
+        if run_id is None:
+            run_id = (await self.describe(job_id)).run_id
+        return (await self._job_input(job_id, run_id)).spec
+
     async def _failure(self, job_id: str, run_id: str) -> Failure:
         """The failure a closed, Failed run ended with."""
         try:
