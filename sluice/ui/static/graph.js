@@ -80,7 +80,12 @@ function drawGraph(root, graph, metrics) {
     g.append(svg("rect", { width: NODE_W, height: NODE_H, rx: 6 }));
     g.append(svg("text", { x: 10, y: 18, class: "op-id" }, op.id));
     g.append(svg("text", { x: 10, y: 35, class: "op-type" }, `${op.type} ×${op.parallelism ?? "?"}`));
-    g.append(svg("text", { x: 10, y: 53, class: "op-rate" }, `in ${fmtRate(m.records_in_per_s)}/s · out ${fmtRate(m.records_out_per_s)}/s`));
+    // A source only emits and a sink only receives: show the side that means something.
+    const rates = [
+      op.role === "source" ? null : `in ${fmtRate(m.records_in_per_s)}/s`,
+      op.role === "sink" ? null : `out ${fmtRate(m.records_out_per_s)}/s`,
+    ].filter((part) => part !== null);
+    g.append(svg("text", { x: 10, y: 53, class: "op-rate" }, rates.join(" · ")));
     g.append(svg("text", { x: 10, y: 70, class: "op-health" }, `backpressure ${fmtPercent(m.backpressure)} · lag ${fmtSeconds(m.watermark_lag_s)}`));
     parts.push(g);
   }
