@@ -311,6 +311,11 @@ def worker(
         help="route new jobs to this build when it starts (--no-make-current: deploy it first, switch later "
         "with `temporal worker deployment set-current-version`)",
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint (Temporal SDK and job-state metrics, the local host's "
+        "runners); default 9465, or a free port if that is taken; 0: a free port",
+    ),
 ) -> None:
     """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
     unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
@@ -328,12 +333,17 @@ def worker(
         build = build_id or versioning.build_id()
         typer.echo(f"controller worker on task queue 'sluice' at {where} (deployment {versioning.DEPLOYMENT_NAME}, "
                    f"build {build}){host}; state in {base}")  # fmt: skip
+        from sluice.hosts.endpoint import DEFAULT_WORKER_METRICS_PORT
         from sluice.worker import create_worker
 
         async with create_worker(
             client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
             warm_runners=warm_runners, build=build, make_current=make_current,
-        ):
+            metrics_port=DEFAULT_WORKER_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
+        ) as controller:
+            if controller.endpoint is not None:
+                typer.echo(f"metrics and logs at {controller.endpoint.url}")
             await _until_stopped()
 
     main()
@@ -384,6 +394,11 @@ def host(
         10.0, "--hang-timeout", min=0.5, help="seconds of silence after which a runner is reported lost (hung)"
     ),
     warm_runners: int = WarmRunnersOpt,
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint on the advertise address; default 9464, or a free "
+        "port if that is taken; 0: a free port",
+    ),
     state_dir: Path = StateDirOpt,
 ) -> None:
     """Run a runner host: offers runner slots to every job, registered in Temporal, until Ctrl-C
@@ -396,17 +411,21 @@ def host(
     @run_async
     async def main() -> None:
         from sluice.client import connect
+        from sluice.hosts.endpoint import DEFAULT_HOST_METRICS_PORT
         from sluice.hosts.host import HostConfig, RunnerHost, default_host_id
 
         client = await connect()
         config = HostConfig(
             host_id=host_id or default_host_id(base), slots=slots, bind=bind, advertise=advertise,
             labels=labels, hang_timeout_s=hang_timeout, warm_runners=warm_runners,
+            metrics_port=DEFAULT_HOST_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
         )  # fmt: skip
         async with RunnerHost(client, base, config) as runner_host:
+            endpoint = f"; metrics and logs at {runner_host.endpoint.url}" if runner_host.endpoint else ""
             typer.echo(
                 f"host {config.host_id}: {slots} runner slots on task queue {runner_host.task_queue}, "
-                f"runners at {config.address}; state in {base}"
+                f"runners at {config.address}; state in {base}{endpoint}"
             )
             await _until_stopped()
 
