@@ -30,7 +30,7 @@ import typer
 from sluice import settings
 from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
 from sluice.pipeline_files import PipelineFileError
-from sluice.status_view import state_line, status_lines
+from sluice.status_view import operator_table_lines, state_line, status_lines
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -44,7 +44,6 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
-LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
 WEB_UI_PORT = 8233
 DASHBOARD_PORT = 8234  # sluice's own dashboard (`sluice ui`), beside the Temporal Web UI
 LOOPBACK_IP = "127.0.0.1"
@@ -313,6 +312,11 @@ def worker(
         help="route new jobs to this build when it starts (--no-make-current: deploy it first, switch later "
         "with `temporal worker deployment set-current-version`)",
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint (Temporal SDK and job-state metrics, the local host's "
+        "runners); default 9465, or a free port if that is taken; 0: a free port",
+    ),
 ) -> None:
     """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
     unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
@@ -330,12 +334,17 @@ def worker(
         build = build_id or versioning.build_id()
         typer.echo(f"controller worker on task queue 'sluice' at {where} (deployment {versioning.DEPLOYMENT_NAME}, "
                    f"build {build}){host}; state in {base}")  # fmt: skip
+        from sluice.hosts.endpoint import DEFAULT_WORKER_METRICS_PORT
         from sluice.worker import create_worker
 
         async with create_worker(
             client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
             warm_runners=warm_runners, build=build, make_current=make_current,
-        ):
+            metrics_port=DEFAULT_WORKER_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
+        ) as controller:
+            if controller.endpoint is not None:
+                typer.echo(f"metrics and logs at {controller.endpoint.url}")
             await _until_stopped()
 
     main()
@@ -386,6 +395,11 @@ def host(
         10.0, "--hang-timeout", min=0.5, help="seconds of silence after which a runner is reported lost (hung)"
     ),
     warm_runners: int = WarmRunnersOpt,
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint on the advertise address; default 9464, or a free "
+        "port if that is taken; 0: a free port",
+    ),
     state_dir: Path = StateDirOpt,
 ) -> None:
     """Run a runner host: offers runner slots to every job, registered in Temporal, until Ctrl-C
@@ -398,17 +412,21 @@ def host(
     @run_async
     async def main() -> None:
         from sluice.client import connect
+        from sluice.hosts.endpoint import DEFAULT_HOST_METRICS_PORT
         from sluice.hosts.host import HostConfig, RunnerHost, default_host_id
 
         client = await connect()
         config = HostConfig(
             host_id=host_id or default_host_id(base), slots=slots, bind=bind, advertise=advertise,
             labels=labels, hang_timeout_s=hang_timeout, warm_runners=warm_runners,
+            metrics_port=DEFAULT_HOST_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
         )  # fmt: skip
         async with RunnerHost(client, base, config) as runner_host:
+            endpoint = f"; metrics and logs at {runner_host.endpoint.url}" if runner_host.endpoint else ""
             typer.echo(
                 f"host {config.host_id}: {slots} runner slots on task queue {runner_host.task_queue}, "
-                f"runners at {config.address}; state in {base}"
+                f"runners at {config.address}; state in {base}{endpoint}"
             )
             await _until_stopped()
 
@@ -941,48 +959,53 @@ def checkpoints(
 @app.command()
 def logs(
     job_id: str = typer.Argument(...),
-    generation: int | None = typer.Option(None, "--generation", "-g", min=1, help="default: the newest one here"),
+    generation: int | None = typer.Option(None, "--generation", "-g", min=1, help="default: the current one"),
     runner: int | None = typer.Option(None, "--runner", "-r", min=0, help="only runner R (runner-R.log)"),
     lines: int = typer.Option(100, "--lines", "-n", min=0, help="the last N lines of each log"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing what the runners write"),
     state_dir: Path | None = StateDirOpt,
 ) -> None:
-    """Print the logs of a job's runners on this machine (runner files under the state
-    directory of this machine's worker or host; on several machines, run it on each)."""
-    from sluice.schedulers.process import job_dir_name
+    """Print the logs of a job's runners, from every host (through the hosts' endpoints, each line
+    prefixed with its runner id); where no endpoint has them, from this machine's runner files."""
 
-    root = settings.runners_dir(settings.state_dir(state_dir)) / job_dir_name(job_id)
-    gens = sorted(int(d.name.removeprefix("gen-")) for d in root.glob("gen-*") if d.name[4:].isdigit())
-    if not gens:
-        fail(f"no runner logs of job {job_id} under {root}")
-    gen = gens[-1] if generation is None else generation
-    if gen not in gens:
-        fail(f"job {job_id} has no runner logs of generation {gen} under {root} (generations: "
-             f"{', '.join(map(str, gens))})")  # fmt: skip
-    folder = root / f"gen-{gen}"
+    @run_async
+    async def remote() -> bool:
+        from sluice.client import SluiceClientError, connect
+        from sluice.observe import NoRemoteLogs, job_logs
 
-    def files() -> list[Path]:
-        pattern = f"runner-{runner}.log" if runner is not None else "runner-*.log"
-        return sorted(folder.glob(pattern), key=lambda f: int(f.stem.removeprefix("runner-") or 0))
+        try:
+            client = await connect()
+            async for line in job_logs(
+                client, job_id, generation=generation, runner=runner, tail=lines, follow=follow
+            ):
+                typer.echo(line)
+        except (NoRemoteLogs, SluiceClientError):
+            return False
+        return True
 
-    offsets: dict[Path, int] = {}
-    for f in files():
-        data = f.read_bytes()
-        offsets[f] = len(data)
-        for line in data.decode("utf-8", "replace").splitlines()[-lines:] if lines else []:
-            typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}")
-    while follow:
-        time.sleep(LOG_FOLLOW_S)
-        for f in files():
-            size = f.stat().st_size
-            start = offsets.get(f, 0)
-            if size > start:
-                with open(f, "rb") as fh:
-                    fh.seek(start)
-                    chunk = fh.read(size - start)
-                offsets[f] = size
-                for line in chunk.decode("utf-8", "replace").splitlines():
-                    typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}", nl=True)
+    if not remote():
+        _local_logs(job_id, generation, runner, lines, follow, settings.state_dir(state_dir))
+
+
+def _local_logs(job_id: str, generation: int | None, runner: int | None, lines: int, follow: bool,
+                state_dir: Path) -> None:  # fmt: skip
+    """`sluice logs` from this machine's runner files (no host endpoint has the job's logs)."""
+    from sluice.hosts.runner_logs import LOG_FOLLOW_S, LogReader, LogsNotFound, pick_generation
+
+    try:
+        gen = pick_generation(state_dir, job_id, generation)
+    except LogsNotFound as e:
+        fail(str(e))
+    reader = LogReader(state_dir, job_id, gen, runner)
+    for line in reader.tail(lines):
+        typer.echo(line)
+    try:
+        while follow:
+            time.sleep(LOG_FOLLOW_S)
+            for line in reader.new_lines():
+                typer.echo(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
@@ -1134,15 +1157,27 @@ def status(
     job_id: str = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json", help="print the full status query as JSON"),
 ) -> None:
-    """Show a job's status (the workflow's `status` query)."""
+    """Show a job's status (the workflow's `status` query); for a Running job also its operators'
+    records in and out per second, watermark lag and backpressure (from the hosts' endpoints)."""
 
     @run_async
     async def main() -> None:
-        st = await (await _job_client()).status(job_id)
+        jobs = await _job_client()
+        st = await jobs.status(job_id)
         if as_json:
             typer.echo(st.model_dump_json(indent=2))
-        else:
-            for line in status_lines(st):
+            return
+        for line in status_lines(st):
+            typer.echo(line)
+        if st.state == "Running":
+            from sluice.observe import job_metrics
+
+            try:
+                metrics = await job_metrics(jobs, job_id)
+            except Exception as e:  # noqa: BLE001 - the status itself was shown; say why no table
+                typer.echo(f"operators: metrics unavailable: {e}")
+                return
+            for line in operator_table_lines(metrics):
                 typer.echo(line)
 
     main()

@@ -1,123 +1,188 @@
-"""Live per-operator metrics of a job, summed over its runners (interim implementation).
+"""A job's metrics and runner logs from every host that runs it: the client side of the hosts'
+endpoints (sluice/hosts/endpoint.py).
 
-`job_metrics(client, job_id)` is the one entry point: the dashboard and `sluice status` read it.
-This version scrapes each runner's unauthenticated `GET /metrics` (Prometheus text, see
-sluice/runner/metrics.py) at the address in the job's status, and derives rates from two scrapes
-of the same generation. Watermark lag and backpressure are not exposed by runners yet: they stay
-None here.
+Hosts publish their endpoint's URL in the host registry (`HostRecord.endpoint`); the job's status
+names the hosts of its runners (`runners[].host_id`). So:
+
+- :func:`job_metrics` asks each host of the job's current generation for `GET
+  /jobs/{job_id}/metrics` and adds the answers up per operator (counts, rates, subtasks summed;
+  watermark lag and backpressure the highest). A host that cannot be asked (no endpoint, no
+  answer within HOST_REQUEST_TIMEOUT_S) is listed in `unreachable` and leaves its runners out,
+  so a partial answer says that it is partial.
+- :func:`job_logs` streams the runner log lines (`[gG-rR] line`) of every registered host with
+  an endpoint that has logs of the job; it raises :class:`NoRemoteLogs` (before yielding
+  anything) when none has, so `sluice logs` can read this machine's files instead.
+
+The JSON shape of :class:`JobMetrics` is documented in docs/metrics.md and kept stable: fields may
+be added, never renamed or removed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, Field
+from temporalio.client import Client
 
-from sluice.client import JobClient
-from sluice.models import RunnerInfo
+from sluice.hosts.job_metrics import JobMetrics, OperatorMetrics, combine
+from sluice.hosts.registry_client import list_hosts
 
-# A scrape of one runner: it answers from memory, so a slow one is a stuck one.
-SCRAPE_TIMEOUT_S = 3.0
-# With no earlier scrape to compare with, the first call scrapes twice this far apart.
-RATE_WINDOW_S = 1.0
-# An earlier scrape older than this says nothing about the current rate: start over.
-RATE_MAX_AGE_S = 30.0
-COUNTER_FAMILIES = {"sluice_records_in": "records_in", "sluice_records_out": "records_out"}
+__all__ = ["HOST_REQUEST_TIMEOUT_S", "JobMetrics", "NoRemoteLogs", "OperatorMetrics", "job_logs", "job_metrics"]
+
+HOST_REQUEST_TIMEOUT_S = 5.0
+"""Longest wait for one host's answer to a metrics request (or to start sending logs)."""
 
 
-class OperatorMetrics(BaseModel):
-    """One operator of a job, over all its subtasks on every runner."""
-
-    records_in: float = 0.0
-    records_out: float = 0.0
-    records_in_per_s: float | None = None
-    records_out_per_s: float | None = None
-    watermark_lag_s: float | None = Field(default=None, description="max over subtasks; None before a watermark")
-    backpressure: float | None = Field(default=None, description="max over subtasks, 0..1; None when unknown")
-    subtasks: int = 0
+class NoRemoteLogs(Exception):
+    """No host endpoint has runner logs of the job (or none could be asked)."""
 
 
-class JobMetrics(BaseModel):
-    """Every operator of a job that some runner reported, by operator id."""
-
-    job_id: str
-    operators: dict[str, OperatorMetrics] = Field(default_factory=dict)
+def _temporal_client(client: Any) -> Client:
+    """Accept a temporalio Client or a sluice JobClient (which wraps one)."""
+    return client if isinstance(client, Client) else client.client
 
 
-@dataclass
-class _Sample:
-    """Totals of one scrape of all runners of a job."""
-
-    at: float  # time.monotonic()
-    generation: int
-    totals: dict[str, dict[str, float]]  # operator -> counter name -> value
-    subtasks: dict[str, set[str]]  # operator -> "runner/subtask" labels seen
+async def _endpoints(client: Client) -> dict[str, str | None]:
+    """host id -> its endpoint URL (None: it serves none), for every registered host."""
+    return {h.host_id: h.endpoint for h in await list_hosts(client)}
 
 
-_last: dict[str, _Sample] = {}
+async def job_metrics(client: Any, job_id: str) -> JobMetrics:
+    """The job's per-operator metrics summed (maxed) over every host running its current
+    generation. `client`: a temporalio Client or a sluice JobClient. Raises JobNotFound for an
+    unknown job; a job without runners (not Running) has no operators."""
+    from sluice.client import JobClient
 
-
-async def _scrape(session: aiohttp.ClientSession, runner: RunnerInfo) -> str:
-    url = f"http://{runner.host}:{runner.control_port}/metrics"
-    async with session.get(url) as response:
-        response.raise_for_status()
-        return await response.text()
-
-
-async def _sample(runners: list[RunnerInfo], generation: int) -> _Sample:
-    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+    temporal = _temporal_client(client)
+    status = await JobClient(temporal).status(job_id)
+    host_ids = sorted({r.host_id for r in status.runners if r.host_id is not None})
+    result = JobMetrics(job_id=job_id, generation=status.generation if status.runners else None)
+    if not host_ids:
+        return result
+    endpoints = await _endpoints(temporal)
+    timeout = aiohttp.ClientTimeout(total=HOST_REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        texts = await asyncio.gather(*(_scrape(session, r) for r in runners), return_exceptions=True)
-    totals: dict[str, dict[str, float]] = {}
-    subtasks: dict[str, set[str]] = {}
-    for runner, text in zip(runners, texts):
-        if isinstance(text, BaseException):
-            continue  # a runner that does not answer contributes nothing to this sample
-        for family in text_string_to_metric_families(text):
-            name = COUNTER_FAMILIES.get(family.name)
-            if name is None:
-                continue
-            for s in family.samples:
-                if not s.name.endswith("_total"):
-                    continue
-                op = s.labels.get("operator", "?")
-                counters = totals.setdefault(op, {})
-                counters[name] = counters.get(name, 0.0) + float(s.value)
-                subtasks.setdefault(op, set()).add(f"{runner.runner_id}/{s.labels.get('subtask', '?')}")
-    return _Sample(at=time.monotonic(), generation=generation, totals=totals, subtasks=subtasks)
-
-
-async def job_metrics(client: JobClient, job_id: str) -> JobMetrics:
-    """The job's per-operator record counts and rates now (empty when it has no runners)."""
-    status = await client.status(job_id)
-    if not status.runners:
-        _last.pop(job_id, None)
-        return JobMetrics(job_id=job_id)
-    before = _last.get(job_id)
-    if before is None or before.generation != status.generation or time.monotonic() - before.at > RATE_MAX_AGE_S:
-        before = await _sample(status.runners, status.generation)
-        await asyncio.sleep(RATE_WINDOW_S)
-    now = await _sample(status.runners, status.generation)
-    _last[job_id] = now
-    elapsed = now.at - before.at
-    operators: dict[str, OperatorMetrics] = {}
-    for op, counters in now.totals.items():
-        earlier = before.totals.get(op, {})
-
-        def rate(name: str, counters: dict[str, float] = counters, earlier: dict[str, float] = earlier) -> float | None:
-            if elapsed <= 0 or name not in earlier:
-                return None
-            return max(0.0, counters.get(name, 0.0) - earlier[name]) / elapsed
-
-        operators[op] = OperatorMetrics(
-            records_in=counters.get("records_in", 0.0),
-            records_out=counters.get("records_out", 0.0),
-            records_in_per_s=rate("records_in"),
-            records_out_per_s=rate("records_out"),
-            subtasks=len(now.subtasks.get(op, ())),
+        answers = await asyncio.gather(
+            *(_host_metrics(session, endpoints.get(h), job_id) for h in host_ids)
         )
-    return JobMetrics(job_id=job_id, operators=operators)
+    parts: list[dict[str, OperatorMetrics]] = []
+    for host_id, answer in zip(host_ids, answers):
+        if answer is None or (answer.generation is not None and answer.generation != status.generation):
+            result.unreachable.append(host_id)
+            continue
+        result.hosts.append(host_id)
+        parts.append(answer.operators)
+    result.operators = combine(parts)
+    return result
+
+
+async def _host_metrics(session: aiohttp.ClientSession, endpoint: str | None, job_id: str) -> JobMetrics | None:
+    if endpoint is None:
+        return None
+    try:
+        async with session.get(f"{endpoint}/jobs/{quote(job_id, safe='')}/metrics") as resp:
+            if resp.status != 200:
+                return None
+            return JobMetrics.model_validate_json(await resp.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+async def job_logs(
+    client: Any,
+    job_id: str,
+    *,
+    generation: int | None = None,
+    runner: int | None = None,
+    tail: int = 100,
+    follow: bool = False,
+) -> AsyncIterator[str]:
+    """The job's runner log lines from every host endpoint that has them: the last `tail` lines of
+    each runner log, then (with `follow`) new lines as they are written, until cancelled.
+    `generation` default: the job's current one when its status answers, else each host's newest.
+    Raises NoRemoteLogs, before the first line, when no endpoint has logs of the job."""
+    temporal = _temporal_client(client)
+    if generation is None:
+        generation = await _current_generation(temporal, job_id)
+    try:
+        endpoints = [url for url in (await _endpoints(temporal)).values() if url]
+    except Exception as e:  # noqa: BLE001 - no registry answer: the caller reads local files
+        raise NoRemoteLogs(f"the host registry did not answer: {e}") from e
+    params: dict[str, str] = {"tail": str(tail), "follow": "1" if follow else "0"}
+    if generation is not None:
+        params["generation"] = str(generation)
+    if runner is not None:
+        params["runner"] = str(runner)
+    # A followed stream may stay quiet for as long as the runners do: only connecting is bounded.
+    timeout = aiohttp.ClientTimeout(
+        total=None if follow else HOST_REQUEST_TIMEOUT_S, sock_connect=HOST_REQUEST_TIMEOUT_S
+    )
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        opened = await asyncio.gather(*(_open_logs(session, url, job_id, params) for url in endpoints))
+        streams = [resp for resp in opened if resp is not None]
+        if not streams:
+            raise NoRemoteLogs(f"no host endpoint has runner logs of job {job_id}")
+        try:
+            if not follow:
+                for resp in streams:
+                    for line in (await resp.text()).splitlines():
+                        yield line
+                return
+            async for line in _merge_lines(streams):
+                yield line
+        finally:
+            for resp in streams:
+                resp.release()
+
+
+async def _current_generation(client: Client, job_id: str) -> int | None:
+    from sluice.client import JobClient
+
+    try:
+        return (await JobClient(client).status(job_id)).generation
+    except Exception:  # noqa: BLE001 - unknown or unanswered: each host's newest generation
+        return None
+
+
+async def _open_logs(
+    session: aiohttp.ClientSession, endpoint: str, job_id: str, params: dict[str, str]
+) -> aiohttp.ClientResponse | None:
+    try:
+        resp = await session.get(f"{endpoint}/jobs/{quote(job_id, safe='')}/logs", params=params)
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    if resp.status != 200:  # 404: no logs of the job there
+        resp.release()
+        return None
+    return resp
+
+
+async def _merge_lines(streams: list[aiohttp.ClientResponse]) -> AsyncIterator[str]:
+    """Lines of several streaming responses as they arrive, until all of them ended."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump(resp: aiohttp.ClientResponse) -> None:
+        try:
+            async for raw in resp.content:
+                await queue.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # that host went away: the others go on
+        finally:
+            await queue.put(None)
+
+    pumps = [asyncio.create_task(pump(resp)) for resp in streams]
+    try:
+        ended = 0
+        while ended < len(pumps):
+            line = await queue.get()
+            if line is None:
+                ended += 1
+            else:
+                yield line
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
