@@ -574,9 +574,13 @@ async def _run(
     dashboard: Any = None
     try:
         client = await connect(address, namespace)
+        from sluice.hosts.endpoint import DEFAULT_WORKER_METRICS_PORT
         from sluice.worker import create_worker
 
-        controller = create_worker(client, base)
+        # The local host serves its job metrics, where the dashboard reads the operators' rates.
+        controller = create_worker(
+            client, base, metrics_port=DEFAULT_WORKER_METRICS_PORT, metrics_port_is_default=True
+        )
         worker_task = asyncio.create_task(controller.run(), name="sluice-worker")
         jobs = JobClient(client)
         dashboard = await _start_dashboard(jobs, namespace, ui_port, state_dir, dashboard_port, fallback=True)

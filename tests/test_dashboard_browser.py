@@ -1,10 +1,12 @@
 """The dashboard in a real browser: headless Debian chromium driven by Playwright.
 
-A running job on the session's worker, the dashboard served in-process on a free loopback port,
-and a user's look at the job's page: every operator in the graph, records/s that move, the
-transitions with Running, runners and checkpoints, a hostile rejected command shown as text, and
-the Stop button (mode checkpoint) that stops the job, after which the page says Stopped and a
-second Stop shows the client's refusal.
+A running job on the session's worker, its runners on a runner host of the test's own that
+serves job metrics (pinned there by a host label; the session worker's local host serves none),
+the dashboard served in-process on a free loopback port, and a user's look at the job's page:
+every operator in the graph, records/s that move, the transitions with Running, runners and
+checkpoints, a hostile rejected command shown as text, and the Stop button (mode checkpoint)
+that stops the job, after which the page says Stopped and a second Stop shows the client's
+refusal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ import pytest_asyncio
 
 from sluice.cli import web_ui_link
 from sluice.client import JobClient
+from sluice.hosts.host import HostConfig, RunnerHost
+from sluice.settings import load_secret
 from sluice.ui.server import DashboardServer
 from sluice.ui.views import Dashboard
 from tests.e2e_helpers import (
@@ -44,6 +49,23 @@ RATE_CHANGE_TIMEOUT_S = 30.0
 LOOK_INTERVAL_S = 0.5
 OPERATORS = ["events", "filter0", "map1", "out"]
 HOSTILE_MODE = "<img src=x onerror=window.__injected=1>"  # no quotes: the preview is JSON
+
+
+@pytest_asyncio.fixture
+async def metrics_host(client: Any, session_state_dir: Path, state_dir: Path) -> AsyncIterator[dict[str, str]]:
+    """A runner host with a metrics endpoint (any free port) and a label of its own; yields the
+    label, which a pipeline's host_labels names to run there. Closed (runners stopped) after."""
+    label = {"dashboard-test": uuid.uuid4().hex[:10]}
+    config = HostConfig(
+        host_id=f"dash-{label['dashboard-test']}", slots=4, labels=label, warm_runners=0, metrics_port=0
+    )
+    # The session worker derives runner tokens from its secret: this host's runners must share it.
+    host = RunnerHost(client, state_dir / "host", config, secret=load_secret(session_state_dir))
+    await host.start()
+    try:
+        yield label
+    finally:
+        await host.close()
 
 
 @pytest_asyncio.fixture
@@ -80,14 +102,18 @@ async def _rate_text(page: Any, op: str) -> str:
 
 
 async def test_a_user_watches_and_stops_a_job(
-    job_client: JobClient, state_dir: Path, dashboard_server: DashboardServer, page: Any
+    job_client: JobClient,
+    state_dir: Path,
+    metrics_host: dict[str, str],
+    dashboard_server: DashboardServer,
+    page: Any,
 ) -> None:
     from playwright.async_api import expect
 
     pipeline = generator_pipeline(
         "dash-browser", (state_dir / "out").resolve(), splits=2, limit=None, rate=300.0, batch_size=20,
         transforms=(("filter", KEEP_EVEN), ("map", ADD_ONE)),
-    )
+    ).model_copy(update={"host_labels": metrics_host})
     spec = job_spec(pipeline, state_dir)
     job_id = spec.job_id
     await job_client.start(spec)

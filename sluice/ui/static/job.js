@@ -100,7 +100,9 @@ async function refreshMetrics() {
   try {
     const data = await api(`${JOB_API}/metrics`);
     view.metrics = data.operators;
-    showError(document.getElementById("metrics-error"), null);
+    const missing = data.unreachable || [];
+    showError(document.getElementById("metrics-error"), missing.length === 0 ? null
+      : `metrics: no answer from host ${missing.join(", ")} (no metrics endpoint, or not reachable); its runners are not counted`);
   } catch (err) {
     view.metrics = {};
     showError(document.getElementById("metrics-error"), `metrics: ${err.message}`);
