@@ -729,8 +729,8 @@ def ui(
     async def main() -> None:
         _, namespace = _configured_address()
         server = await _start_dashboard(await _job_client(), namespace, web_ui_port, state_dir, port, host)
-        typer.echo(f"dashboard: {server.url} (Ctrl-C stops it)", err=False)
-        sys.stdout.flush()
+        typer.echo(f"dashboard: {server.url} (Ctrl-C stops it)")
+        sys.stdout.flush()  # a pipe (a script waiting for the line) gets it now
         try:
             await _until_stopped()
         finally:

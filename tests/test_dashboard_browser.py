@@ -178,3 +178,28 @@ async def test_a_user_watches_and_stops_a_job(
         await expect(page.locator("#action-message")).to_have_class("error")
     finally:
         await stop_job_quietly(job_client, job_id)
+
+
+async def test_a_failed_job_shows_its_failure_and_traceback(
+    job_client: JobClient, state_dir: Path, dashboard_server: DashboardServer, page: Any
+) -> None:
+    from playwright.async_api import expect
+
+    pipeline = generator_pipeline(
+        "dash-failed", (state_dir / "out").resolve(), splits=1, limit=100,
+        transforms=(("map", "tests.pipeline_functions:always_raises"),),
+    )
+    spec = job_spec(pipeline, state_dir, allowed_restarts=0)
+    job_id = spec.job_id
+    await job_client.start(spec)
+    try:
+        await wait_state(job_client, job_id, "Failed", timeout_s=RUNNING_TIMEOUT_S)
+        await page.goto(dashboard_server.job_url(job_id))
+        await expect(page.locator("#state")).to_have_text("Failed")
+        await expect(page.locator("#failure-title")).to_have_text("Failure")
+        await expect(page.locator("#failure-message")).to_contain_text("boom: this user function always fails")
+        await expect(page.locator("#failure-message")).to_contain_text("in operator map0")
+        await expect(page.locator("#failure-traceback")).to_contain_text("in always_raises")
+        await expect(page.locator('#transitions tr[data-to="Failed"]')).to_have_count(1)
+    finally:
+        await stop_job_quietly(job_client, job_id)

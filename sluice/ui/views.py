@@ -143,6 +143,10 @@ class Dashboard:
                     continue
                 (info,) = await self.jobs.client.data_converter.decode(done.result.payloads, [CheckpointInfo])
                 known[info.epoch] = info.duration_s
+        # Only the checkpoints still in the store are shown: forget the others (a long-lived
+        # dashboard would otherwise keep one entry per checkpoint ever taken).
+        kept = set(epochs)
+        self._durations[job_id] = known = {e: d for e, d in known.items() if e in kept}
         self._durations_read[job_id] = (run_id, epochs)
         return known
 
