@@ -3,8 +3,9 @@
 A running job on the session's worker, its runners on a runner host of the test's own that
 serves job metrics (pinned there by a host label; the session worker's local host serves none),
 the dashboard served in-process on a free loopback port, and a user's look at the job's page:
-every operator in the graph, records/s that move, the transitions with Running, runners and
-checkpoints, a hostile rejected command shown as text, and the Stop button (mode checkpoint)
+every operator in the graph, records/s that move, the transitions with Running, runners (on
+that host) and checkpoints, Rescale to parallelism 2 shown in the graph, a hostile rejected
+command shown as text, and the Stop button (mode checkpoint)
 that stops the job, after which the page says Stopped and a second Stop shows the client's
 refusal.
 """
@@ -152,7 +153,16 @@ async def test_a_user_watches_and_stops_a_job(
 
         await expect(page.locator('#transitions tr[data-to="Running"]')).to_have_count(1)
         await expect(page.locator("#runners tbody tr")).not_to_have_count(0)
+        await expect(page.locator("#runners tbody tr").first).to_contain_text(metrics_host["dashboard-test"])
         await expect(page.locator("#checkpoints tbody tr").first).to_be_visible()
+
+        # Rescale from the page: accepted, and the graph shows the new parallelism once running.
+        await page.fill("#rescale-parallelism", "2")
+        await page.click("#rescale")
+        await expect(page.locator("#action-message")).to_have_text("rescale to parallelism 2 accepted")
+        await expect(page.locator('#graph g.op[data-op="map1"] text.op-type')).to_have_text("map ×2")
+        await expect(page.locator('#transitions tr[data-to="Rescaling"]')).to_have_count(1)
+        await expect(page.locator("#state")).to_have_text("Running")
 
         # A rejected command whose payload is markup shows as text and injects nothing.
         await job_client.client.get_workflow_handle(job_id).signal("stop", {"mode": HOSTILE_MODE})
