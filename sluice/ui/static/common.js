@@ -58,7 +58,8 @@ function fmtTime(iso) {
 
 function fmtRate(value) {
   if (value === null || value === undefined) return "–";
-  return value >= 100 ? value.toFixed(0) : value.toFixed(1);
+  // One decimal while it is readable: a rate that moves shows it.
+  return value >= 1000 ? value.toFixed(0) : value.toFixed(1);
 }
 
 function fmtCount(value) {
