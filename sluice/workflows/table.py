@@ -64,6 +64,13 @@ TRANSITIONS: tuple[Transition, ...] = (
         "Failing",
     ),
     Transition("Recovering", "stop requested", "Stopping"),
+    Transition("Running", "upgrade checked (and approved): savepoint, then switch", "Upgrading"),
+    Transition("Running", "upgrade's new generation failed in its health window: rollback", "Upgrading"),
+    Transition("Scheduling", "upgrade's new generation failed to start: rollback", "Upgrading"),
+    Transition("Upgrading", "old generation stopped at the restore point: new pipeline (or rollback)", "Scheduling"),
+    Transition("Upgrading", "stop requested", "Stopping"),
+    Transition("Upgrading", "the savepoint failed (upgrade abandoned), or a rollback did not compile", "Recovering"),
+    Transition("Upgrading", "rollback: the previous pipeline is invalid (user error)", "Failing"),
     Transition("Failing", "tear down (best effort)", "Failed"),
 )
 
