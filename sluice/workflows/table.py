@@ -64,8 +64,12 @@ TRANSITIONS: tuple[Transition, ...] = (
         "Failing",
     ),
     Transition("Recovering", "stop requested", "Stopping"),
-    Transition("Running", "upgrade checked (and approved): savepoint, then switch", "Upgrading"),
-    Transition("Running", "upgrade's new generation failed in its health window: rollback", "Upgrading"),
+    Transition(
+        "Running",
+        "upgrade checked (and approved): savepoint, then switch; or its new generation failed "
+        "in the health window: rollback",
+        "Upgrading",
+    ),
     Transition("Scheduling", "upgrade's new generation failed to start: rollback", "Upgrading"),
     Transition("Upgrading", "old generation stopped at the restore point: new pipeline (or rollback)", "Scheduling"),
     Transition("Upgrading", "stop requested", "Stopping"),
