@@ -81,6 +81,33 @@ async def test_an_upgrade_keeps_state_and_output_exactly_once(job_client: JobCli
     assert_same_windows(read_window_rows(out), _expected(old))
 
 
+async def test_a_last_state_upgrade_with_dropped_state(job_client: JobClient, state_dir: Path) -> None:
+    """last-state: the old generation is torn down (no savepoint) and the new one restores the
+    last checkpoint; the window whose size changed starts empty, as allowed."""
+    out = state_dir / "out"
+    old = _pipeline(_operators(out))
+    new = _pipeline(_operators(out, size_ms=2 * WINDOW_MS))
+    spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
+    await job_client.start(spec)
+    try:
+        await _running_with_checkpoint(job_client, spec.job_id)
+        up = await job_client.upgrade(spec.job_id, UpgradeRequest(
+            pipeline=new, mode="last-state", allow_drop_state=["w"], health_window_s=1.0))  # fmt: skip
+        assert up.savepoint is None and up.dropped_state == ["w"] and up.restore_epoch, up
+        done = await wait_state(job_client, spec.job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    assert done.upgrade is not None and done.upgrade.phase == "completed", done.upgrade
+    rows = read_window_rows(out)
+    assert max(rows.values()) == 1, "a window committed twice"
+    sizes = Counter(end - start for (_key, start, end, _count, _total) in rows)
+    assert set(sizes) == {WINDOW_MS, 2 * WINDOW_MS}, sizes  # old windows up to the switch, new ones after
+    # No row counted twice; the rows of windows still open at the restore point went with the
+    # dropped state (that is what --allow-drop-state accepts), every other row is counted.
+    counted = sum(count for (_k, _s, _e, count, _t) in rows)
+    assert 0.9 * 2 * LIMIT < counted <= 2 * LIMIT, counted
+
+
 async def test_an_incompatible_upgrade_is_refused_naming_the_operator(
     job_client: JobClient, state_dir: Path, temporal_address: str
 ) -> None:
