@@ -28,9 +28,9 @@ from typing import Any, NoReturn, TypeVar, get_args
 import typer
 
 from sluice import settings
-from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
+from sluice.models import DEFAULT_HEALTH_WINDOW_S, TERMINAL_STATES, JobSpec, JobStateName, JobStatus
 from sluice.pipeline_files import PipelineFileError
-from sluice.status_view import operator_table_lines, state_line, status_lines
+from sluice.status_view import operator_table_lines, state_line, status_lines, upgrade_line
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -44,6 +44,7 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
+UPGRADE_POLL_S = 1.0  # how often `sluice upgrade --wait` looks at the upgrade's phase
 WEB_UI_PORT = 8233
 DASHBOARD_PORT = 8234  # sluice's own dashboard (`sluice ui`), beside the Temporal Web UI
 LOOPBACK_IP = "127.0.0.1"
@@ -1127,6 +1128,92 @@ def _dispose_savepoint(job_id: str, name: str, state_dir: Path | None, checkpoin
     except SavepointError as exc:
         fail(str(exc))
     typer.echo(f"disposed of savepoint {info.name} of job {job_id} (epoch {info.epoch})")
+
+
+@app.command()
+def upgrade(
+    job_id: str = typer.Argument(...),
+    file: Path = typer.Argument(..., help="the new pipeline file (YAML or JSON)"),
+    mode: str = typer.Option(
+        "savepoint", "--mode", help="savepoint (default) | last-state | stateless: where its state comes from"
+    ),
+    allow_drop_state: list[str] = typer.Option(
+        [], "--allow-drop-state", metavar="OP", help="let operator OP start with empty state (repeatable)"
+    ),
+    require_approval: bool = typer.Option(
+        False, "--require-approval", help="wait for `sluice approve JOB` (or reject) before switching"
+    ),
+    health_window: float = typer.Option(
+        DEFAULT_HEALTH_WINDOW_S, "--health-window", min=0.0,
+        help="seconds the new generation must run without failing (and checkpoint) before the upgrade counts",
+    ),
+    wait: bool = typer.Option(False, "--wait", help="also wait for the health window's end: completed or rolled back"),
+) -> None:
+    """Upgrade a Running job to a new pipeline, keeping its state: a compatibility check, a
+    savepoint, the new generation, a health window, and an automatic rollback if it fails.
+    Returns once the new generation runs (or the upgrade was refused, exit 1)."""
+    from pydantic import ValidationError
+
+    from sluice.models import UpgradeRequest
+
+    spec = _wrap_user_errors(lambda: _load_spec(file, job_id, None, None))
+    try:
+        request = UpgradeRequest(
+            pipeline=spec.pipeline, mode=mode, allow_drop_state=allow_drop_state,
+            require_approval=require_approval, health_window_s=health_window,
+        )  # fmt: skip
+    except ValidationError:
+        fail(f"--mode {mode!r}: use savepoint, last-state or stateless", EXIT_USAGE)
+
+    @run_async
+    async def main() -> str:
+        jobs = await _job_client()
+        up = await jobs.upgrade(job_id, request)
+        if up.phase == "awaiting_approval":
+            return (f"upgrade {up.number} of job {job_id} is compatible and waits for approval: "
+                    f"sluice approve {job_id} (or sluice reject {job_id})")  # fmt: skip
+        if wait:
+            up = await _wait_upgrade_settled(jobs, job_id, up.number)
+        return upgrade_line(job_id, up)
+
+    typer.echo(main())
+
+
+async def _wait_upgrade_settled(jobs: Any, job_id: str, number: int) -> Any:
+    """Poll the job's status until upgrade `number` left its health window (or the job closed)."""
+    import asyncio
+
+    while True:
+        status = await jobs.status(job_id)
+        up = status.upgrade
+        if up is None or up.number != number or not up.active or status.state in TERMINAL_STATES:
+            return up
+        await asyncio.sleep(UPGRADE_POLL_S)
+
+
+@app.command()
+def approve(job_id: str = typer.Argument(...)) -> None:
+    """Approve the upgrade waiting for approval; returns once its new generation runs."""
+
+    @run_async
+    async def main() -> str:
+        return upgrade_line(job_id, await (await _job_client()).decide_upgrade(job_id, True))
+
+    typer.echo(main())
+
+
+@app.command()
+def reject(
+    job_id: str = typer.Argument(...),
+    reason: str | None = typer.Option(None, "--reason", help="why (shown in the job's status)"),
+) -> None:
+    """Reject the upgrade waiting for approval: the job runs on with its pipeline."""
+
+    @run_async
+    async def main() -> str:
+        return upgrade_line(job_id, await (await _job_client()).decide_upgrade(job_id, False, reason))
+
+    typer.echo(main())
 
 
 @app.command()

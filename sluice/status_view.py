@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 
 from sluice.hosts.job_metrics import JobMetrics
-from sluice.models import Failure, JobStatus
+from sluice.models import Failure, JobStatus, UpgradeStatus
 
 #: longest payload of a rejected command shown on its line (the JSON view has all of it)
 MAX_PAYLOAD_CHARS = 200
@@ -73,6 +73,8 @@ def status_lines(status: JobStatus) -> list[str]:
     budget = "unlimited" if allowed == -1 else f"{allowed} allowed"
     lines.append(f"restarts: {status.restarts} ({budget}; the count resets after "
                  f"{status.config.healthy_duration_s:g} s healthy)")  # fmt: skip
+    if status.upgrade is not None:
+        lines.append(upgrade_line(status.job_id, status.upgrade))
     if status.failure is not None:
         lines += _failure_lines("failure", status.failure)
     last_error = status.last_error
@@ -107,3 +109,18 @@ def operator_table_lines(metrics: JobMetrics) -> list[str]:
     if metrics.unreachable:
         lines.append(f"not counted (no metrics endpoint answered): hosts {', '.join(metrics.unreachable)}")
     return lines
+
+
+def upgrade_line(job_id: str, up: UpgradeStatus) -> str:
+    """`upgrade N (mode, version A -> B): phase[: reason]`, what to do next when it waits."""
+    line = f"upgrade {up.number} of {job_id} ({up.mode}, pipeline version {up.from_version} -> {up.to_version}): "
+    line += up.phase.replace("_", " ")
+    if up.phase == "health_window":
+        line += f" ({up.health_window_s:g} s; output held back until it ends)"
+    if up.dropped_state:
+        line += f"; empty state for {', '.join(up.dropped_state)}"
+    if up.reason:
+        line += f": {up.reason}"
+    if up.phase == "awaiting_approval":
+        line += f": sluice approve {job_id} / sluice reject {job_id}"
+    return line

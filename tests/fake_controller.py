@@ -37,6 +37,7 @@ from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
     CleanupInput,
+    CommitEpochsInput,
     CompileInput,
     CompileResult,
     MonitorInput,
@@ -46,7 +47,10 @@ from sluice.models import (
     StartExecutionInput,
     StopInput,
     TeardownInput,
+    UpgradeCheckInput,
+    UpgradeCheckResult,
 )
+from sluice.upgrades import check_compatibility
 
 FAKE_HEARTBEAT_S = 0.5  # a healthy monitor heartbeats this often until it is cancelled
 
@@ -82,6 +86,7 @@ class FakeController:
     stop_modes: list[str] = field(default_factory=list)
     programs: dict[str, Any] = field(default_factory=dict)  # job id -> its compiled program
     compiles: int = 0
+    committed_epochs: list[int] = field(default_factory=list)  # published by an upgrade's commit_epochs
     held: list[str] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -114,6 +119,17 @@ class FakeController:
             program = compile_program(inp.spec.pipeline, inp.spec.config)
             fake.programs[inp.spec.job_id] = program
             return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
+
+        @activity.defn(name="check_upgrade")
+        async def check_upgrade(inp: UpgradeCheckInput) -> UpgradeCheckResult:
+            program = compile_program(inp.spec.pipeline, inp.spec.config)
+            verdict = check_compatibility(inp.program, program, inp.allow_drop_state)
+            return UpgradeCheckResult(program=program, problems=verdict.problems, dropped_state=verdict.dropped_state)
+
+        @activity.defn(name="commit_epochs")
+        async def commit_epochs(inp: CommitEpochsInput) -> int:
+            fake.committed_epochs += inp.epochs
+            return 0
 
         @activity.defn(name="schedule_runners")
         async def schedule(inp: ScheduleInput) -> list[RunnerInfo]:
@@ -200,8 +216,8 @@ class FakeController:
             fake.stops.append(inp)
             return 0
 
-        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown,
-                place, release, host_start, host_stop]  # fmt: skip
+        return [compile_, check_upgrade, commit_epochs, schedule, start, monitor, checkpoint, cleanup, stop,
+                teardown, place, release, host_start, host_stop]  # fmt: skip
 
     def report(self, job_id: str, generation: int, result: MonitorResult) -> RunnerReport:
         """What a host would signal for what the monitor would have returned."""
