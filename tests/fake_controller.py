@@ -65,7 +65,7 @@ class FakeController:
     `checkpoint_error(input)`: an error that checkpoint raises. `stop_error(input)`: an error a
     graceful/immediate stop (`stop_runners`) raises. `place_waiting(generation)`: placement finds
     no free slot (the reason given) instead of placing that generation.
-    `hold_compile(n)` / `hold_checkpoint(input)`: that activity waits until `release()` (then
+    `hold_compile(n)` / `hold_checkpoint(input)` / `hold_start(generation)`: that activity waits until `release()` (then
     answers as above); `held` names the activities waiting meanwhile ("compile 1",
     "checkpoint 3 then stop").
     `generations`, `checkpoints`, `stops` (host teardowns) and `stop_modes` (`stop_runners`) record
@@ -80,6 +80,7 @@ class FakeController:
     place_waiting: Callable[[int], str | None] = lambda generation: None
     hold_compile: Callable[[int], bool] = lambda n: False
     hold_checkpoint: Callable[[CheckpointInput], bool] = lambda inp: False
+    hold_start: Callable[[int], bool] = lambda generation: False
     checkpoints: list[int] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
     stops: list[HostStopInput] = field(default_factory=list)
@@ -143,6 +144,7 @@ class FakeController:
 
         @activity.defn(name="start_execution")
         async def start(inp: StartExecutionInput) -> None:
+            await fake._wait_if_held(fake.hold_start(inp.generation), f"start {inp.generation}")
             error = fake.start_error(inp.generation)
             if error is not None:
                 raise error

@@ -526,9 +526,12 @@ async def _running_upgrading(lab: Lab) -> tuple[Job, Expect]:
 
 @drives("Scheduling", "Upgrading")
 async def _scheduling_upgrading(lab: Lab) -> tuple[Job, Expect]:
-    job = await _running(lab, FakeController(start_error=_starts_fail_from(2)))
+    fake = FakeController(start_error=_starts_fail_from(2), hold_start=lambda g: g == 2)
+    job = await _running(lab, fake)
     await _upgrade(job)
+    await job.held("start 2")
     await job.reach("Scheduling")
+    fake.release()
     return job, Expect(("rollback of upgrade 1", "runner g2-r0 refused the plan"), "Running", generation=3,
                        check=_rolled_back)  # fmt: skip
 
@@ -560,11 +563,13 @@ async def _upgrading_recovering(lab: Lab) -> tuple[Job, Expect]:
 async def _upgrading_failing(lab: Lab) -> tuple[Job, Expect]:
     # The new generation fails to start; the rollback's compile of the old pipeline (compile 3:
     # the first start, the switch, the rollback) is a user error: nothing left to run.
-    fake = FakeController(start_error=_starts_fail_from(2),
+    fake = FakeController(start_error=_starts_fail_from(2), hold_compile=lambda n: n == 3,
                           compile_error=lambda n: _user_error("operator 'm': unknown column") if n == 3 else None)
     job = await _running(lab, fake)
     await _upgrade(job)
-    await job.reach("Upgrading")
+    await job.held("compile 3")
+    await job.reach("Upgrading")  # the rollback's
+    fake.release()
     return job, Expect(("program invalid: ", "operator 'm': unknown column"), "Failed")
 
 
