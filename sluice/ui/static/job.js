@@ -39,8 +39,21 @@ function showFailure(status) {
   tb.hidden = !failure.traceback;
 }
 
+function showUpgrade(status) {
+  // The newest pipeline upgrade (docs/upgrades.md): its phase, and why it ended as it did.
+  const up = status.upgrade;
+  document.getElementById("upgrade-panel").hidden = !up;
+  if (!up) return;
+  const phase = up.phase.replace(/_/g, " ");
+  const reason = up.reason ? `: ${up.reason}` : "";
+  const held = up.phase === "health_window" ? ` (${up.deferred_epochs.length} checkpoints held back)` : "";
+  document.getElementById("upgrade-line").textContent =
+    `upgrade ${up.number} (${up.mode}, version ${up.from_version} → ${up.to_version}): ${phase}${held}${reason}`;
+}
+
 function showStatus(data) {
   const status = data.status;
+  showUpgrade(status);
   const state = document.getElementById("state");
   state.textContent = status.state;
   state.className = `state state-${status.state}`;
