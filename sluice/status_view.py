@@ -3,7 +3,9 @@
 Besides the state it answers what a user asks when a job misbehaves: since when is it in this
 state and why did it change, how old is its last checkpoint, how much of the restart budget is
 used, what failed last (domain, operator, message, and the user function's traceback), and which
-commands were refused and why. `sluice status -o json` prints every field of the query instead.
+commands were refused and why; an upgrade in progress; for a Running job, a table of its
+operators' rates, watermark lag and backpressure (from the hosts' endpoints). `sluice status -o
+json` prints every field of the query instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.text import Text
 
-from sluice.models import Failure, JobStatus, TransitionRecord
+from sluice.hosts.job_metrics import JobMetrics
+from sluice.models import Failure, JobStatus, TransitionRecord, UpgradeStatus
 
 #: longest payload of a rejected command shown on its line (the JSON view has all of it)
 MAX_PAYLOAD_CHARS = 200
@@ -92,6 +95,8 @@ def status_lines(status: JobStatus) -> list[str]:
     budget = "unlimited" if allowed == -1 else f"{allowed} allowed"
     lines.append(f"restarts: {status.restarts} ({budget}; the count resets after "
                  f"{status.config.healthy_duration_s:g} s healthy)")  # fmt: skip
+    if status.upgrade is not None:
+        lines.append(upgrade_line(status.job_id, status.upgrade))
     if status.failure is not None:
         lines += _failure_lines("failure", status.failure)
     last_error = status.last_error
@@ -104,6 +109,43 @@ def status_lines(status: JobStatus) -> list[str]:
             f"{rejected.reason}"
         )
     return lines
+
+
+def _lag(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def operator_table_lines(metrics: JobMetrics) -> list[str]:
+    """The per-operator table of a Running job: subtasks, records in and out per second, watermark
+    lag, backpressure; then which hosts could not be asked (their runners are not counted)."""
+    if not metrics.operators:
+        return ["operators: no metrics yet (the runners heartbeat every second)"]
+    width = max(len("operator"), *(len(op) for op in metrics.operators))
+    header = f"{'subtasks':>8}  {'in/s':>10}  {'out/s':>10}  {'wm lag':>9}  {'backpressure':>12}"
+    lines = [f"{'operator':<{width}}  {header}"]
+    for op, m in metrics.operators.items():
+        lines.append(
+            f"{op:<{width}}  {m.subtasks:>8}  {m.records_in_per_s:>10.1f}  {m.records_out_per_s:>10.1f}  "
+            f"{_lag(m.watermark_lag_s):>9}  {m.backpressure:>11.0%} "
+        )
+    if metrics.unreachable:
+        lines.append(f"not counted (no metrics endpoint answered): hosts {', '.join(metrics.unreachable)}")
+    return lines
+
+
+def upgrade_line(job_id: str, up: UpgradeStatus) -> str:
+    """`upgrade N (mode, version A -> B): phase[: reason]`, what to do next when it waits."""
+    line = f"upgrade {up.number} of {job_id} ({up.mode}, pipeline version {up.from_version} -> {up.to_version}): "
+    line += up.phase.replace("_", " ")
+    if up.phase == "health_window":
+        line += f" ({up.health_window_s:g} s; output held back until it ends)"
+    if up.dropped_state:
+        line += f"; empty state for {', '.join(up.dropped_state)}"
+    if up.reason:
+        line += f": {up.reason}"
+    if up.phase == "awaiting_approval":
+        line += f": sluice approve {job_id} / sluice reject {job_id}"
+    return line
 
 
 # ------------------------------------------------------------------------------ the status panel
@@ -180,8 +222,8 @@ def _failure_text(label: str, failure: Failure) -> Text:
 def status_parts(status: JobStatus, *, now: datetime, checkpoint_time: datetime | None = None) -> list[RenderableType]:
     """The sections of `sluice status JOB`, in order: state and since when, the reason of the last
     transition, generation, last checkpoint and its age, restarts against the budget, parallelism
-    per operator, runners, what the job waits for, the failure (with the user function's
-    traceback), the error it last recovered from, and the newest rejected commands.
+    per operator, runners, what the job waits for, an upgrade in progress, the failure (with the
+    user function's traceback), the error it last recovered from, and the newest rejected commands.
 
     Callers may append sections of their own before :func:`status_panel` draws them."""
     parts: list[RenderableType] = []
@@ -199,6 +241,8 @@ def status_parts(status: JobStatus, *, now: datetime, checkpoint_time: datetime 
         parts.append(_line("runners", runners_text(status)))
     if status.waiting_for:
         parts.append(_line("waiting for", Text(status.waiting_for, style="yellow")))
+    if status.upgrade is not None:
+        parts.append(Text(upgrade_line(status.job_id, status.upgrade), style="cyan"))
     if status.failure is not None:
         parts.append(_failure_text("failure", status.failure))
     last_error = status.last_error
