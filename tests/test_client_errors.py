@@ -108,7 +108,7 @@ async def test_idle_queue_duplicate_timeout_and_closed(idle_jobs: JobClient, tmp
         rows = await idle_jobs.list(state="Created")
         if any(r.job_id == job_id for r in rows):
             break
-    assert (job_id, "Created", "errs") in rows
+    assert (job_id, "Created", "errs", True) in [(r.job_id, r.state, r.pipeline_name, r.open) for r in rows]
 
     # Closed from outside: commands say so; restart starts a new run from the same spec.
     first = await idle_jobs.describe(job_id)
