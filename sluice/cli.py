@@ -654,9 +654,8 @@ def _attach_notes(changes: JobChanges | None, job_id: str, pipeline: Path) -> li
         notes.append(f"the running job's pipeline differs from {pipeline} ({'; '.join(changes.pipeline)}); "
                      f"it runs unchanged (change it with `sluice upgrade {job_id} {pipeline}`)")  # fmt: skip
     if changes.parallelism:
-        notes.append(f"the running job's parallelism differs from {pipeline} ({changes.parallelism_text()}); "
-                     "it runs unchanged "
-                     f"(change it with `sluice rescale {job_id}`)")  # fmt: skip
+        notes.append(f"the running job's parallelism differs from {pipeline}: {changes.parallelism_text()}; "
+                     f"it runs unchanged (change it with `sluice rescale {job_id}`)")  # fmt: skip
     return notes
 
 

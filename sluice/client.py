@@ -519,10 +519,10 @@ class JobClient:
             updates.update(parallelism=spec.config.parallelism, overrides=spec.config.overrides)
             if changes.parallelism:
                 by = "the command line" if explicit else source
-                notes.append(f"parallelism from {by} ({changes.parallelism_text(file_first=True)})")
+                notes.append(f"parallelism from {by}: {changes.parallelism_text(file_first=True)}")
         elif changes.parallelism:
             notes.append(
-                f"parallelism as last set on the job, not as in {source} ({changes.parallelism_text()}); "
+                f"parallelism as last set on the job, not as in {source}: {changes.parallelism_text()}; "
                 "--parallelism-from-file takes the file's"
             )
         config = JobConfig.model_validate(job.config.model_copy(update=updates).model_dump())

@@ -29,10 +29,10 @@ class JobChanges:
     """Operator -> (the job's parallelism as last set, the file's) where they differ."""
 
     def parallelism_text(self, *, file_first: bool = False) -> str:
-        """Each operator whose parallelism differs: "big: 2 (file says 1)", or with `file_first`
-        (when the file's was taken) "big: 1 (job had 2)"."""
-        return "; ".join(
-            f"{op}: {file} (job had {job})" if file_first else f"{op}: {job} (file says {file})"
+        """Each operator whose parallelism differs: "big=2 (file: 1)", or with `file_first`
+        (when the file's was taken) "big=1 (job had 2)"."""
+        return ", ".join(
+            f"{op}={file} (job had {job})" if file_first else f"{op}={job} (file: {file})"
             for op, (job, file) in self.parallelism.items()
         )
 

@@ -66,7 +66,7 @@ def test_parallelism_alone_is_not_a_pipeline_change() -> None:
     changes = compare(job, JobConfig(parallelism=2, overrides={"out": 1}), file, JobConfig())
     assert changes.pipeline == []
     assert changes.parallelism == {"events": (2, 3), "big": (2, 3), "out": (1, 3)}
-    assert changes.parallelism_text() == "events: 2 (file says 3); big: 2 (file says 3); out: 1 (file says 3)"
+    assert changes.parallelism_text() == "events=2 (file: 3), big=2 (file: 3), out=1 (file: 3)"
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -121,7 +121,7 @@ async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
         assert resumed.stdout.splitlines()[0] == job_id  # stdout stays the id: scripts read it
         assert f"job {job_id} was Stopped: started a new run from its last checkpoint" in resumed.stderr
         assert "parallelism as last set on the job" in resumed.stderr, resumed.stderr
-        assert "events: 2 (file says 1)" in resumed.stderr, resumed.stderr
+        assert "events=2 (file: 1)" in resumed.stderr, resumed.stderr
         st = await _running_with(job_client, job_id, 2)
         assert st.config.parallelism == 2
         assert st.config.checkpoint_interval_s == 2.0  # the rest of the last config came along too
@@ -149,7 +149,7 @@ async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
         from_file = await asyncio.to_thread(cli, "start", str(file), "--job-id", job_id, "--parallelism-from-file",
                                             "--wait")  # fmt: skip
         assert from_file.returncode == 0, from_file.stderr
-        assert "parallelism from " in from_file.stderr and "events: 1 (job had 2)" in from_file.stderr
+        assert "parallelism from " in from_file.stderr and "events=1 (job had 2)" in from_file.stderr
         st = await _running_with(job_client, job_id, 1)
         assert st.config.parallelism is None
     finally:
