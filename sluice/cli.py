@@ -1,6 +1,6 @@
 """The `sluice` command: a thin layer over `JobClient`, the dev server and the worker.
 
-Contract used by scripts (DESIGN.md): `sluice start FILE [--job-id ID]` prints the job id and
+Contract used by scripts: `sluice start FILE [--job-id ID]` prints the job id and
 returns once the workflow is started; `sluice stop ID --mode MODE`; `sluice wait ID --state STATE
 [--timeout S]` exits 0 when reached and non-zero on Failed or timeout. Every command honours
 TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (Temporal's environment configuration).
