@@ -10,8 +10,10 @@ What the client adds over raw Temporal calls:
   TEMPORAL_NAMESPACE, TLS, TEMPORAL_API_KEY, config profiles) and always use the pydantic data
   converter that the worker uses;
 - closed jobs: a Stopped or Failed job is resumed (`restart`, or `patch` with `stop: none`) by
-  starting a new run under the same workflow id from the previous run's spec; the workflow
-  restores the latest checkpoint itself;
+  starting a new run under the same workflow id from the previous run's spec and the config it
+  had at its end (a rescale included); the workflow restores the latest checkpoint itself. A
+  pipeline file started for an existing job (`start_file`) keeps the job's pipeline and its
+  last-set parallelism, and says what the file would have changed (`sluice.job_changes`);
 - errors are typed (`JobNotFound`, `JobClosed`, `JobAlreadyRunning`, `JobFailedError`,
   `ServerUnavailable`) with messages fit to show a user as they are.
 """

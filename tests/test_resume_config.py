@@ -137,11 +137,11 @@ async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
 
         # A file with another pipeline is refused, naming what changed; the job stays Stopped.
         await _stop(job_client, job_id)
-        changed = write(tmp_path, "changed.yaml", text.replace('"examples.clicks:is_big"', '"examples.clicks:other"'))
+        changed = write(tmp_path, "changed.yaml", text.replace("keys: 10", "keys: 20"))
         refused = await asyncio.to_thread(cli, "start", str(changed), "--job-id", job_id)
         assert refused.returncode == 1, refused.stdout
         assert refused.stderr.count("\n") == 1, refused.stderr  # one line
-        assert "operator 'big' changed (fn)" in refused.stderr, refused.stderr
+        assert "operator 'events' changed (keys)" in refused.stderr, refused.stderr
         assert f"sluice upgrade {job_id} {changed}" in refused.stderr, refused.stderr
         assert await job_client.final_state(job_id) == "Stopped"
 
@@ -152,5 +152,15 @@ async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
         assert "parallelism from " in from_file.stderr and "events=1 (job had 2)" in from_file.stderr
         st = await _running_with(job_client, job_id, 1)
         assert st.config.parallelism is None
+
+        # From scratch (--ignore-state) nothing is restored: the changed pipeline is taken whole.
+        await _stop(job_client, job_id)
+        fresh = await asyncio.to_thread(cli, "start", str(changed), "--job-id", job_id, "--ignore-state", "--wait")
+        assert fresh.returncode == 0, fresh.stderr
+        assert "started a new run from the beginning" in fresh.stderr
+        assert "the pipeline changed (operator 'events' changed (keys))" in fresh.stderr, fresh.stderr
+        await _running_with(job_client, job_id, 1)
+        job, _ = await job_client.job_spec_as_last_set(job_id, (await job_client.describe(job_id)).run_id)
+        assert job.pipeline.operators[0].keys == 20
     finally:
         await stop_job_quietly(job_client, job_id)
