@@ -498,7 +498,12 @@ class JobClient:
         state = await self.final_state(spec.job_id, desc)
         if state is None:
             raise JobAlreadyRunning(spec.job_id)
-        job, known = await self.job_spec_as_last_set(spec.job_id, desc.run_id)
+        try:
+            job, known = await self.job_spec_as_last_set(spec.job_id, desc.run_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. a run started with a malformed input (temporal CLI)
+            await self.resume(spec.job_id, spec=spec, ignore_state=spec.config.ignore_state)
+            note = f"the job's last run has no readable spec ({type(exc).__name__}): {source} was started as it is"
+            return FileStart(spec.job_id, resumed_from=state, notes=[note])
         changes = compare(job.pipeline, job.config, spec.pipeline, spec.config)
         notes: list[str] = []
         if changes.pipeline and not spec.config.ignore_state:

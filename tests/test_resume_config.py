@@ -164,3 +164,30 @@ async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
         assert job.pipeline.operators[0].keys == 20
     finally:
         await stop_job_quietly(job_client, job_id)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_file_started_for_a_job_whose_input_was_malformed_starts_as_it_is(
+    temporal_address: str, job_client: Any, tmp_path: Path
+) -> None:
+    from sluice.models import TASK_QUEUE, WORKFLOW_TYPE
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=cli_env(temporal_address, tmp_path / "state"))
+
+    # Started past the client (as `temporal workflow start` can): the job fails with "invalid job input".
+    job_id = unique_job_id("resume-malformed")
+    await job_client.client.start_workflow(
+        WORKFLOW_TYPE, {"spec": {"job_id": job_id}}, id=job_id, task_queue=TASK_QUEUE
+    )
+    await wait_state(job_client, job_id, "Failed", timeout_s=STATE_TIMEOUT_S)
+    text = PIPELINE.replace("OUT", str(tmp_path / "out")).replace("rate: 50", "limit: 10")
+    file = write(tmp_path, "bounded.yaml", text)
+    try:
+        started = await asyncio.to_thread(cli, "start", str(file), "--job-id", job_id, "--wait")
+        assert started.returncode == 0, started.stderr
+        assert f"job {job_id} was Failed: started a new run" in started.stderr
+        assert "has no readable spec (ValidationError)" in started.stderr, started.stderr
+        await wait_state(job_client, job_id, "Finished", timeout_s=STATE_TIMEOUT_S)
+    finally:
+        await stop_job_quietly(job_client, job_id)
