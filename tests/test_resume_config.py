@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,16 @@ async def _running_with(job_client: Any, job_id: str, parallelism: int) -> JobSt
     return result
 
 
+def _cli(temporal_address: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`sluice ARGS` in a subprocess against the session's server (call it through asyncio.to_thread:
+    the session's worker runs in this event loop)."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=cli_env(temporal_address, tmp_path / "state"))
+
+    return cli
+
+
 async def _stop(job_client: Any, job_id: str) -> None:
     await job_client.stop(job_id, "checkpoint")
     await wait_state(job_client, job_id, "Stopped", timeout_s=STATE_TIMEOUT_S)
@@ -98,9 +109,7 @@ async def _stop(job_client: Any, job_id: str) -> None:
 async def test_rescale_survives_stop_and_resume_and_a_changed_file_is_refused(
     temporal_address: str, job_client: Any, tmp_path: Path
 ) -> None:
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, env=cli_env(temporal_address, tmp_path / "state"))
-
+    cli = _cli(temporal_address, tmp_path)
     # The sink under tmp_path: a relative path would resolve against the worker's directory.
     text = PIPELINE.replace("OUT", str(tmp_path / "out"))
     file = write(tmp_path, "resumed.yaml", text)
@@ -172,9 +181,7 @@ async def test_a_file_started_for_a_job_whose_input_was_malformed_starts_as_it_i
 ) -> None:
     from sluice.models import TASK_QUEUE, WORKFLOW_TYPE
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, env=cli_env(temporal_address, tmp_path / "state"))
-
+    cli = _cli(temporal_address, tmp_path)
     # Started past the client (as `temporal workflow start` can): the job fails with "invalid job input".
     job_id = unique_job_id("resume-malformed")
     await job_client.client.start_workflow(
