@@ -25,7 +25,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from sluice.client import CommandRejected, JobClient
-from sluice.models import JobSpec, JobStatus, PipelineSpec
+from sluice.models import JobSpec, JobStatus, PipelineSpec, UpgradeRequest
 from tests.e2e_helpers import (
     ADD_ONE,
     assert_exact_output,
@@ -421,9 +421,33 @@ async def savepoints(ctx: ScenarioContext, job_id: str) -> None:
     check_prefix(pipeline)
 
 
+async def upgrades(ctx: ScenarioContext, job_id: str) -> None:
+    """Running: an upgrade that adds a filter (check, savepoint, Upgrading, new generation, a
+    health window, held-back output published), then one whose new map always raises (rolled back
+    to the savepoint and the previous pipeline), then stopped."""
+    pipeline = unbounded(ctx, job_id)
+    await ctx.job_client.start(spec_for(ctx, pipeline, job_id))
+    await running(ctx, job_id, epoch_above=0)
+    ops = [op.model_dump(by_alias=True, exclude_none=True) for op in pipeline.operators]
+    keep_all = {"id": "keep_all", "type": "filter", "expr": "value >= 0"}
+    filtered = PipelineSpec.model_validate({**pipeline.model_dump(), "operators": [*ops[:-1], keep_all, ops[-1]]})
+    up = await ctx.job_client.upgrade(job_id, UpgradeRequest(pipeline=filtered, health_window_s=2.0))
+    assert up.phase == "health_window", up
+    await wait_status(ctx.job_client, job_id, lambda s: s.upgrade is not None and s.upgrade.phase == "completed",
+                      timeout_s=STATE_TIMEOUT_S, what="upgrade 1 completed")  # fmt: skip
+    failing = {"id": "new_map", "type": "map", "fn": ALWAYS_RAISES}
+    broken = PipelineSpec.model_validate({**pipeline.model_dump(), "operators": [*ops[:-1], failing, ops[-1]]})
+    await ctx.job_client.upgrade(job_id, UpgradeRequest(pipeline=broken, health_window_s=30.0))
+    await wait_status(ctx.job_client, job_id, lambda s: s.state == "Running" and s.upgrade is not None
+                      and s.upgrade.phase == "rolled_back", timeout_s=STATE_TIMEOUT_S,
+                      what="upgrade 2 rolled back")  # fmt: skip
+    await stop_and_close(ctx, job_id)
+    check_prefix(pipeline)
+
+
 # Scenarios of features newer than the first corpora: recorded only in the folders of the
 # patches since (tests/histories/README.md), not in the older ones.
-LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints}
+LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints, "upgrades": upgrades}
 ALL_SCENARIOS: dict[str, Scenario] = {**SCENARIOS, **LATER_SCENARIOS}
 CAN_SCENARIOS = frozenset({"continue_as_new"})
 FAILOVER_SCENARIOS = frozenset({"worker_failover", "worker_failover_mid_task"})
