@@ -198,3 +198,37 @@ async def test_a_file_started_for_a_job_whose_input_was_malformed_starts_as_it_i
         await wait_state(job_client, job_id, "Finished", timeout_s=STATE_TIMEOUT_S)
     finally:
         await stop_job_quietly(job_client, job_id)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_an_upgraded_job_resumes_with_its_new_pipeline(
+    temporal_address: str, job_client: Any, tmp_path: Path
+) -> None:
+    cli = _cli(temporal_address, tmp_path)
+    text = PIPELINE.replace("OUT", str(tmp_path / "out"))
+    old = write(tmp_path, "old.yaml", text)
+    new = write(tmp_path, "new.yaml", text.replace('fn: "examples.clicks:is_big"', 'expr: "value >= 500"'))
+    job_id = unique_job_id("resume-upgraded")
+    try:
+        started = await asyncio.to_thread(cli, "start", str(old), "--job-id", job_id, "--wait")
+        assert started.returncode == 0, started.stderr
+        upgraded = await asyncio.to_thread(cli, "upgrade", job_id, str(new), "--health-window", "1", "--wait")
+        assert upgraded.returncode == 0, upgraded.stderr
+        await _stop(job_client, job_id)
+
+        # A restart's new run runs the upgraded pipeline, not the one the last run started with.
+        restarted = await asyncio.to_thread(cli, "restart", job_id)
+        assert restarted.returncode == 0, restarted.stderr
+        await _running_with(job_client, job_id, 1)
+        big = next(op for op in (await job_client.spec(job_id)).pipeline.operators if op.id == "big")
+        assert big.expr == "value >= 500" and big.fn is None
+        await _stop(job_client, job_id)
+
+        # So the old file is now the different one; the new file resumes the job.
+        refused = await asyncio.to_thread(cli, "start", str(old), "--job-id", job_id)
+        assert refused.returncode == 1 and "operator 'big' changed (expr, fn)" in refused.stderr, refused.stderr
+        resumed = await asyncio.to_thread(cli, "start", str(new), "--job-id", job_id, "--wait")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "note:" not in resumed.stderr, resumed.stderr
+    finally:
+        await stop_job_quietly(job_client, job_id)
