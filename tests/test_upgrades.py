@@ -149,6 +149,11 @@ async def test_an_incompatible_upgrade_is_refused_naming_the_operator(
         st = await job_client.status(spec.job_id)
         assert st.state == "Running" and st.upgrade is not None and st.upgrade.phase == "refused", describe_status(st)
         assert st.parallelism.keys() == {"events", "by_key", "w", "out"}
+        env = cli_env(temporal_address, state_dir)
+        bad_mode = await asyncio.to_thread(_cli, env, "upgrade", spec.job_id, str(new_file), "--mode", "bogus")
+        assert bad_mode.returncode == 2 and "--mode 'bogus'" in bad_mode.stderr, bad_mode
+        nothing = await asyncio.to_thread(_cli, env, "approve", spec.job_id)
+        assert nothing.returncode == 1 and "no upgrade is waiting for approval" in nothing.stderr, nothing
         # Asking for a stateless operator's state to be dropped names the mistake too.
         with pytest.raises(CommandRejected, match="the running pipeline has no operator 'nope'"):
             await job_client.upgrade(spec.job_id, UpgradeRequest(
