@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, get_args
 
 import typer
 from typer.core import TyperGroup
@@ -50,6 +50,10 @@ try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer depends on click itself
     from click import exceptions as click_exceptions  # type: ignore[no-redef,import-not-found,unused-ignore]
+
+if TYPE_CHECKING:
+    from sluice.client import FileStart
+    from sluice.job_changes import JobChanges
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -301,6 +305,10 @@ JobIdOpt = typer.Option(None, "--job-id", help="job id (default: the pipeline na
 ParallelismOpt = typer.Option(None, "--parallelism", min=1, help="parallelism of every operator")
 CheckpointOpt = typer.Option(
     None, "--checkpoint-interval", min=1.0, max=86_400.0, help="seconds between checkpoints (default 10)"
+)
+ParallelismFromFileOpt = typer.Option(
+    False, "--parallelism-from-file",
+    help="an existing job takes the file's parallelism, not the one last set on it (sluice rescale)",
 )
 
 
@@ -641,12 +649,13 @@ async def _run(
     checkpoint_interval: float | None,
     ui_port: int,
     dashboard_port: int = 0,
+    parallelism_from_file: bool = False,
 ) -> int:
     from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
 
-    from sluice.client import JobClient, JobClosed, JobFailedError, JobNotFound, connect, server_reachable
+    from sluice.client import JobAlreadyRunning, JobClient, JobClosed, JobFailedError, connect, server_reachable
     from sluice.devserver import DevServer
 
     console = Console()
@@ -696,20 +705,17 @@ async def _run(
         worker_task = asyncio.create_task(controller.run(), name="sluice-worker")
         jobs = JobClient(client)
         dashboard = await _start_dashboard(jobs, namespace, ui_port, state_dir, dashboard_port, fallback=True)
+        seen_until = await _last_transition_time(jobs, spec.job_id)  # None for a new job
         try:
-            desc = await jobs.describe(spec.job_id)
-            final = await jobs.final_state(spec.job_id, desc)
-        except JobNotFound:
-            desc, final = None, None
-        seen_until = None if desc is None else await _last_transition_time(jobs, spec.job_id)
-        if desc is None:
-            await jobs.start(spec)
-            console.print(f"started job [bold]{spec.job_id}[/]")
-        elif final is None:
+            started = await jobs.start_file(spec, parallelism_from_file=parallelism_from_file, source=str(pipeline))
+        except JobAlreadyRunning:
             console.print(f"job [bold]{spec.job_id}[/] is already running: attaching")
+            for note in _attach_notes(await jobs.file_changes(spec), spec.job_id, pipeline):
+                console.print(f"note: {note}", markup=False, highlight=False)
         else:
-            await jobs.resume(spec.job_id, spec=spec)
-            console.print(f"job [bold]{spec.job_id}[/] was {final}: started a new run from its last checkpoint")
+            console.print(_started_line(started, spec), markup=False, highlight=False)
+            for note in started.notes:
+                console.print(f"note: {note}", markup=False, highlight=False)
         transitions = None if console.is_terminal else _TransitionLog(console, seen_until)
         if transitions is not None:
             printer = asyncio.create_task(transitions.follow(jobs, spec.job_id), name="sluice-transitions")
@@ -786,6 +792,28 @@ async def _run(
             loop.remove_signal_handler(signal.SIGTERM)
 
 
+def _started_line(started: FileStart, spec: JobSpec) -> str:
+    """What `run` / `start` did with a pipeline file: a new job, or a new run of a closed one."""
+    if started.resumed_from is None:
+        return f"started job {started.job_id}"
+    source = "from the beginning (--ignore-state)" if spec.config.ignore_state else "from its last checkpoint"
+    return f"job {started.job_id} was {started.resumed_from}: started a new run {source}"
+
+
+def _attach_notes(changes: JobChanges | None, job_id: str, pipeline: Path) -> list[str]:
+    """What `run` tells a user who attaches to a running job that differs from their file."""
+    if changes is None:
+        return []
+    notes: list[str] = []
+    if changes.pipeline:
+        notes.append(f"the running job's pipeline differs from {pipeline} ({'; '.join(changes.pipeline)}); "
+                     f"it runs unchanged (change it with `sluice upgrade {job_id} {pipeline}`)")  # fmt: skip
+    if changes.parallelism:
+        notes.append(f"the running job's parallelism differs from {pipeline}: {changes.parallelism_text()}; "
+                     f"it runs unchanged (change it with `sluice rescale {job_id}`)")  # fmt: skip
+    return notes
+
+
 async def _until_closed(jobs: Any, job_id: str) -> None:
     """The job reached a terminal state; let this process's worker close the run before it stops,
     so the next `sluice run` finds a closed job to resume rather than an open one."""
@@ -805,9 +833,11 @@ def run(
         DASHBOARD_PORT, "--dashboard-port", min=0, max=65535,
         help="port of the job dashboard on 127.0.0.1 (taken or 0: any free port)",
     ),
+    parallelism_from_file: bool = ParallelismFromFileOpt,
 ) -> None:
     """All in one: server (if none is reachable), worker and job; Ctrl-C stops it with a checkpoint."""
-    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port, dashboard_port)
+    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port, dashboard_port,
+                           parallelism_from_file)  # fmt: skip
     raise typer.Exit(code)
 
 
@@ -881,8 +911,13 @@ def start(
         False, "--wait", help="return once the job is Running (exit 1 with its failure if it fails first)"
     ),
     timeout: float = typer.Option(RUNNING_TIMEOUT_S, "--timeout", min=1.0, help="seconds --wait waits at most"),
+    parallelism_from_file: bool = ParallelismFromFileOpt,
 ) -> None:
-    """Start a job; prints its id once the workflow is started (with --wait: once it runs)."""
+    """Start a job; prints its id once the workflow is started (with --wait: once it runs).
+
+    For an existing Stopped or Failed job it starts a new run from its last checkpoint, keeping
+    the job's pipeline and the parallelism last set on it; a file with another pipeline is
+    refused (that is `sluice upgrade JOB FILE`)."""
     if from_savepoint is not None and ignore_state:
         fail("--from-savepoint and --ignore-state cannot be combined", EXIT_USAGE)
     spec = _wrap_user_errors(
@@ -892,7 +927,12 @@ def start(
     @run_async
     async def main() -> str:
         jobs = await _job_client()
-        started = str(await jobs.start(spec))
+        outcome = await jobs.start_file(spec, parallelism_from_file=parallelism_from_file, source=str(file))
+        started = outcome.job_id
+        if outcome.resumed_from is not None:  # stdout stays the job id (and state): scripts read it
+            typer.echo(_started_line(outcome, spec), err=True)
+        for note in outcome.notes:
+            typer.echo(f"note: {note}", err=True)
         if wait:
             # A job that fails while compiling or scheduling raises JobFailedError: exit 1, its failure.
             st = await jobs.wait_for_state(started, ["Running", "Finished"], timeout_s=timeout)

@@ -10,8 +10,10 @@ What the client adds over raw Temporal calls:
   TEMPORAL_NAMESPACE, TLS, TEMPORAL_API_KEY, config profiles) and always use the pydantic data
   converter that the worker uses;
 - closed jobs: a Stopped or Failed job is resumed (`restart`, or `patch` with `stop: none`) by
-  starting a new run under the same workflow id from the previous run's spec; the workflow
-  restores the latest checkpoint itself;
+  starting a new run under the same workflow id from the previous run's spec and the config it
+  had at its end (a rescale included); the workflow restores the latest checkpoint itself. A
+  pipeline file started for an existing job (`start_file`) keeps the job's pipeline and its
+  last-set parallelism, and says what the file would have changed (`sluice.job_changes`);
 - errors are typed (`JobNotFound`, `JobClosed`, `JobAlreadyRunning`, `JobFailedError`,
   `ServerUnavailable`) with messages fit to show a user as they are.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
@@ -46,6 +49,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from sluice.job_changes import JobChanges, compare
 from sluice.models import (
     MAX_DURATION_S,
     SEARCH_ATTRIBUTE_PIPELINE,
@@ -54,6 +58,7 @@ from sluice.models import (
     TERMINAL_STATES,
     WORKFLOW_TYPE,
     Failure,
+    JobConfig,
     JobInput,
     JobResult,
     JobSpec,
@@ -102,6 +107,9 @@ COMMAND_TIMEOUT_S = 60.0
 RETRY_PAUSE_S = 0.2
 
 STOP_MODES: tuple[str, ...] = ("none", "checkpoint", "graceful", "immediate", "force")
+# Upgrade phases in which the job runs the upgrade's new pipeline (a stop in the health window
+# settles the upgrade as completed); in every other phase it runs the previous one.
+UPGRADE_PHASES_ON_NEW_PIPELINE: frozenset[str] = frozenset({"switching", "health_window", "completed"})
 
 # Closed-workflow statuses that are not job states (someone ended the workflow from outside).
 _OUTSIDE_CLOSE_NAMES: dict[WorkflowExecutionStatus, str] = {
@@ -160,6 +168,35 @@ class JobFailedError(SluiceClientError):
 
 class CommandRejected(SluiceClientError):
     """The workflow refused a command (its update validator or handler raised)."""
+
+
+class PipelineChanged(SluiceClientError):
+    """A pipeline file was started for an existing job whose pipeline differs (parallelism aside).
+
+    A resume keeps the job's pipeline, since its checkpoint holds the state of that pipeline's
+    operators; changing it is an upgrade (`sluice upgrade JOB FILE`), which checks the new
+    pipeline against that state."""
+
+    def __init__(self, job_id: str, state: str, changes: list[str], source: str) -> None:
+        super().__init__(
+            f"job {job_id} ({state}) runs a different pipeline than {source}: {'; '.join(changes)}; "
+            f"a resume keeps the job's pipeline: change it with `sluice upgrade {job_id} {source}`, "
+            "or start the file under another --job-id"
+        )
+        self.job_id = job_id
+        self.state = state
+        self.changes = changes
+
+
+@dataclass
+class FileStart:
+    """What `JobClient.start_file` did: started a new job, or resumed a closed one (and how)."""
+
+    job_id: str
+    resumed_from: str | None = None
+    """The final state of the run it resumed, None when the job is new."""
+    notes: list[str] = field(default_factory=list)
+    """What the file would have changed and what sluice did about it, one sentence each."""
 
 
 class JobListing(NamedTuple):
@@ -245,6 +282,17 @@ def _application_error(exc: BaseException | None) -> ApplicationError | None:
         exc = exc.__cause__
         seen += 1
     return None
+
+
+def _input_config(inp: JobInput) -> JobConfig:
+    """The config a run started with: the one a continue-as-new carried into it, else its spec's."""
+    carried = (inp.carried or {}).get("config")
+    if carried is not None:
+        try:
+            return JobConfig.model_validate(carried)
+        except ValueError:  # written by another version of the workflow: fall back to the spec
+            pass
+    return inp.spec.config
 
 
 def _reraise_if_cancelling() -> None:
@@ -347,6 +395,27 @@ class JobClient:
             run_id = (await self.describe(job_id)).run_id
         return (await self._job_input(job_id, run_id)).spec
 
+    async def job_spec_as_last_set(self, job_id: str, run_id: str) -> tuple[JobSpec, bool]:
+        """A run's spec with the config it has now (open run) or had at its end (closed run):
+        the commands applied during the run included (`rescale`'s parallelism and overrides,
+        `update_config`, an `upgrade`'s new pipeline). The second value says whether the run's
+        status query answered; when no controller worker answers, the spec is the one carried
+        into the run by a continue-as-new, else the one it started with, and a rescale or upgrade
+        during the run is not in it.
+        """
+        inp = await self._job_input(job_id, run_id)
+        try:
+            status: JobStatus = await self._handle(job_id, run_id).query(
+                QUERY_STATUS, result_type=JobStatus, rpc_timeout=timedelta(seconds=CLOSED_QUERY_TIMEOUT_S)
+            )
+        except Exception:  # no worker, or the query failed: the run's input is the best we have
+            return inp.spec.model_copy(update={"config": _input_config(inp)}), False
+        pipeline = inp.spec.pipeline
+        if status.upgrade is not None:  # the pipeline the job runs now, not the one it started with
+            switched = status.upgrade.phase in UPGRADE_PHASES_ON_NEW_PIPELINE
+            pipeline = status.upgrade.new_pipeline if switched else status.upgrade.previous_pipeline
+        return inp.spec.model_copy(update={"config": status.config, "pipeline": pipeline}), True
+
     async def _failure(self, job_id: str, run_id: str) -> Failure:
         """The failure a closed, Failed run ended with."""
         try:
@@ -419,14 +488,8 @@ class JobClient:
                 "(restart it with ignore_state to run it from the beginning)",
             )
         if spec is None:
-            spec = (await self._job_input(job_id, desc.run_id)).spec
-            try:  # the config the job had at the end includes commands applied during the run
-                final = await self._handle(job_id, desc.run_id).query(
-                    QUERY_STATUS, result_type=JobStatus, rpc_timeout=timedelta(seconds=CLOSED_QUERY_TIMEOUT_S)
-                )
-                spec = spec.model_copy(update={"config": final.config})
-            except Exception:
-                pass  # no worker, or the query failed: the run's input config is the best we have
+            # The config the job had at the end includes commands applied during the run (a rescale).
+            spec, _ = await self.job_spec_as_last_set(job_id, desc.run_id)
         updates: dict[str, Any] = {"stop": "none", "ignore_state": ignore_state, "restore_epoch": restore_epoch}
         if patch is not None:
             for field in ("parallelism", "overrides", "checkpoint_interval_s", "ttl_s"):
@@ -438,6 +501,82 @@ class JobClient:
             update={"job_id": job_id, "config": type(spec.config).model_validate(config.model_dump())}
         )
         return await self.start(spec)
+
+    async def start_file(
+        self, spec: JobSpec, *, parallelism_from_file: bool = False, source: str = "the file"
+    ) -> FileStart:
+        """Start a pipeline file's `spec` (as `pipeline_files.job_spec` builds it): a new job, or a
+        new run of the existing closed job `spec.job_id` that restores its latest checkpoint.
+
+        An existing job keeps its pipeline and its parallelism as last set (by `rescale`):
+        - a file whose pipeline differs (operators added, removed or changed; parallelism aside)
+          raises `PipelineChanged` naming each change (`source` names the file in the message),
+          unless the spec's config sets `ignore_state` (nothing is restored: the file is taken whole);
+        - a file whose parallelism differs resumes with the job's, and a note says so, unless
+          `parallelism_from_file`, or the spec's config sets `parallelism` or `overrides` (an
+          explicit request, e.g. `--parallelism`): then the file's (and that request) apply;
+        - config fields the spec sets explicitly (`checkpoint_interval_s`, `ignore_state`,
+          `from_savepoint`, ...) apply to the new run; the rest is the job's last config.
+        Raises `JobAlreadyRunning` if the job is open.
+        """
+        try:
+            desc = await self.describe(spec.job_id)
+        except JobNotFound:
+            await self.start(spec)
+            return FileStart(spec.job_id)
+        state = await self.final_state(spec.job_id, desc)
+        if state is None:
+            raise JobAlreadyRunning(spec.job_id)
+        try:
+            job, known = await self.job_spec_as_last_set(spec.job_id, desc.run_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. a run started with a malformed input (temporal CLI)
+            await self.resume(spec.job_id, spec=spec, ignore_state=spec.config.ignore_state)
+            note = f"the job's last run has no readable spec ({type(exc).__name__}): {source} was started as it is"
+            return FileStart(spec.job_id, resumed_from=state, notes=[note])
+        changes = compare(job.pipeline, job.config, spec.pipeline, spec.config)
+        notes: list[str] = []
+        if changes.pipeline and not spec.config.ignore_state:
+            raise PipelineChanged(spec.job_id, state, changes.pipeline, source)
+        if changes.pipeline:  # no state is restored, so no state can be incompatible: the file wins
+            notes.append(f"the pipeline changed ({'; '.join(changes.pipeline)}): the new run starts from "
+                         f"the beginning with {source}, its parallelism included")  # fmt: skip
+            parallelism_from_file = True
+        if not known:
+            notes.append(
+                "the job's last config could not be read (no controller worker answered its status query): "
+                "it resumes with the config its last run started with"
+            )
+        requested = spec.config.model_fields_set - {"parallelism", "overrides"}
+        updates: dict[str, Any] = {name: getattr(spec.config, name) for name in requested}
+        explicit = spec.config.parallelism is not None or bool(spec.config.overrides)
+        pipeline = job.pipeline
+        if parallelism_from_file or explicit:
+            pipeline = spec.pipeline
+            updates.update(parallelism=spec.config.parallelism, overrides=spec.config.overrides)
+            if changes.parallelism:
+                by = "the command line" if explicit else source
+                notes.append(f"parallelism from {by}: {changes.parallelism_text(file_first=True)}")
+        elif changes.parallelism:
+            notes.append(
+                f"parallelism as last set on the job, not as in {source}: {changes.parallelism_text()}; "
+                "--parallelism-from-file takes the file's"
+            )
+        config = JobConfig.model_validate(job.config.model_copy(update=updates).model_dump())
+        new = spec.model_copy(
+            update={"pipeline": pipeline, "config": config, "checkpoint_url": spec.checkpoint_url or job.checkpoint_url}
+        )
+        await self.resume(spec.job_id, spec=new, ignore_state=config.ignore_state)
+        return FileStart(spec.job_id, resumed_from=state, notes=notes)
+
+    async def file_changes(self, spec: JobSpec) -> JobChanges | None:
+        """What `spec` would change in the existing job `spec.job_id` (open or closed) as it stands
+        now; None if there is no such job."""
+        try:
+            desc = await self.describe(spec.job_id)
+        except JobNotFound:
+            return None
+        job, _ = await self.job_spec_as_last_set(spec.job_id, desc.run_id)
+        return compare(job.pipeline, job.config, spec.pipeline, spec.config)
 
     # -------------------------------------------------------------- commands
 
@@ -615,7 +754,8 @@ class JobClient:
             return status
         except Exception:
             pass
-        spec = (await self._job_input(job_id, desc.run_id)).spec
+        inp = await self._job_input(job_id, desc.run_id)
+        spec = inp.spec
         epoch = generation = restarts = 0
         failure: Failure | None = None
         if state == "Failed":
@@ -633,7 +773,8 @@ class JobClient:
             generation=generation,
             epoch=epoch,
             restarts=restarts,
-            config=spec.config,
+            config=_input_config(inp),
+            parallelism=spec.pipeline.parallelism_for(_input_config(inp)),
             failure=failure,
         )
 

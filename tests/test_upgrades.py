@@ -108,6 +108,29 @@ async def test_a_last_state_upgrade_with_dropped_state(job_client: JobClient, st
     assert 0.9 * 2 * LIMIT < counted <= 2 * LIMIT, counted
 
 
+async def test_a_stateless_upgrade_reprocesses_from_the_beginning(job_client: JobClient, state_dir: Path) -> None:
+    """stateless: the new version starts with empty state, its sources from their beginning: every
+    window is produced again (complete), on top of what the old version had committed."""
+    out = state_dir / "out"
+    old = _pipeline(_operators(out))
+    new = _pipeline(_operators(out, before_key=[{"id": "keep_all", "type": "filter", "expr": "value >= 0"}]))
+    spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
+    await job_client.start(spec)
+    try:
+        await _running_with_checkpoint(job_client, spec.job_id)
+        up = await job_client.upgrade(spec.job_id, UpgradeRequest(pipeline=new, mode="stateless", health_window_s=1.0))
+        assert up.savepoint is None and up.restore_epoch, up  # the rollback point: the last checkpoint
+        done = await wait_state(job_client, spec.job_id, "Finished", timeout_s=FINISH_TIMEOUT_S)
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    assert done.upgrade is not None and done.upgrade.phase == "completed", done.upgrade
+    assert any("with empty state" in t.reason for t in done.transitions), done.transitions
+    expected, actual = _expected(old), read_window_rows(out)
+    assert not expected - actual, "a window is missing"
+    again = actual - expected  # what the old version committed before the switch, produced twice
+    assert sum(again.values()) > 0 and not again - expected, again
+
+
 async def test_an_incompatible_upgrade_is_refused_naming_the_operator(
     job_client: JobClient, state_dir: Path, temporal_address: str
 ) -> None:
@@ -126,6 +149,11 @@ async def test_an_incompatible_upgrade_is_refused_naming_the_operator(
         st = await job_client.status(spec.job_id)
         assert st.state == "Running" and st.upgrade is not None and st.upgrade.phase == "refused", describe_status(st)
         assert st.parallelism.keys() == {"events", "by_key", "w", "out"}
+        env = cli_env(temporal_address, state_dir)
+        bad_mode = await asyncio.to_thread(_cli, env, "upgrade", spec.job_id, str(new_file), "--mode", "bogus")
+        assert bad_mode.returncode == 2 and "--mode 'bogus'" in bad_mode.stderr, bad_mode
+        nothing = await asyncio.to_thread(_cli, env, "approve", spec.job_id)
+        assert nothing.returncode == 1 and "no upgrade is waiting for approval" in nothing.stderr, nothing
         # Asking for a stateless operator's state to be dropped names the mistake too.
         with pytest.raises(CommandRejected, match="the running pipeline has no operator 'nope'"):
             await job_client.upgrade(spec.job_id, UpgradeRequest(
