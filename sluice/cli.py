@@ -617,12 +617,18 @@ class _TransitionLog:
     def __init__(self, console: Any, after: datetime | None) -> None:
         self.console = console
         self.after = after  # transitions up to this time were shown (or predate this command)
+        self.latest: JobStatus | None = None  # the newest status seen (the run loop's end test)
 
     def show(self, status: JobStatus) -> None:
+        self.latest = status
         for t in status.transitions:
             if self.after is None or t.time > self.after:
                 self.console.print(transition_line(t), markup=False, highlight=False, soft_wrap=True)
                 self.after = t.time
+
+    def ended(self) -> bool:
+        """Whether the newest status seen is a terminal state."""
+        return self.latest is not None and self.latest.state in TERMINAL_STATES
 
     async def follow(self, jobs: Any, job_id: str) -> None:
         """Show new transitions every LIVE_REFRESH_S until cancelled; a failed query is retried."""
@@ -630,6 +636,29 @@ class _TransitionLog:
             with contextlib.suppress(Exception):
                 self.show(await jobs.status(job_id, timeout_s=LIVE_QUERY_TIMEOUT_S))
             await asyncio.sleep(LIVE_REFRESH_S)
+
+
+async def _live_panel(jobs: Any, job_id: str, console: Any, interrupts: _Interrupts) -> None:
+    """`sluice run` on a terminal: the status panel redrawn every LIVE_REFRESH_S until the job
+    ends or Ctrl-C."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    checkpoint_times: dict[int, datetime | None] = {}
+    with Live(Text("starting"), console=console, auto_refresh=False) as live:
+        while not interrupts.event.is_set():
+            try:
+                snapshot = await _fetch_status(jobs, job_id, checkpoint_times, LIVE_QUERY_TIMEOUT_S)
+            except Exception as exc:  # transient: keep showing, say why
+                live.update(Text(f"status unavailable: {exc}", style="yellow"), refresh=True)
+            else:
+                panel = Group(_status_view(snapshot, boxed=True), Text("Ctrl-C to stop", style="dim"))
+                live.update(panel, refresh=True)
+                if snapshot.status.state in TERMINAL_STATES:
+                    return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(interrupts.event.wait(), timeout=LIVE_REFRESH_S)
 
 
 async def _last_transition_time(jobs: Any, job_id: str) -> datetime | None:
@@ -651,9 +680,7 @@ async def _run(
     dashboard_port: int = 0,
     parallelism_from_file: bool = False,
 ) -> int:
-    from rich.console import Console, Group
-    from rich.live import Live
-    from rich.text import Text
+    from rich.console import Console
 
     from sluice.client import JobAlreadyRunning, JobClient, JobClosed, JobFailedError, connect, server_reachable
     from sluice.devserver import DevServer
@@ -729,23 +756,12 @@ async def _run(
             console.print(f"Web UI: {web_ui_link(spec.job_id, namespace, ui_port)}")
             console.print(f"Dashboard: {dashboard.job_url(spec.job_id)}")
             console.print("Ctrl-C stops the job with a final checkpoint (twice: exit at once)")
-            live = Live(Text("starting"), console=console, auto_refresh=False) if console.is_terminal else None
-            checkpoint_times: dict[int, datetime | None] = {}
-            with live or contextlib.nullcontext():
-                while not interrupts.event.is_set():
-                    try:
-                        snapshot = await _fetch_status(jobs, spec.job_id, checkpoint_times, LIVE_QUERY_TIMEOUT_S)
-                    except Exception as exc:  # transient: keep showing, say why
-                        if live is not None:
-                            live.update(Text(f"status unavailable: {exc}", style="yellow"), refresh=True)
-                    else:
-                        if live is not None:
-                            view = Group(_status_view(snapshot, boxed=True), Text("Ctrl-C to stop", style="dim"))
-                            live.update(view, refresh=True)
-                        if snapshot.status.state in TERMINAL_STATES:
-                            break
+            if transitions is not None:  # no terminal: the transition log asks the job; wait for its end
+                while not interrupts.event.is_set() and not transitions.ended():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(interrupts.event.wait(), timeout=LIVE_REFRESH_S)
+            else:
+                await _live_panel(jobs, spec.job_id, console, interrupts)
         else:
             wait_running.cancel()
         interrupted.cancel()
