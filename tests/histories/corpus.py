@@ -28,6 +28,7 @@ from temporalio.worker import Replayer, WorkflowRunner
 from temporalio.workflow import NondeterminismError
 
 from sluice.models import SEARCH_ATTRIBUTE_STATE
+from sluice.workflows.states.running import CHECKPOINT_TIMER_SUMMARY
 
 CORPUS_DIR = Path(__file__).resolve().parent
 FILE_PATTERN = re.compile(r"^(?P<scenario>[a-z0-9_]+)\.run(?P<run>[0-9]+)\.json$")
@@ -209,3 +210,55 @@ def savepoint_summaries(history: WorkflowHistory) -> list[str]:
         if isinstance(summary, str) and summary.startswith("savepoint "):
             out.append(summary)
     return out
+
+
+def local_activity_markers(history: WorkflowHistory) -> list[tuple[str, str]]:
+    """(activity type, summary) of each local activity a run completed (its `core_local_activity`
+    marker): periodic checkpoints of runs with the local-checkpoints patch ("checkpoint epoch N")."""
+    out = []
+    for e in history.events:
+        attrs = e.marker_recorded_event_attributes
+        if e.event_type != EventType.EVENT_TYPE_MARKER_RECORDED or attrs.marker_name != "core_local_activity":
+            continue
+        data = attrs.details["data"].payloads[0]
+        summary = json.loads(e.user_metadata.summary.data) if e.user_metadata.HasField("summary") else ""
+        out.append((json.loads(data.data).get("activity_type", ""), summary))
+    return out
+
+
+def activity_summaries(history: WorkflowHistory, activity_type: str) -> list[str]:
+    """The summaries of the (regular) activities of one type a run scheduled."""
+    return [
+        json.loads(e.user_metadata.summary.data)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+        and e.user_metadata.HasField("summary")
+    ]
+
+
+def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
+    """Whether the (open) run is in the workflow task that runs a periodic local checkpoint: its
+    last event starts a workflow task, and its checkpoint-interval timer fired after the last
+    checkpoint marker. Such a checkpoint shows nowhere else: it is no pending activity."""
+    events = list(history.events)
+    if not events or events[-1].event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+        return False
+    interval_timers = {
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+        and e.user_metadata.HasField("summary")
+        and json.loads(e.user_metadata.summary.data) == CHECKPOINT_TIMER_SUMMARY
+    }
+    fired = [
+        i for i, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED
+        and e.timer_fired_event_attributes.started_event_id in interval_timers
+    ]  # fmt: skip
+    markers = [
+        i for i, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]  # fmt: skip
+    return bool(fired) and fired[-1] > max(markers, default=-1)
