@@ -22,6 +22,7 @@ from typing import Any
 
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, WorkflowRunner
@@ -212,15 +213,22 @@ def savepoint_summaries(history: WorkflowHistory) -> list[str]:
     return out
 
 
+def is_local_activity_marker(event: HistoryEvent) -> bool:
+    """The marker that records a local activity's result (the SDK's `core_local_activity`)."""
+    return (
+        event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    )
+
+
 def local_activity_markers(history: WorkflowHistory) -> list[tuple[str, str]]:
-    """(activity type, summary) of each local activity a run completed (its `core_local_activity`
-    marker): periodic checkpoints of runs with the local-checkpoints patch ("checkpoint epoch N")."""
+    """(activity type, summary) of each local activity a run completed (its marker): periodic
+    checkpoints of runs with the local-checkpoints patch ("checkpoint epoch N")."""
     out = []
     for e in history.events:
-        attrs = e.marker_recorded_event_attributes
-        if e.event_type != EventType.EVENT_TYPE_MARKER_RECORDED or attrs.marker_name != "core_local_activity":
+        if not is_local_activity_marker(e):
             continue
-        data = attrs.details["data"].payloads[0]
+        data = e.marker_recorded_event_attributes.details["data"].payloads[0]
         summary = json.loads(e.user_metadata.summary.data) if e.user_metadata.HasField("summary") else ""
         out.append((json.loads(data.data).get("activity_type", ""), summary))
     return out
@@ -256,9 +264,5 @@ def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
         if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED
         and e.timer_fired_event_attributes.started_event_id in interval_timers
     ]  # fmt: skip
-    markers = [
-        i for i, e in enumerate(events)
-        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
-        and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
-    ]  # fmt: skip
+    markers = [i for i, e in enumerate(events) if is_local_activity_marker(e)]
     return bool(fired) and fired[-1] > max(markers, default=-1)

@@ -1,0 +1,171 @@
+"""Periodic checkpoints as local activities (runs with the `local-checkpoints` patch), end to end:
+real dev server, in-process controller worker, real runner processes.
+
+What a user would check: the history a checkpoint costs (at most 8 events, the issue's bound), a
+stop sent while a long checkpoint runs is still handled (the workflow task that runs it is
+heartbeated) and waits for it (stop checkpoint) or cancels it (stop immediate), and the Web UI's
+current details name the checkpoint in flight, since it is no pending activity any more.
+A long checkpoint is made by holding the job's map (`tests.pipeline_functions:steered`, file
+`hold-block`): its barrier waits behind a batch that does not return until the file is removed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import Client, WorkflowHistory
+
+from sluice.client import JobClient
+from sluice.models import JobSpec
+from sluice.workflows.constants import PATCH_LOCAL_CHECKPOINTS
+from tests.e2e_helpers import (
+    describe_status,
+    generator_pipeline,
+    job_spec,
+    manifest_epochs,
+    read_manifest,
+    stop_job_quietly,
+    wait_status,
+    wait_until,
+)
+from tests.histories.corpus import (
+    activity_summaries,
+    is_local_activity_marker,
+    local_activity_markers,
+    local_checkpoint_in_flight,
+    patches,
+)
+from tests.pipeline_functions import FAULT_DIR_ENV, HELD_FILE, HOLD_BLOCK_FILE
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+START_TIMEOUT_S = 60.0
+# A command sent during a local checkpoint reaches the workflow at the next workflow-task
+# heartbeat (8 s with the default 10 s task timeout); this leaves room for a loaded machine.
+COMMAND_DURING_CHECKPOINT_S = 30.0
+HISTORY_POLL_S = 0.1
+MAX_EVENTS_PER_CHECKPOINT = 8  # the issue's bound
+STEERED = "tests.pipeline_functions:steered"
+# A held batch must not count as a hung task while the test holds it.
+HANG_TIMEOUT_S = 120.0
+
+
+def _spec(state_dir: Path, name: str, *, steered: bool) -> JobSpec:
+    pipeline = generator_pipeline(
+        name, state_dir / "out", splits=1, limit=None, rate=100.0, keys=8,
+        transforms=(("map", STEERED),) if steered else (),
+    )  # fmt: skip
+    return job_spec(pipeline, state_dir, checkpoint_interval_s=1.0, task_hang_timeout_s=HANG_TIMEOUT_S)
+
+
+async def _history(client: Client, job_id: str) -> WorkflowHistory:
+    return await client.get_workflow_handle(job_id).fetch_history()
+
+
+async def _current_details(client: Client, job_id: str) -> str:
+    """What the Web UI shows as the job's current details (the SDK's metadata query)."""
+    meta = await client.get_workflow_handle(job_id).query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return meta.current_details
+
+
+async def test_periodic_checkpoints_are_local_and_cost_at_most_8_events(
+    client: Client, job_client: JobClient, state_dir: Path
+) -> None:
+    spec = _spec(state_dir, "local-cost", steered=False)
+    await job_client.start(spec)
+    try:
+        await wait_status(
+            job_client, spec.job_id, lambda s: s.epoch >= 6, timeout_s=START_TIMEOUT_S, what="6 checkpoints"
+        )
+        await job_client.stop(spec.job_id, "immediate")
+        await wait_status(job_client, spec.job_id, lambda s: s.state == "Stopped", timeout_s=START_TIMEOUT_S,
+                          what="Stopped")  # fmt: skip
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    history = await _history(client, spec.job_id)
+    assert PATCH_LOCAL_CHECKPOINTS in patches(history)
+    assert not activity_summaries(history, "checkpoint"), "a periodic checkpoint ran as a regular activity"
+    markers = local_activity_markers(history)
+    assert len(markers) >= 6 and markers[0] == ("checkpoint", "checkpoint epoch 1"), markers
+    events = list(history.events)
+    at = [i for i, e in enumerate(events) if is_local_activity_marker(e)]
+    cycles = [b - a for a, b in zip(at, at[1:])]
+    kinds = [[EventType.Name(e.event_type)[len("EVENT_TYPE_") :] for e in events[a:b]] for a, b in zip(at, at[1:])]
+    # Six events a checkpoint; now and then one more workflow task (3 events) lands in a cycle
+    # (this test polls the job's status all along): the bound holds on average.
+    assert statistics.median(cycles) == 6 and statistics.mean(cycles) <= MAX_EVENTS_PER_CHECKPOINT, kinds
+
+
+async def _hold_a_checkpoint(client: Client, job_client: JobClient, spec: JobSpec, faults: Path) -> None:
+    """Running with a periodic local checkpoint in flight that cannot complete until the hold
+    (`faults/<job>/hold-block`) is removed."""
+    await wait_status(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 1,
+                      timeout_s=START_TIMEOUT_S, what="Running with a checkpoint")  # fmt: skip
+    controls = faults / spec.job_id
+    controls.mkdir(parents=True, exist_ok=True)
+    (controls / HOLD_BLOCK_FILE).touch()
+    await wait_until(lambda: (controls / HELD_FILE).exists(), timeout_s=START_TIMEOUT_S, interval_s=HISTORY_POLL_S,
+                     what="a batch held")  # fmt: skip
+
+    await wait_until(lambda: _checkpoint_in_flight(client, spec.job_id), timeout_s=START_TIMEOUT_S,
+                     interval_s=HISTORY_POLL_S, what="a local checkpoint in flight")  # fmt: skip
+
+
+async def _checkpoint_in_flight(client: Client, job_id: str) -> bool:
+    return local_checkpoint_in_flight(await _history(client, job_id))
+
+
+async def test_stop_checkpoint_during_a_long_local_checkpoint_waits_for_it(
+    client: Client, job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = state_dir / "faults"
+    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
+    spec = _spec(state_dir, "local-stop-checkpoint", steered=True)
+    await job_client.start(spec)
+    try:
+        await _hold_a_checkpoint(client, job_client, spec, faults)
+        await job_client.stop(spec.job_id, "checkpoint")
+        # Handled while the checkpoint still runs (it cannot finish: the hold is in place).
+        stopping = await wait_status(job_client, spec.job_id, lambda s: s.state == "CheckpointStopping",
+                                     timeout_s=COMMAND_DURING_CHECKPOINT_S, what="CheckpointStopping")  # fmt: skip
+        details = await _current_details(client, spec.job_id)
+        in_flight = stopping.epoch + 1
+        assert f"checkpoint epoch {in_flight} in progress" in details and "CheckpointStopping" in details, details
+        assert in_flight not in manifest_epochs(state_dir, spec.job_id)
+        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink()
+        stopped = await wait_status(job_client, spec.job_id, lambda s: s.state == "Stopped",
+                                    timeout_s=START_TIMEOUT_S, what="Stopped")  # fmt: skip
+    finally:
+        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink(missing_ok=True)
+        await stop_job_quietly(job_client, spec.job_id)
+    # The periodic checkpoint completed, then the final one.
+    assert stopped.epoch == in_flight + 1, describe_status(stopped)
+    assert not read_manifest(state_dir, spec.job_id, in_flight)["then_stop"]
+    assert read_manifest(state_dir, spec.job_id, stopped.epoch)["then_stop"]
+    assert "in progress" not in await _current_details(client, spec.job_id)
+
+
+async def test_stop_immediate_during_a_long_local_checkpoint_cancels_it(
+    client: Client, job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = state_dir / "faults"
+    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
+    spec = _spec(state_dir, "local-stop-immediate", steered=True)
+    await job_client.start(spec)
+    try:
+        await _hold_a_checkpoint(client, job_client, spec, faults)
+        await job_client.stop(spec.job_id, "immediate")
+        # Stopped while the hold is still in place: the checkpoint was cancelled, not waited for.
+        stopped = await wait_status(job_client, spec.job_id, lambda s: s.state == "Stopped",
+                                    timeout_s=COMMAND_DURING_CHECKPOINT_S, what="Stopped")  # fmt: skip
+        assert (faults / spec.job_id / HOLD_BLOCK_FILE).exists()
+    finally:
+        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink(missing_ok=True)
+        await stop_job_quietly(job_client, spec.job_id)
+    # The epoch in flight never got a manifest; the job's restore point is the one before it.
+    assert manifest_epochs(state_dir, spec.job_id)[-1] == stopped.epoch, describe_status(stopped)
+    assert stopped.transitions[-2].reason == "stop immediate requested", describe_status(stopped)
