@@ -12,6 +12,8 @@ A long checkpoint is made by holding the job's map (`tests.pipeline_functions:st
 from __future__ import annotations
 
 import statistics
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -100,19 +102,31 @@ async def test_periodic_checkpoints_are_local_and_cost_at_most_8_events(
     assert statistics.median(cycles) == 6 and statistics.mean(cycles) <= MAX_EVENTS_PER_CHECKPOINT, kinds
 
 
-async def _hold_a_checkpoint(client: Client, job_client: JobClient, spec: JobSpec, faults: Path) -> None:
-    """Running with a periodic local checkpoint in flight that cannot complete until the hold
-    (`faults/<job>/hold-block`) is removed."""
-    await wait_status(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 1,
-                      timeout_s=START_TIMEOUT_S, what="Running with a checkpoint")  # fmt: skip
+@asynccontextmanager
+async def _held_checkpoint(
+    client: Client, job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> AsyncIterator[tuple[JobSpec, Path]]:
+    """A Running job with a periodic local checkpoint in flight that cannot complete while the
+    hold file (yielded with the spec) exists; the hold is released and the job stopped on exit."""
+    faults = state_dir / "faults"
+    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
+    spec = _spec(state_dir, name, steered=True)
     controls = faults / spec.job_id
-    controls.mkdir(parents=True, exist_ok=True)
-    (controls / HOLD_BLOCK_FILE).touch()
-    await wait_until(lambda: (controls / HELD_FILE).exists(), timeout_s=START_TIMEOUT_S, interval_s=HISTORY_POLL_S,
-                     what="a batch held")  # fmt: skip
-
-    await wait_until(lambda: _checkpoint_in_flight(client, spec.job_id), timeout_s=START_TIMEOUT_S,
-                     interval_s=HISTORY_POLL_S, what="a local checkpoint in flight")  # fmt: skip
+    hold = controls / HOLD_BLOCK_FILE
+    await job_client.start(spec)
+    try:
+        await wait_status(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 1,
+                          timeout_s=START_TIMEOUT_S, what="Running with a checkpoint")  # fmt: skip
+        controls.mkdir(parents=True, exist_ok=True)
+        hold.touch()
+        await wait_until(lambda: (controls / HELD_FILE).exists(), timeout_s=START_TIMEOUT_S,
+                         interval_s=HISTORY_POLL_S, what="a batch held")  # fmt: skip
+        await wait_until(lambda: _checkpoint_in_flight(client, spec.job_id), timeout_s=START_TIMEOUT_S,
+                         interval_s=HISTORY_POLL_S, what="a local checkpoint in flight")  # fmt: skip
+        yield spec, hold
+    finally:
+        hold.unlink(missing_ok=True)
+        await stop_job_quietly(job_client, spec.job_id)
 
 
 async def _checkpoint_in_flight(client: Client, job_id: str) -> bool:
@@ -122,12 +136,7 @@ async def _checkpoint_in_flight(client: Client, job_id: str) -> bool:
 async def test_stop_checkpoint_during_a_long_local_checkpoint_waits_for_it(
     client: Client, job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    faults = state_dir / "faults"
-    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
-    spec = _spec(state_dir, "local-stop-checkpoint", steered=True)
-    await job_client.start(spec)
-    try:
-        await _hold_a_checkpoint(client, job_client, spec, faults)
+    async with _held_checkpoint(client, job_client, state_dir, monkeypatch, "local-stop-checkpoint") as (spec, hold):
         await job_client.stop(spec.job_id, "checkpoint")
         # Handled while the checkpoint still runs (it cannot finish: the hold is in place).
         stopping = await wait_status(job_client, spec.job_id, lambda s: s.state == "CheckpointStopping",
@@ -136,12 +145,9 @@ async def test_stop_checkpoint_during_a_long_local_checkpoint_waits_for_it(
         in_flight = stopping.epoch + 1
         assert f"checkpoint epoch {in_flight} in progress" in details and "CheckpointStopping" in details, details
         assert in_flight not in manifest_epochs(state_dir, spec.job_id)
-        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink()
+        hold.unlink()
         stopped = await wait_status(job_client, spec.job_id, lambda s: s.state == "Stopped",
                                     timeout_s=START_TIMEOUT_S, what="Stopped")  # fmt: skip
-    finally:
-        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink(missing_ok=True)
-        await stop_job_quietly(job_client, spec.job_id)
     # The periodic checkpoint completed, then the final one.
     assert stopped.epoch == in_flight + 1, describe_status(stopped)
     assert not read_manifest(state_dir, spec.job_id, in_flight)["then_stop"]
@@ -152,20 +158,12 @@ async def test_stop_checkpoint_during_a_long_local_checkpoint_waits_for_it(
 async def test_stop_immediate_during_a_long_local_checkpoint_cancels_it(
     client: Client, job_client: JobClient, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    faults = state_dir / "faults"
-    monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
-    spec = _spec(state_dir, "local-stop-immediate", steered=True)
-    await job_client.start(spec)
-    try:
-        await _hold_a_checkpoint(client, job_client, spec, faults)
+    async with _held_checkpoint(client, job_client, state_dir, monkeypatch, "local-stop-immediate") as (spec, hold):
         await job_client.stop(spec.job_id, "immediate")
         # Stopped while the hold is still in place: the checkpoint was cancelled, not waited for.
         stopped = await wait_status(job_client, spec.job_id, lambda s: s.state == "Stopped",
                                     timeout_s=COMMAND_DURING_CHECKPOINT_S, what="Stopped")  # fmt: skip
-        assert (faults / spec.job_id / HOLD_BLOCK_FILE).exists()
-    finally:
-        (faults / spec.job_id / HOLD_BLOCK_FILE).unlink(missing_ok=True)
-        await stop_job_quietly(job_client, spec.job_id)
+        assert hold.exists()
     # The epoch in flight never got a manifest; the job's restore point is the one before it.
     assert manifest_epochs(state_dir, spec.job_id)[-1] == stopped.epoch, describe_status(stopped)
     assert stopped.transitions[-2].reason == "stop immediate requested", describe_status(stopped)
