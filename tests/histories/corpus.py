@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -245,13 +246,14 @@ def activity_summaries(history: WorkflowHistory, activity_type: str) -> list[str
     ]
 
 
-def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
-    """Whether the (open) run is in the workflow task that runs a periodic local checkpoint: its
-    last event starts a workflow task, and its checkpoint-interval timer fired after the last
-    checkpoint marker. Such a checkpoint shows nowhere else: it is no pending activity."""
+def local_checkpoint_since(history: WorkflowHistory) -> datetime | None:
+    """When the periodic local checkpoint the (open) run is taking started (its checkpoint-interval
+    timer fired), or None when none is in flight. In flight means: the run's last event starts a
+    workflow task (the one that runs the checkpoint, or its heartbeat), and the timer fired after
+    the last local activity marker. Such a checkpoint shows nowhere else: it is no pending activity."""
     events = list(history.events)
     if not events or events[-1].event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
-        return False
+        return None
     interval_timers = {
         e.event_id
         for e in events
@@ -265,4 +267,11 @@ def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
         and e.timer_fired_event_attributes.started_event_id in interval_timers
     ]  # fmt: skip
     markers = [i for i, e in enumerate(events) if is_local_activity_marker(e)]
-    return bool(fired) and fired[-1] > max(markers, default=-1)
+    if not fired or fired[-1] < max(markers, default=-1):
+        return None
+    return events[fired[-1]].event_time.ToDatetime(tzinfo=UTC)
+
+
+def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
+    """Whether the (open) run is taking a periodic local checkpoint (see `local_checkpoint_since`)."""
+    return local_checkpoint_since(history) is not None
