@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowHistory
 
 from sluice.client import JobClient
 from sluice.models import JobSpec
-from sluice.workflows.constants import PATCH_LOCAL_CHECKPOINTS
+from sluice.workflows.constants import CHECKPOINT_LOCAL_MAX_TIMEOUT, PATCH_LOCAL_CHECKPOINTS
 from tests.e2e_helpers import (
     describe_status,
     generator_pipeline,
@@ -100,6 +100,22 @@ async def test_periodic_checkpoints_are_local_and_cost_at_most_8_events(
     # Six events a checkpoint; now and then one more workflow task (3 events) lands in a cycle
     # (this test polls the job's status all along): the bound holds on average.
     assert statistics.median(cycles) == 6 and statistics.mean(cycles) <= MAX_EVENTS_PER_CHECKPOINT, kinds
+
+
+async def test_a_checkpoint_timeout_beyond_a_workflow_task_keeps_regular_activities(
+    client: Client, job_client: JobClient, state_dir: Path
+) -> None:
+    spec = _spec(state_dir, "local-long-timeout", steered=False)
+    spec.config.checkpoint_timeout_s = CHECKPOINT_LOCAL_MAX_TIMEOUT.total_seconds() + 1
+    await job_client.start(spec)
+    try:
+        await wait_status(job_client, spec.job_id, lambda s: s.epoch >= 2, timeout_s=START_TIMEOUT_S,
+                          what="2 checkpoints")  # fmt: skip
+    finally:
+        await stop_job_quietly(job_client, spec.job_id)
+    history = await _history(client, spec.job_id)
+    assert not local_activity_markers(history)
+    assert activity_summaries(history, "checkpoint")[:2] == ["checkpoint epoch 1", "checkpoint epoch 2"]
 
 
 @asynccontextmanager

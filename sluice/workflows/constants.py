@@ -53,6 +53,11 @@ CHECKPOINT_RETRY = RetryPolicy(
 # attempts are retried in the worker, without history, while the next retry is due within this;
 # a later retry waits on a durable timer. CHECKPOINT_RETRY's 0.5-1 s backoff stays well inside.
 CHECKPOINT_LOCAL_RETRY_THRESHOLD = timedelta(seconds=30)
+# The server ends a workflow task kept open by heartbeats for longer than 30 min
+# (history.workflowTaskHeartbeatTimeout), and a local activity's work is then lost and started
+# over: a job whose checkpoint_timeout_s is above this takes its periodic checkpoints as regular
+# activities instead.
+CHECKPOINT_LOCAL_MAX_TIMEOUT = timedelta(minutes=20)
 
 # Cleanup never blocks checkpointing: one quick try, failures are logged and ignored.
 CLEANUP_TIMEOUT = timedelta(seconds=60)

@@ -106,7 +106,8 @@ def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = N
     A periodic checkpoint of a run started with the local-checkpoints patch runs as a local
     activity: its result is one marker event in history, recorded by the workflow task that was
     open while it ran (6 events per checkpoint instead of 11). Savepoints and final checkpoints
-    stay regular activities, visible as pending activities in the UI with their retries."""
+    stay regular activities, visible as pending activities in the UI with their retries, and so do
+    the checkpoints of a job whose checkpoint timeout is longer than a workflow task may stay open."""
     assert wf.carried.program is not None and wf.carried.checkpoint_url is not None
     epoch = wf.carried.next_epoch
     wf.carried.next_epoch += 1
@@ -125,10 +126,10 @@ def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = N
         retention=wf.retention() if wf.lean_checkpoints else None,
     )
     timeout = timedelta(seconds=wf.carried.config.checkpoint_timeout_s)
-    if wf.local_checkpoints and not then_stop and savepoint is None:
-        # The whole budget, retries included, is the job's checkpoint timeout, as a regular
-        # activity's start-to-close is per attempt: a local attempt that hangs is not noticed by
-        # heartbeats (a local activity has none) but by this timeout.
+    if wf.local_checkpoints and not then_stop and savepoint is None and timeout <= C.CHECKPOINT_LOCAL_MAX_TIMEOUT:
+        # The job's checkpoint timeout bounds all attempts together here (a regular activity's
+        # bounds each attempt): a local attempt that hangs is noticed by this timeout, not by
+        # heartbeats (a local activity has none).
         wf.inflight_checkpoint = workflow.start_local_activity_method(
             CheckpointActivities.checkpoint,
             inp,
