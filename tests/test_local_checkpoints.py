@@ -4,13 +4,17 @@ real dev server, in-process controller worker, real runner processes.
 What a user would check: the history a checkpoint costs (at most 8 events, the issue's bound), a
 stop sent while a long checkpoint runs is still handled (the workflow task that runs it is
 heartbeated) and waits for it (stop checkpoint) or cancels it (stop immediate), and the Web UI's
-current details name the checkpoint in flight, since it is no pending activity any more.
+current details name the checkpoint in flight, since it is no pending activity any more; a job
+whose checkpoint timeout is longer than a workflow task may stay open keeps regular activities;
+and the activity helper that heartbeats stays silent in a local activity.
 A long checkpoint is made by holding the job's map (`tests.pipeline_functions:steered`, file
 `hold-block`): its barrier waits behind a batch that does not return until the file is removed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import statistics
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +24,9 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHistory
+from temporalio.testing import ActivityEnvironment
 
+from sluice.activities.context import HEARTBEAT_EVERY_S, heartbeating
 from sluice.client import JobClient
 from sluice.models import JobSpec
 from sluice.workflows.constants import CHECKPOINT_LOCAL_MAX_TIMEOUT, PATCH_LOCAL_CHECKPOINTS
@@ -116,6 +122,23 @@ async def test_a_checkpoint_timeout_beyond_a_workflow_task_keeps_regular_activit
     history = await _history(client, spec.job_id)
     assert not local_activity_markers(history)
     assert activity_summaries(history, "checkpoint")[:2] == ["checkpoint epoch 1", "checkpoint epoch 2"]
+
+
+@pytest.mark.parametrize("is_local", [False, True])
+async def test_activities_heartbeat_unless_local(is_local: bool) -> None:
+    """A regular activity heartbeats while it waits; a local one does not (the server knows
+    nothing of it: the SDK would only log a failed heartbeat every second)."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(ActivityEnvironment.default_info(), is_local=is_local)
+    beats: list[object] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+
+    async def waits() -> None:
+        async with heartbeating(lambda: {"phase": "barriers"}):
+            await asyncio.sleep(HEARTBEAT_EVERY_S * 1.5)
+
+    await env.run(waits)
+    assert beats == ([] if is_local else [({"phase": "barriers"},)] * 2), beats
 
 
 @asynccontextmanager
