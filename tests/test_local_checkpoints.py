@@ -38,16 +38,15 @@ from tests.e2e_helpers import (
     read_manifest,
     stop_job_quietly,
     wait_status,
-    wait_until,
 )
 from tests.histories.corpus import (
     activity_summaries,
     is_local_activity_marker,
     local_activity_markers,
-    local_checkpoint_in_flight,
     patches,
 )
-from tests.pipeline_functions import FAULT_DIR_ENV, HELD_FILE, HOLD_BLOCK_FILE
+from tests.histories.scenarios import HELD_HANG_TIMEOUT_S, STEERED, hold_local_checkpoint
+from tests.pipeline_functions import FAULT_DIR_ENV, HOLD_BLOCK_FILE
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -55,11 +54,7 @@ START_TIMEOUT_S = 60.0
 # A command sent during a local checkpoint reaches the workflow at the next workflow-task
 # heartbeat (8 s with the default 10 s task timeout); this leaves room for a loaded machine.
 COMMAND_DURING_CHECKPOINT_S = 30.0
-HISTORY_POLL_S = 0.1
 MAX_EVENTS_PER_CHECKPOINT = 8  # the bound
-STEERED = "tests.pipeline_functions:steered"
-# A held batch must not count as a hung task while the test holds it.
-HANG_TIMEOUT_S = 120.0
 
 
 def _spec(state_dir: Path, name: str, *, steered: bool) -> JobSpec:
@@ -67,7 +62,7 @@ def _spec(state_dir: Path, name: str, *, steered: bool) -> JobSpec:
         name, state_dir / "out", splits=1, limit=None, rate=100.0, keys=8,
         transforms=(("map", STEERED),) if steered else (),
     )  # fmt: skip
-    return job_spec(pipeline, state_dir, checkpoint_interval_s=1.0, task_hang_timeout_s=HANG_TIMEOUT_S)
+    return job_spec(pipeline, state_dir, checkpoint_interval_s=1.0, task_hang_timeout_s=HELD_HANG_TIMEOUT_S)
 
 
 async def _history(client: Client, job_id: str) -> WorkflowHistory:
@@ -150,26 +145,14 @@ async def _held_checkpoint(
     faults = state_dir / "faults"
     monkeypatch.setenv(FAULT_DIR_ENV, str(faults))
     spec = _spec(state_dir, name, steered=True)
-    controls = faults / spec.job_id
-    hold = controls / HOLD_BLOCK_FILE
     await job_client.start(spec)
+    hold = faults / spec.job_id / HOLD_BLOCK_FILE
     try:
-        await wait_status(job_client, spec.job_id, lambda s: s.state == "Running" and s.epoch >= 1,
-                          timeout_s=START_TIMEOUT_S, what="Running with a checkpoint")  # fmt: skip
-        controls.mkdir(parents=True, exist_ok=True)
-        hold.touch()
-        await wait_until(lambda: (controls / HELD_FILE).exists(), timeout_s=START_TIMEOUT_S,
-                         interval_s=HISTORY_POLL_S, what="a batch held")  # fmt: skip
-        await wait_until(lambda: _checkpoint_in_flight(client, spec.job_id), timeout_s=START_TIMEOUT_S,
-                         interval_s=HISTORY_POLL_S, what="a local checkpoint in flight")  # fmt: skip
+        await hold_local_checkpoint(client, job_client, spec.job_id, faults)
         yield spec, hold
     finally:
         hold.unlink(missing_ok=True)
         await stop_job_quietly(job_client, spec.job_id)
-
-
-async def _checkpoint_in_flight(client: Client, job_id: str) -> bool:
-    return local_checkpoint_in_flight(await _history(client, job_id))
 
 
 async def test_stop_checkpoint_during_a_long_local_checkpoint_waits_for_it(

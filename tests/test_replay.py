@@ -20,6 +20,7 @@ from typing import Any, get_args
 
 import pytest
 from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 from temporalio.worker import UnsandboxedWorkflowRunner
 
@@ -36,7 +37,9 @@ from tests.histories.corpus import (
     activity_summaries,
     activity_types,
     closed,
+    failed_local_activities,
     history_files,
+    is_local_activity_marker,
     load_history,
     local_activity_markers,
     patches,
@@ -47,7 +50,7 @@ from tests.histories.corpus import (
     stop_modes_requested,
     union,
 )
-from tests.histories.scenarios import LATER_SCENARIOS, SCENARIOS
+from tests.histories.scenarios import LATER_SCENARIOS, LOCAL_CHECKPOINT_SCENARIOS, SCENARIOS
 
 FILES = history_files()
 # Histories of runs on runner hosts (the `runner-hosts` patch): the same scenarios, recorded after
@@ -65,10 +68,12 @@ LEAN_SCENARIOS = {
 LEAN_PATCHES = {PATCH_RUNNER_HOSTS, PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}
 # Runs with the `local-checkpoints` patch (periodic checkpoints as local activities): periodic
 # checkpoints then a stop checkpoint, a stop immediate, a TTL, a recovery, a failure, a
-# continue-as-new chain, savepoints and a controller worker killed holding a workflow task.
+# continue-as-new chain, savepoints, a controller worker killed holding a workflow task, and a
+# periodic checkpoint held in flight across workflow-task heartbeats, then waited for by a stop
+# checkpoint or cancelled by a stop immediate.
 LOCAL_DIR = CORPUS_DIR / "local-checkpoints"
 LOCAL_FILES = history_files(LOCAL_DIR)
-LOCAL_SCENARIOS = LEAN_SCENARIOS | {"stop_immediate", "ttl", "worker_failover_mid_task"}
+LOCAL_SCENARIOS = LEAN_SCENARIOS | {"stop_immediate", "ttl", "worker_failover_mid_task", *LOCAL_CHECKPOINT_SCENARIOS}
 LOCAL_PATCHES = LEAN_PATCHES | {PATCH_LOCAL_CHECKPOINTS}
 ALL_FILES = FILES + HOSTS_FILES + LEAN_FILES + LOCAL_FILES
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
@@ -169,6 +174,17 @@ def test_local_checkpoints_corpus_carries_its_patch() -> None:
     for scenario in ("finished", "stop_checkpoint", "worker_failover_mid_task"):
         h = histories[f"{scenario}.run1.json"]
         assert local_activity_markers(h), f"{scenario}: no periodic checkpoint recorded as a local activity"
+    # A held checkpoint: a stop immediate cancelled it; a stop checkpoint, handled while it ran
+    # (its update in a workflow-task heartbeat, before the checkpoint's marker), waited for it.
+    cancelled = failed_local_activities(histories["held_checkpoint_stop_immediate.run1.json"])
+    assert [m for _, m in cancelled] == ["Activity cancelled"], cancelled
+    waited = histories["held_checkpoint_stop_checkpoint.run1.json"]
+    assert not failed_local_activities(waited)
+    events = list(waited.events)
+    held_until = max(i for i, e in enumerate(events) if is_local_activity_marker(e))
+    held_from = max(i for i, e in enumerate(events[:held_until]) if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED)
+    during = {e.event_type for e in events[held_from:held_until]}
+    assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED in during, "the stop was not handled during it"
     older = [p.name for p in FILES + HOSTS_FILES + LEAN_FILES if PATCH_LOCAL_CHECKPOINTS in patches(load_history(p))]
     assert not older, f"older corpora must stay as recorded: {older}"
 

@@ -235,6 +235,17 @@ def local_activity_markers(history: WorkflowHistory) -> list[tuple[str, str]]:
     return out
 
 
+def failed_local_activities(history: WorkflowHistory) -> list[tuple[str, str]]:
+    """(summary, failure message) of each local activity of a run that ended without a result
+    (cancelled, e.g. a periodic checkpoint when the job was stopped at once, or failed)."""
+    return [
+        (json.loads(e.user_metadata.summary.data) if e.user_metadata.HasField("summary") else "",
+         e.marker_recorded_event_attributes.failure.message)
+        for e in history.events
+        if is_local_activity_marker(e) and e.marker_recorded_event_attributes.HasField("failure")
+    ]  # fmt: skip
+
+
 def activity_summaries(history: WorkflowHistory, activity_type: str) -> list[str]:
     """The summaries of the (regular) activities of one type a run scheduled."""
     return [
