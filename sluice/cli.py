@@ -28,9 +28,9 @@ from typing import Any, NoReturn, TypeVar, get_args
 import typer
 
 from sluice import settings
-from sluice.models import TERMINAL_STATES, JobSpec, JobStateName, JobStatus
+from sluice.models import DEFAULT_HEALTH_WINDOW_S, TERMINAL_STATES, JobSpec, JobStateName, JobStatus
 from sluice.pipeline_files import PipelineFileError
-from sluice.status_view import state_line, status_lines
+from sluice.status_view import operator_table_lines, state_line, status_lines, upgrade_line
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -44,8 +44,10 @@ CLOSE_WAIT_S = 30.0
 STOP_ON_INTERRUPT_TIMEOUT_S = 120.0
 RUNNING_TIMEOUT_S = 300.0  # compile + schedule of a fresh job; generous for a cold machine
 LIVE_REFRESH_S = 1.0
-LOG_FOLLOW_S = 0.5  # how often `sluice logs --follow` looks for new lines
+UPGRADE_POLL_S = 1.0  # how often `sluice upgrade --wait` looks at the upgrade's phase
 WEB_UI_PORT = 8233
+DASHBOARD_PORT = 8234  # sluice's own dashboard (`sluice ui`), beside the Temporal Web UI
+LOOPBACK_IP = "127.0.0.1"
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", ""})
 JOB_STATES: tuple[str, ...] = get_args(JobStateName)
 
@@ -311,6 +313,11 @@ def worker(
         help="route new jobs to this build when it starts (--no-make-current: deploy it first, switch later "
         "with `temporal worker deployment set-current-version`)",
     ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint (Temporal SDK and job-state metrics, the local host's "
+        "runners); default 9465, or a free port if that is taken; 0: a free port",
+    ),
 ) -> None:
     """Run a controller worker (JobWorkflow, the host registry, the controller activities) and,
     unless --local-slots 0, a local runner host, until Ctrl-C or SIGTERM."""
@@ -328,12 +335,17 @@ def worker(
         build = build_id or versioning.build_id()
         typer.echo(f"controller worker on task queue 'sluice' at {where} (deployment {versioning.DEPLOYMENT_NAME}, "
                    f"build {build}){host}; state in {base}")  # fmt: skip
+        from sluice.hosts.endpoint import DEFAULT_WORKER_METRICS_PORT
         from sluice.worker import create_worker
 
         async with create_worker(
             client, base, local_slots=local_slots, max_concurrent_activities=max_concurrent_activities,
             warm_runners=warm_runners, build=build, make_current=make_current,
-        ):
+            metrics_port=DEFAULT_WORKER_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
+        ) as controller:
+            if controller.endpoint is not None:
+                typer.echo(f"metrics and logs at {controller.endpoint.url}")
             await _until_stopped()
 
     main()
@@ -384,6 +396,11 @@ def host(
         10.0, "--hang-timeout", min=0.5, help="seconds of silence after which a runner is reported lost (hung)"
     ),
     warm_runners: int = WarmRunnersOpt,
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", min=0,
+        help="port of the metrics and logs endpoint on the advertise address; default 9464, or a free "
+        "port if that is taken; 0: a free port",
+    ),
     state_dir: Path = StateDirOpt,
 ) -> None:
     """Run a runner host: offers runner slots to every job, registered in Temporal, until Ctrl-C
@@ -396,17 +413,21 @@ def host(
     @run_async
     async def main() -> None:
         from sluice.client import connect
+        from sluice.hosts.endpoint import DEFAULT_HOST_METRICS_PORT
         from sluice.hosts.host import HostConfig, RunnerHost, default_host_id
 
         client = await connect()
         config = HostConfig(
             host_id=host_id or default_host_id(base), slots=slots, bind=bind, advertise=advertise,
             labels=labels, hang_timeout_s=hang_timeout, warm_runners=warm_runners,
+            metrics_port=DEFAULT_HOST_METRICS_PORT if metrics_port is None else metrics_port,
+            metrics_port_is_default=metrics_port is None,
         )  # fmt: skip
         async with RunnerHost(client, base, config) as runner_host:
+            endpoint = f"; metrics and logs at {runner_host.endpoint.url}" if runner_host.endpoint else ""
             typer.echo(
                 f"host {config.host_id}: {slots} runner slots on task queue {runner_host.task_queue}, "
-                f"runners at {config.address}; state in {base}"
+                f"runners at {config.address}; state in {base}{endpoint}"
             )
             await _until_stopped()
 
@@ -510,6 +531,7 @@ async def _run(
     parallelism: int | None,
     checkpoint_interval: float | None,
     ui_port: int,
+    dashboard_port: int = 0,
 ) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -550,13 +572,19 @@ async def _run(
     loop.add_signal_handler(signal.SIGTERM, interrupts)
 
     worker_task: asyncio.Task[Any] | None = None
+    dashboard: Any = None
     try:
         client = await connect(address, namespace)
+        from sluice.hosts.endpoint import DEFAULT_WORKER_METRICS_PORT
         from sluice.worker import create_worker
 
-        controller = create_worker(client, base)
+        # The local host serves its job metrics, where the dashboard reads the operators' rates.
+        controller = create_worker(
+            client, base, metrics_port=DEFAULT_WORKER_METRICS_PORT, metrics_port_is_default=True
+        )
         worker_task = asyncio.create_task(controller.run(), name="sluice-worker")
         jobs = JobClient(client)
+        dashboard = await _start_dashboard(jobs, namespace, ui_port, state_dir, dashboard_port, fallback=True)
         try:
             desc = await jobs.describe(spec.job_id)
             final = await jobs.final_state(spec.job_id, desc)
@@ -578,6 +606,7 @@ async def _run(
         if wait_running.done() and not interrupts.event.is_set():
             wait_running.result()  # raises JobFailedError / TimeoutError / JobClosed
             console.print(f"Web UI: {web_ui_link(spec.job_id, namespace, ui_port)}")
+            console.print(f"Dashboard: {dashboard.job_url(spec.job_id)}")
             console.print("Ctrl-C stops the job with a final checkpoint (twice: exit at once)")
             with Live(_status_table(None, spec.job_id, "starting"), console=console, refresh_per_second=4) as live:
                 while not interrupts.event.is_set():
@@ -617,6 +646,8 @@ async def _run(
             return EXIT_FAILED
         return 0
     finally:
+        if dashboard is not None:
+            await dashboard.stop()
         if worker_task is not None:
             # A clean stop: the local host deregisters and stops its runners.
             with contextlib.suppress(BaseException):
@@ -646,10 +677,67 @@ def run(
     parallelism: int | None = ParallelismOpt,
     checkpoint_interval: float | None = CheckpointOpt,
     ui_port: int = typer.Option(WEB_UI_PORT, "--ui-port", help="Web UI port of the embedded server"),
+    dashboard_port: int = typer.Option(
+        DASHBOARD_PORT, "--dashboard-port", min=0, max=65535,
+        help="port of the job dashboard on 127.0.0.1 (taken or 0: any free port)",
+    ),
 ) -> None:
     """All in one: server (if none is reachable), worker and job; Ctrl-C stops it with a checkpoint."""
-    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port)
+    code = run_async(_run)(pipeline, job_id, state_dir, parallelism, checkpoint_interval, ui_port, dashboard_port)
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------ dashboard
+
+
+async def _start_dashboard(
+    jobs: Any, namespace: str, web_ui_port: int, state_dir: Path | None, port: int,
+    host: str = LOOPBACK_IP, *, fallback: bool = False,
+) -> Any:
+    """Serve the job dashboard (sluice/ui) in this event loop; returns its `DashboardServer`.
+
+    A port that is taken fails with one line, or (`fallback`, for `sluice run`, where the
+    dashboard is an extra) moves to any free port.
+    """
+    from sluice.ui.server import DashboardServer
+    from sluice.ui.views import Dashboard
+
+    web_ui = functools.partial(web_ui_link, namespace=namespace, ui_port=web_ui_port)
+    dashboard = Dashboard(jobs, web_ui=web_ui, state_dir=state_dir)
+    server = DashboardServer(dashboard, host, port)
+    try:
+        await server.start()
+    except OSError as exc:
+        if not fallback or port == 0:
+            fail(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}")
+        server = DashboardServer(dashboard, host, 0)
+        await server.start()
+    return server
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(DASHBOARD_PORT, "--port", min=0, max=65535, help="port to serve on (0: any free one)"),
+    host: str = typer.Option(
+        LOOPBACK_IP, "--host", help="address to bind; the dashboard has no authentication, keep it on loopback"
+    ),
+    state_dir: Path | None = StateDirOpt,
+    web_ui_port: int = typer.Option(WEB_UI_PORT, "--web-ui-port", help="port of the Temporal Web UI the pages link to"),
+) -> None:
+    """The live job dashboard for a browser (http://127.0.0.1:8234/) until Ctrl-C; see docs/dashboard.md."""
+
+    @run_async
+    async def main() -> None:
+        _, namespace = _configured_address()
+        server = await _start_dashboard(await _job_client(), namespace, web_ui_port, state_dir, port, host)
+        typer.echo(f"dashboard: {server.url} (Ctrl-C stops it)")
+        sys.stdout.flush()  # a pipe (a script waiting for the line) gets it now
+        try:
+            await _until_stopped()
+        finally:
+            await server.stop()
+
+    main()
 
 
 # ------------------------------------------------------------------------------ job commands
@@ -876,48 +964,53 @@ def checkpoints(
 @app.command()
 def logs(
     job_id: str = typer.Argument(...),
-    generation: int | None = typer.Option(None, "--generation", "-g", min=1, help="default: the newest one here"),
+    generation: int | None = typer.Option(None, "--generation", "-g", min=1, help="default: the current one"),
     runner: int | None = typer.Option(None, "--runner", "-r", min=0, help="only runner R (runner-R.log)"),
     lines: int = typer.Option(100, "--lines", "-n", min=0, help="the last N lines of each log"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing what the runners write"),
     state_dir: Path | None = StateDirOpt,
 ) -> None:
-    """Print the logs of a job's runners on this machine (runner files under the state
-    directory of this machine's worker or host; on several machines, run it on each)."""
-    from sluice.schedulers.process import job_dir_name
+    """Print the logs of a job's runners, from every host (through the hosts' endpoints, each line
+    prefixed with its runner id); where no endpoint has them, from this machine's runner files."""
 
-    root = settings.runners_dir(settings.state_dir(state_dir)) / job_dir_name(job_id)
-    gens = sorted(int(d.name.removeprefix("gen-")) for d in root.glob("gen-*") if d.name[4:].isdigit())
-    if not gens:
-        fail(f"no runner logs of job {job_id} under {root}")
-    gen = gens[-1] if generation is None else generation
-    if gen not in gens:
-        fail(f"job {job_id} has no runner logs of generation {gen} under {root} (generations: "
-             f"{', '.join(map(str, gens))})")  # fmt: skip
-    folder = root / f"gen-{gen}"
+    @run_async
+    async def remote() -> bool:
+        from sluice.client import SluiceClientError, connect
+        from sluice.observe import NoRemoteLogs, job_logs
 
-    def files() -> list[Path]:
-        pattern = f"runner-{runner}.log" if runner is not None else "runner-*.log"
-        return sorted(folder.glob(pattern), key=lambda f: int(f.stem.removeprefix("runner-") or 0))
+        try:
+            client = await connect()
+            async for line in job_logs(
+                client, job_id, generation=generation, runner=runner, tail=lines, follow=follow
+            ):
+                typer.echo(line)
+        except (NoRemoteLogs, SluiceClientError):
+            return False
+        return True
 
-    offsets: dict[Path, int] = {}
-    for f in files():
-        data = f.read_bytes()
-        offsets[f] = len(data)
-        for line in data.decode("utf-8", "replace").splitlines()[-lines:] if lines else []:
-            typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}")
-    while follow:
-        time.sleep(LOG_FOLLOW_S)
-        for f in files():
-            size = f.stat().st_size
-            start = offsets.get(f, 0)
-            if size > start:
-                with open(f, "rb") as fh:
-                    fh.seek(start)
-                    chunk = fh.read(size - start)
-                offsets[f] = size
-                for line in chunk.decode("utf-8", "replace").splitlines():
-                    typer.echo(f"[g{gen}-r{f.stem.removeprefix('runner-')}] {line}", nl=True)
+    if not remote():
+        _local_logs(job_id, generation, runner, lines, follow, settings.state_dir(state_dir))
+
+
+def _local_logs(job_id: str, generation: int | None, runner: int | None, lines: int, follow: bool,
+                state_dir: Path) -> None:  # fmt: skip
+    """`sluice logs` from this machine's runner files (no host endpoint has the job's logs)."""
+    from sluice.hosts.runner_logs import LOG_FOLLOW_S, LogReader, LogsNotFound, pick_generation
+
+    try:
+        gen = pick_generation(state_dir, job_id, generation)
+    except LogsNotFound as e:
+        fail(str(e))
+    reader = LogReader(state_dir, job_id, gen, runner)
+    for line in reader.tail(lines):
+        typer.echo(line)
+    try:
+        while follow:
+            time.sleep(LOG_FOLLOW_S)
+            for line in reader.new_lines():
+                typer.echo(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
@@ -1038,6 +1131,92 @@ def _dispose_savepoint(job_id: str, name: str, state_dir: Path | None, checkpoin
 
 
 @app.command()
+def upgrade(
+    job_id: str = typer.Argument(...),
+    file: Path = typer.Argument(..., help="the new pipeline file (YAML or JSON)"),
+    mode: str = typer.Option(
+        "savepoint", "--mode", help="savepoint (default) | last-state | stateless: where its state comes from"
+    ),
+    allow_drop_state: list[str] = typer.Option(
+        [], "--allow-drop-state", metavar="OP", help="let operator OP start with empty state (repeatable)"
+    ),
+    require_approval: bool = typer.Option(
+        False, "--require-approval", help="wait for `sluice approve JOB` (or reject) before switching"
+    ),
+    health_window: float = typer.Option(
+        DEFAULT_HEALTH_WINDOW_S, "--health-window", min=0.0,
+        help="seconds the new generation must run without failing (and checkpoint) before the upgrade counts",
+    ),
+    wait: bool = typer.Option(False, "--wait", help="also wait for the health window's end: completed or rolled back"),
+) -> None:
+    """Upgrade a Running job to a new pipeline, keeping its state: a compatibility check, a
+    savepoint, the new generation, a health window, and an automatic rollback if it fails.
+    Returns once the new generation runs (or the upgrade was refused, exit 1)."""
+    from pydantic import ValidationError
+
+    from sluice.models import UpgradeRequest
+
+    spec = _wrap_user_errors(lambda: _load_spec(file, job_id, None, None))
+    try:
+        request = UpgradeRequest(
+            pipeline=spec.pipeline, mode=mode, allow_drop_state=allow_drop_state,
+            require_approval=require_approval, health_window_s=health_window,
+        )  # fmt: skip
+    except ValidationError:
+        fail(f"--mode {mode!r}: use savepoint, last-state or stateless", EXIT_USAGE)
+
+    @run_async
+    async def main() -> str:
+        jobs = await _job_client()
+        up = await jobs.upgrade(job_id, request)
+        if up.phase == "awaiting_approval":
+            return (f"upgrade {up.number} of job {job_id} is compatible and waits for approval: "
+                    f"sluice approve {job_id} (or sluice reject {job_id})")  # fmt: skip
+        if wait:
+            up = await _wait_upgrade_settled(jobs, job_id, up.number)
+        return upgrade_line(job_id, up)
+
+    typer.echo(main())
+
+
+async def _wait_upgrade_settled(jobs: Any, job_id: str, number: int) -> Any:
+    """Poll the job's status until upgrade `number` left its health window (or the job closed)."""
+    import asyncio
+
+    while True:
+        status = await jobs.status(job_id)
+        up = status.upgrade
+        if up is None or up.number != number or not up.active or status.state in TERMINAL_STATES:
+            return up
+        await asyncio.sleep(UPGRADE_POLL_S)
+
+
+@app.command()
+def approve(job_id: str = typer.Argument(...)) -> None:
+    """Approve the upgrade waiting for approval; returns once its new generation runs."""
+
+    @run_async
+    async def main() -> str:
+        return upgrade_line(job_id, await (await _job_client()).decide_upgrade(job_id, True))
+
+    typer.echo(main())
+
+
+@app.command()
+def reject(
+    job_id: str = typer.Argument(...),
+    reason: str | None = typer.Option(None, "--reason", help="why (shown in the job's status)"),
+) -> None:
+    """Reject the upgrade waiting for approval: the job runs on with its pipeline."""
+
+    @run_async
+    async def main() -> str:
+        return upgrade_line(job_id, await (await _job_client()).decide_upgrade(job_id, False, reason))
+
+    typer.echo(main())
+
+
+@app.command()
 def savepoints(
     job_id: str = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
@@ -1069,15 +1248,27 @@ def status(
     job_id: str = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json", help="print the full status query as JSON"),
 ) -> None:
-    """Show a job's status (the workflow's `status` query)."""
+    """Show a job's status (the workflow's `status` query); for a Running job also its operators'
+    records in and out per second, watermark lag and backpressure (from the hosts' endpoints)."""
 
     @run_async
     async def main() -> None:
-        st = await (await _job_client()).status(job_id)
+        jobs = await _job_client()
+        st = await jobs.status(job_id)
         if as_json:
             typer.echo(st.model_dump_json(indent=2))
-        else:
-            for line in status_lines(st):
+            return
+        for line in status_lines(st):
+            typer.echo(line)
+        if st.state == "Running":
+            from sluice.observe import job_metrics
+
+            try:
+                metrics = await job_metrics(jobs, job_id)
+            except Exception as e:  # noqa: BLE001 - the status itself was shown; say why no table
+                typer.echo(f"operators: metrics unavailable: {e}")
+                return
+            for line in operator_table_lines(metrics):
                 typer.echo(line)
 
     main()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import (
@@ -63,8 +63,13 @@ from sluice.models import (
     SavepointInfo,
     SavepointRequest,
     StopMode,
+    UpgradeDecision,
+    UpgradeRequest,
+    UpgradeStatus,
     WaitForStateRequest,
 )
+
+T = TypeVar("T")
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -74,6 +79,8 @@ CONNECT_TIMEOUT_S = 10.0
 UPDATE_PATCH = "patch"
 UPDATE_WAIT_FOR_STATE = "wait_for_state"
 UPDATE_SAVEPOINT = "savepoint"
+UPDATE_UPGRADE = "upgrade"
+UPDATE_APPROVE_UPGRADE = "approve_upgrade"
 QUERY_STATUS = "status"
 ERROR_TYPE_JOB_FAILED = "JobFailed"
 ERROR_TYPE_CONTINUED_AS_NEW = "ContinuedAsNew"
@@ -326,6 +333,17 @@ class JobClient:
             return value
         raise SluiceClientError(f"job {job_id}: cannot read the input of run {run_id}")
 
+    async def spec(self, job_id: str, run_id: str | None = None) -> JobSpec:
+        """The spec run `run_id` (default: the latest run) of the job was started with: its
+        pipeline, config and checkpoint store.
+
+        Commands change the config afterwards (rescale, checkpoint interval): `status().config`
+        is the current one. Raises `JobNotFound` for an unknown id.
+        """
+        if run_id is None:
+            run_id = (await self.describe(job_id)).run_id
+        return (await self._job_input(job_id, run_id)).spec
+
     async def _failure(self, job_id: str, run_id: str) -> Failure:
         """The failure a closed, Failed run ended with."""
         try:
@@ -527,21 +545,42 @@ class JobClient:
         """Take a savepoint of a Running job (a checkpoint kept under `name`, by default
         `savepoint-<epoch>`, until disposed); returns once it is in the store. Raises
         `CommandRejected` when the job is not Running, the name is taken, or the checkpoint failed."""
-        request = SavepointRequest(name=name)
+        info: SavepointInfo = await self._update(
+            job_id, UPDATE_SAVEPOINT, SavepointRequest(name=name), SavepointInfo, "a savepoint needs a Running job"
+        )
+        return info
+
+    async def upgrade(self, job_id: str, request: UpgradeRequest) -> UpgradeStatus:
+        """Upgrade a Running job to `request.pipeline`, keeping its state (docs/upgrades.md).
+        Returns once the new generation runs (its health window began) or, with
+        `require_approval`, once the upgrade waits for `approve_upgrade`. Raises `CommandRejected`
+        when refused (each incompatible operator named), rejected or abandoned."""
+        status: UpgradeStatus = await self._update(
+            job_id, UPDATE_UPGRADE, request, UpgradeStatus, "an upgrade needs a Running job"
+        )
+        return status
+
+    async def decide_upgrade(self, job_id: str, approve: bool, reason: str | None = None) -> UpgradeStatus:
+        """Approve (then returns once the new generation runs) or reject the waiting upgrade."""
+        status: UpgradeStatus = await self._update(
+            job_id, UPDATE_APPROVE_UPGRADE, UpgradeDecision(approve=approve, reason=reason), UpgradeStatus,
+            "no upgrade is waiting for approval",
+        )  # fmt: skip
+        return status
+
+    async def _update(self, job_id: str, name: str, arg: Any, result_type: type[T], closed: str) -> T:
+        """Run update `name` on the job's open run; errors as the user should read them."""
         await self.describe(job_id)  # JobNotFound for an unknown id
         try:
-            info: SavepointInfo = await self._handle(job_id).execute_update(
-                UPDATE_SAVEPOINT, request, result_type=SavepointInfo
-            )
-            return info
+            result: T = await self._handle(job_id).execute_update(name, arg, result_type=result_type)
+            return result
         except WorkflowUpdateFailedError as exc:
             app = _application_error(exc.cause)
             raise CommandRejected(f"job {job_id}: {app.message if app else exc.cause or exc}") from exc
         except RPCError as exc:
             if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 state = await self.final_state(job_id)
-                raise JobClosed(job_id, state or "closed", f"job {job_id} is {state or 'closed'}; "
-                                "a savepoint needs a Running job") from exc  # fmt: skip
+                raise JobClosed(job_id, state or "closed", f"job {job_id} is {state or 'closed'}; {closed}") from exc
             raise
 
     async def status(self, job_id: str, *, timeout_s: float = QUERY_TIMEOUT_S) -> JobStatus:

@@ -38,6 +38,7 @@ JobStateName = Literal[
     "Stopping",
     "Finishing",
     "Recovering",
+    "Upgrading",
     "Failing",
     "Stopped",
     "Finished",
@@ -548,6 +549,86 @@ def pipeline_version(pipeline: PipelineSpec) -> str:
     return hashlib.sha256(pipeline.model_dump_json().encode()).hexdigest()[:12]
 
 
+UpgradeMode = Literal["savepoint", "last-state", "stateless"]
+UpgradePhase = Literal[
+    "checking",  # the new pipeline is compiled and compared with the job's state (old generation runs)
+    "awaiting_approval",  # compatible; waits for `approve_upgrade` (old generation runs, checkpoints)
+    "savepoint",  # Upgrading: the old generation takes its then-stop savepoint (or is torn down)
+    "switching",  # the new generation is being scheduled from the restore point
+    "health_window",  # the new generation runs; its output is held back until the window ends
+    "completed",  # healthy: held-back output published, the new pipeline is the job's
+    "refused",  # incompatible (nothing changed): `problems` names each operator
+    "rejected",  # an approver said no (nothing changed)
+    "rolling_back",  # Upgrading: the new generation failed; back to the savepoint and old pipeline
+    "rolled_back",  # the old pipeline runs again from the restore point; `reason` says why
+    "abandoned",  # a stop, or a failure before the switch, ended it (the old pipeline stays)
+]
+#: phases in which an upgrade is still going on (commands that would interfere are refused)
+ACTIVE_UPGRADE_PHASES: frozenset[str] = frozenset(
+    {"checking", "awaiting_approval", "savepoint", "switching", "health_window", "rolling_back"}
+)
+#: how long a new generation must stay healthy before its upgrade counts as done
+DEFAULT_HEALTH_WINDOW_S = 60.0
+
+
+class UpgradeRequest(Contract):
+    """The `upgrade` update: switch the running job to `pipeline`, keeping its state.
+
+    `mode`: `savepoint` takes a then-stop savepoint of the old generation and starts the new one
+    from it; `last-state` tears the old generation down and starts from its last checkpoint;
+    `stateless` starts the new pipeline with empty state (a rollback still returns to the last
+    checkpoint). `allow_drop_state` names operators whose state may be lost (an incompatible or
+    removed stateful operator). During `health_window_s` the new generation must not fail and must
+    complete a checkpoint; otherwise the job rolls back to the old pipeline and its restore point."""
+
+    pipeline: PipelineSpec
+    mode: UpgradeMode = "savepoint"
+    allow_drop_state: list[str] = Field(default_factory=list, max_length=MAX_OPERATORS)
+    require_approval: bool = False
+    health_window_s: float = Field(default=DEFAULT_HEALTH_WINDOW_S, ge=0.0, le=MAX_DURATION_S)
+
+
+class UpgradeDecision(Contract):
+    """The `approve_upgrade` update: go ahead with the waiting upgrade, or reject it."""
+
+    approve: bool
+    reason: str | None = Field(default=None, max_length=1_000)
+
+
+class UpgradeStatus(Contract):
+    """One upgrade of a job, as `status` shows it (the newest one)."""
+
+    number: int
+    phase: UpgradePhase
+    mode: UpgradeMode
+    require_approval: bool = False
+    health_window_s: float = DEFAULT_HEALTH_WINDOW_S
+    allow_drop_state: list[str] = Field(default_factory=list)
+    from_version: str
+    to_version: str
+    new_pipeline: PipelineSpec
+    previous_pipeline: PipelineSpec
+    previous_parallelism: int | None = None
+    previous_overrides: dict[str, int] = Field(default_factory=dict)
+    dropped_state: list[str] = Field(default_factory=list, description="operators that start with empty state")
+    problems: list[str] = Field(default_factory=list, description="refused: why, one per operator")
+    savepoint: str | None = Field(default=None, description="the savepoint taken before the switch")
+    restore_epoch: int | None = Field(
+        default=None, description="the new generation's restore point; also the rollback point"
+    )
+    deferred_epochs: list[int] = Field(
+        default_factory=list, description="health window: checkpoints whose output is held back until it ends"
+    )
+    reason: str | None = Field(default=None, description="why it was refused, rejected, rolled back or abandoned")
+    requested_at: datetime
+    switched_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE_UPGRADE_PHASES
+
+
 class SavepointRequest(Contract):
     """The `savepoint` update: take a checkpoint now and keep it under `name` (default
     `savepoint-<epoch>`) until it is disposed; retention never deletes it."""
@@ -841,6 +922,7 @@ class JobStatus(Contract):
         default=None, description="Scheduling: why the job waits (e.g. no free runner slot), else null"
     )
     checkpoint_url: str | None = Field(default=None, description="the job's checkpoint store, once compiled")
+    upgrade: UpgradeStatus | None = Field(default=None, description="the newest pipeline upgrade, if any")
 
 
 class MonitorResult(Contract):
@@ -885,6 +967,8 @@ class StartExecutionInput(Contract):
     checkpoint_url: str
     restore_epoch: int | None
     task_hang_timeout_s: float = 10.0  # JobConfig.task_hang_timeout_s, handed to every runner
+    # Operators whose state in the restore point is left out (an upgrade allowed dropping it).
+    drop_state: list[str] = Field(default_factory=list)
 
 
 class MonitorInput(Contract):
@@ -910,6 +994,36 @@ class CheckpointInput(Contract):
     # Retention, applied by the activity once the checkpoint completed (runs with the
     # lean-checkpoints patch); None: the workflow runs `cleanup_checkpoints` itself afterwards.
     retention: CleanupInput | None = None
+    # An upgrade's health window: write the manifest but hold the sinks' commit phase back
+    # (published by `commit_epochs` once the window ends healthy; discarded by a rollback).
+    defer_commit: bool = False
+
+
+class UpgradeCheckInput(Contract):
+    """Compile `spec` (the new pipeline) and compare its state with the running `program`'s."""
+
+    spec: JobSpec
+    program: Program
+    allow_drop_state: list[str] = Field(default_factory=list)
+
+
+class UpgradeCheckResult(Contract):
+    """The new program, and either the problems that refuse the upgrade or the operators whose
+    state it drops (allowed by the request)."""
+
+    program: Program
+    problems: list[str] = Field(default_factory=list)
+    dropped_state: list[str] = Field(default_factory=list)
+
+
+class CommitEpochsInput(Contract):
+    """Publish the held-back output of `epochs` (in order), fenced by `generation`."""
+
+    job_id: str
+    generation: int
+    program: Program
+    checkpoint_url: str
+    epochs: list[int]
 
 
 class CleanupInput(Contract):

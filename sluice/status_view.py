@@ -2,7 +2,8 @@
 
 Besides the state line it answers what a user asks when a job misbehaves: why did it last change
 state, what failed last (domain, operator, message, and the user function's traceback), and which
-command was last refused and why. `sluice status --json` prints every field instead.
+command was last refused and why; for a Running job, a table of its operators' rates, watermark
+lag and backpressure (from the hosts' endpoints). `sluice status --json` prints every field instead.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from sluice.models import Failure, JobStatus
+from sluice.hosts.job_metrics import JobMetrics
+from sluice.models import Failure, JobStatus, UpgradeStatus
 
 #: longest payload of a rejected command shown on its line (the JSON view has all of it)
 MAX_PAYLOAD_CHARS = 200
@@ -71,6 +73,8 @@ def status_lines(status: JobStatus) -> list[str]:
     budget = "unlimited" if allowed == -1 else f"{allowed} allowed"
     lines.append(f"restarts: {status.restarts} ({budget}; the count resets after "
                  f"{status.config.healthy_duration_s:g} s healthy)")  # fmt: skip
+    if status.upgrade is not None:
+        lines.append(upgrade_line(status.job_id, status.upgrade))
     if status.failure is not None:
         lines += _failure_lines("failure", status.failure)
     last_error = status.last_error
@@ -83,3 +87,40 @@ def status_lines(status: JobStatus) -> list[str]:
             f"{rejected.reason}"
         )
     return lines
+
+
+def _lag(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+def operator_table_lines(metrics: JobMetrics) -> list[str]:
+    """The per-operator table of a Running job: subtasks, records in and out per second, watermark
+    lag, backpressure; then which hosts could not be asked (their runners are not counted)."""
+    if not metrics.operators:
+        return ["operators: no metrics yet (the runners heartbeat every second)"]
+    width = max(len("operator"), *(len(op) for op in metrics.operators))
+    header = f"{'subtasks':>8}  {'in/s':>10}  {'out/s':>10}  {'wm lag':>9}  {'backpressure':>12}"
+    lines = [f"{'operator':<{width}}  {header}"]
+    for op, m in metrics.operators.items():
+        lines.append(
+            f"{op:<{width}}  {m.subtasks:>8}  {m.records_in_per_s:>10.1f}  {m.records_out_per_s:>10.1f}  "
+            f"{_lag(m.watermark_lag_s):>9}  {m.backpressure:>11.0%} "
+        )
+    if metrics.unreachable:
+        lines.append(f"not counted (no metrics endpoint answered): hosts {', '.join(metrics.unreachable)}")
+    return lines
+
+
+def upgrade_line(job_id: str, up: UpgradeStatus) -> str:
+    """`upgrade N (mode, version A -> B): phase[: reason]`, what to do next when it waits."""
+    line = f"upgrade {up.number} of {job_id} ({up.mode}, pipeline version {up.from_version} -> {up.to_version}): "
+    line += up.phase.replace("_", " ")
+    if up.phase == "health_window":
+        line += f" ({up.health_window_s:g} s; output held back until it ends)"
+    if up.dropped_state:
+        line += f"; empty state for {', '.join(up.dropped_state)}"
+    if up.reason:
+        line += f": {up.reason}"
+    if up.phase == "awaiting_approval":
+        line += f": sluice approve {job_id} / sluice reject {job_id}"
+    return line

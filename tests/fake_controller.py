@@ -37,6 +37,7 @@ from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
     CleanupInput,
+    CommitEpochsInput,
     CompileInput,
     CompileResult,
     MonitorInput,
@@ -46,7 +47,10 @@ from sluice.models import (
     StartExecutionInput,
     StopInput,
     TeardownInput,
+    UpgradeCheckInput,
+    UpgradeCheckResult,
 )
+from sluice.upgrades import check_compatibility
 
 FAKE_HEARTBEAT_S = 0.5  # a healthy monitor heartbeats this often until it is cancelled
 
@@ -61,7 +65,7 @@ class FakeController:
     `checkpoint_error(input)`: an error that checkpoint raises. `stop_error(input)`: an error a
     graceful/immediate stop (`stop_runners`) raises. `place_waiting(generation)`: placement finds
     no free slot (the reason given) instead of placing that generation.
-    `hold_compile(n)` / `hold_checkpoint(input)`: that activity waits until `release()` (then
+    `hold_compile(n)` / `hold_checkpoint(input)` / `hold_start(generation)`: that activity waits until `release()` (then
     answers as above); `held` names the activities waiting meanwhile ("compile 1",
     "checkpoint 3 then stop").
     `generations`, `checkpoints`, `stops` (host teardowns) and `stop_modes` (`stop_runners`) record
@@ -76,12 +80,14 @@ class FakeController:
     place_waiting: Callable[[int], str | None] = lambda generation: None
     hold_compile: Callable[[int], bool] = lambda n: False
     hold_checkpoint: Callable[[CheckpointInput], bool] = lambda inp: False
+    hold_start: Callable[[int], bool] = lambda generation: False
     checkpoints: list[int] = field(default_factory=list)
     generations: list[int] = field(default_factory=list)
     stops: list[HostStopInput] = field(default_factory=list)
     stop_modes: list[str] = field(default_factory=list)
     programs: dict[str, Any] = field(default_factory=dict)  # job id -> its compiled program
     compiles: int = 0
+    committed_epochs: list[int] = field(default_factory=list)  # published by an upgrade's commit_epochs
     held: list[str] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -115,6 +121,17 @@ class FakeController:
             fake.programs[inp.spec.job_id] = program
             return CompileResult(program=program, checkpoint_url="/nonexistent", latest_epoch=0, highest_epoch=0)
 
+        @activity.defn(name="check_upgrade")
+        async def check_upgrade(inp: UpgradeCheckInput) -> UpgradeCheckResult:
+            program = compile_program(inp.spec.pipeline, inp.spec.config)
+            verdict = check_compatibility(inp.program, program, inp.allow_drop_state)
+            return UpgradeCheckResult(program=program, problems=verdict.problems, dropped_state=verdict.dropped_state)
+
+        @activity.defn(name="commit_epochs")
+        async def commit_epochs(inp: CommitEpochsInput) -> int:
+            fake.committed_epochs += inp.epochs
+            return 0
+
         @activity.defn(name="schedule_runners")
         async def schedule(inp: ScheduleInput) -> list[RunnerInfo]:
             fake.generations.append(inp.generation)
@@ -127,6 +144,7 @@ class FakeController:
 
         @activity.defn(name="start_execution")
         async def start(inp: StartExecutionInput) -> None:
+            await fake._wait_if_held(fake.hold_start(inp.generation), f"start {inp.generation}")
             error = fake.start_error(inp.generation)
             if error is not None:
                 raise error
@@ -200,8 +218,8 @@ class FakeController:
             fake.stops.append(inp)
             return 0
 
-        return [compile_, schedule, start, monitor, checkpoint, cleanup, stop, teardown,
-                place, release, host_start, host_stop]  # fmt: skip
+        return [compile_, check_upgrade, commit_epochs, schedule, start, monitor, checkpoint, cleanup, stop,
+                teardown, place, release, host_start, host_stop]  # fmt: skip
 
     def report(self, job_id: str, generation: int, result: MonitorResult) -> RunnerReport:
         """What a host would signal for what the monitor would have returned."""

@@ -155,3 +155,4 @@ def sleeps_forever(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Map: never returns (a call that hangs, e.g. on a dead network peer)."""
     while True:
         time.sleep(3600)
+

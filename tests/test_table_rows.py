@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateStage
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -44,6 +44,7 @@ from sluice.models import (
     PipelineSpec,
     RestartCommand,
     TransitionRecord,
+    UpgradeRequest,
 )
 from sluice.workflows.constants import USER_ERROR_TYPE
 from sluice.workflows.job import JobWorkflow
@@ -474,6 +475,102 @@ async def _recovering_stopping(lab: Lab) -> tuple[Job, Expect]:
     await job.stop("immediate")
     fake.release()
     return job, Expect("stop immediate requested while recovering", "Stopped")
+
+
+# ------------------------------------------------------------------ Upgrading
+
+UPGRADED = PipelineSpec.model_validate(
+    {"name": "rows", "operators": [{"id": "events", "type": "generator"},
+                                   {"id": "m", "type": "filter", "expr": "value > 1"},
+                                   {"id": "m2", "type": "filter", "expr": "value > 2"},
+                                   {"id": "out", "type": "null"}]}
+)  # fmt: skip
+
+
+async def _upgrade(job: Job) -> None:
+    """Ask for an upgrade to UPGRADED (no health window); returns once the job accepted it."""
+    await job.handle.start_update(
+        "upgrade", UpgradeRequest(pipeline=UPGRADED, health_window_s=0.0),
+        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+    )  # fmt: skip
+
+
+def _upgraded(job: Job, status: JobStatus) -> None:
+    assert "m2" in status.parallelism and status.upgrade is not None, status.upgrade
+
+
+def _rolled_back(job: Job, status: JobStatus) -> None:
+    assert "m2" not in status.parallelism, status.parallelism
+    assert status.upgrade is not None and status.upgrade.phase == "rolled_back", status.upgrade
+
+
+def _starts_fail_from(generation: int) -> Callable[[int], BaseException | None]:
+    return lambda g: _internal(f"runner g{g}-r0 refused the plan") if g == generation else None
+
+
+async def _in_upgrade_savepoint(lab: Lab, fake: FakeController) -> Job:
+    """A job in Upgrading, its then-stop savepoint held (the fake must hold it)."""
+    job = await _running(lab, fake)
+    await _upgrade(job)
+    await job.reach("Upgrading")
+    await job.held("checkpoint")
+    return job
+
+
+@drives("Running", "Upgrading")
+async def _running_upgrading(lab: Lab) -> tuple[Job, Expect]:
+    job = await _running(lab)
+    await _upgrade(job)
+    return job, Expect("upgrade 1 to pipeline version", "Running", generation=2, check=_upgraded)
+
+
+@drives("Scheduling", "Upgrading")
+async def _scheduling_upgrading(lab: Lab) -> tuple[Job, Expect]:
+    fake = FakeController(start_error=_starts_fail_from(2), hold_start=lambda g: g == 2)
+    job = await _running(lab, fake)
+    await _upgrade(job)
+    await job.held("start 2")
+    await job.reach("Scheduling")
+    fake.release()
+    return job, Expect(("rollback of upgrade 1", "runner g2-r0 refused the plan"), "Running", generation=3,
+                       check=_rolled_back)  # fmt: skip
+
+
+@drives("Upgrading", "Scheduling")
+async def _upgrading_scheduling(lab: Lab) -> tuple[Job, Expect]:
+    fake = FakeController(hold_checkpoint=_final_checkpoint_of_generation_1)
+    job = await _in_upgrade_savepoint(lab, fake)
+    fake.release()
+    return job, Expect("upgrade 1: pipeline version", "Running", generation=2, check=_upgraded)
+
+
+@drives("Upgrading", "Stopping")
+async def _upgrading_stopping(lab: Lab) -> tuple[Job, Expect]:
+    job = await _in_upgrade_savepoint(lab, FakeController(hold_checkpoint=_final_checkpoint_of_generation_1))
+    await job.stop("immediate")
+    return job, Expect("stop immediate requested during upgrade 1", "Stopped")
+
+
+@drives("Upgrading", "Recovering")
+async def _upgrading_recovering(lab: Lab) -> tuple[Job, Expect]:
+    fake = FakeController(hold_checkpoint=_final_checkpoint_of_generation_1, checkpoint_error=_fails_final_checkpoint)
+    job = await _in_upgrade_savepoint(lab, fake)
+    fake.release()
+    return job, Expect(("upgrade 1: savepoint failed", "store refused epoch"), "Running", generation=2)
+
+
+@drives("Upgrading", "Failing")
+async def _upgrading_failing(lab: Lab) -> tuple[Job, Expect]:
+    # The new generation fails to start; the rollback's compile of the old pipeline (compile 3:
+    # the first start, the switch, the rollback) is a user error: nothing left to run.
+    fake = FakeController(start_error=_starts_fail_from(2), hold_compile=lambda n: n == 3,
+                          compile_error=lambda n: _user_error("operator 'm': unknown column") if n == 3 else None)
+    job = await _running(lab, fake)
+    await _upgrade(job)
+    await job.held("compile 3")
+    await job.reach("Upgrading")  # the rollback's
+    fake.release()
+    return job, Expect(("program invalid: ", "operator 'm': unknown column"), "Failed")
 
 
 @drives("Failing", "Failed")

@@ -18,6 +18,7 @@ from sluice.models import (
     CheckpointInfo,
     CheckpointInput,
     CleanupInput,
+    CommitEpochsInput,
     SubtaskSnapshot,
 )
 from sluice.savepoints import protected_epochs, prune_periodic, savepoint_taken, write_savepoint
@@ -71,11 +72,13 @@ class CheckpointActivities:
                     )
                     # Refused (StaleGeneration, nothing published) once a newer generation started.
                     await asyncio.to_thread(store.write_manifest, manifest)
-                progress["phase"] = "commit"
-                committed = await asyncio.to_thread(
-                    commit_sinks, inp.program, inp.job_id, manifest,
-                    before_publish=lambda: store.check_fence(inp.generation),
-                )
+                committed = 0
+                if not inp.defer_commit:  # held back: an upgrade's health window (commit_epochs)
+                    progress["phase"] = "commit"
+                    committed = await asyncio.to_thread(
+                        commit_sinks, inp.program, inp.job_id, manifest,
+                        before_publish=lambda: store.check_fence(inp.generation),
+                    )
                 savepoint = None
                 if inp.savepoint is not None:
                     progress["phase"] = "savepoint"
@@ -142,6 +145,27 @@ class CheckpointActivities:
         except Exception as e:  # noqa: BLE001 - see the docstring
             activity.logger.warning("checkpoint retention for job %s failed (retried next checkpoint): %s",
                                     inp.job_id, e)  # fmt: skip
+
+    @activity.defn(name="commit_epochs")
+    async def commit_epochs(self, inp: CommitEpochsInput) -> int:
+        """The commit phase of checkpoints whose commit was held back (an upgrade's health
+        window), oldest first. Idempotent (a retry republishes nothing), fenced like a checkpoint's
+        own commit. Returns how many items were published."""
+        store = CheckpointStore(inp.checkpoint_url, inp.job_id)
+        published = 0
+        try:
+            async with heartbeating(lambda: {"epochs": inp.epochs}):
+                for epoch in sorted(inp.epochs):
+                    manifest = await asyncio.to_thread(store.read_manifest, epoch)
+                    if manifest is None:
+                        raise ApplicationError(f"commit of epoch {epoch}: its manifest is gone", non_retryable=True)
+                    published += await asyncio.to_thread(
+                        commit_sinks, inp.program, inp.job_id, manifest,
+                        before_publish=lambda: store.check_fence(inp.generation),
+                    )
+        except StaleGeneration as e:
+            raise stale_generation_error(e) from None
+        return published
 
     @activity.defn(name="cleanup_checkpoints")
     async def cleanup_checkpoints(self, inp: CleanupInput) -> int:

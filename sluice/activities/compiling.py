@@ -11,9 +11,10 @@ from sluice.activities.context import ControllerContext, user_error
 from sluice.activities.sinks import claim_sinks
 from sluice.engine.compiler import compile_program
 from sluice.errors import UserError
-from sluice.models import CompileInput, CompileResult
+from sluice.models import CompileInput, CompileResult, UpgradeCheckInput, UpgradeCheckResult
 from sluice.savepoints import SavepointError, copy_savepoint_into, split_ref
 from sluice.storage import CheckpointStore
+from sluice.upgrades import check_compatibility
 
 
 class CompileActivities:
@@ -56,6 +57,18 @@ class CompileActivities:
             latest_epoch=completed[-1] if completed else 0,
             highest_epoch=max(highest, completed[-1] if completed else 0),
         )
+
+    @activity.defn(name="check_upgrade")
+    async def check_upgrade(self, inp: UpgradeCheckInput) -> UpgradeCheckResult:
+        """Compile the upgrade's new pipeline and compare its state with the running program's.
+        Claims nothing and touches no store: a refused upgrade leaves no trace but its verdict.
+        An invalid pipeline is a non-retryable user error naming the file's field."""
+        try:
+            program = await asyncio.to_thread(compile_program, inp.spec.pipeline, inp.spec.config)
+        except UserError as e:
+            raise user_error(f"the new pipeline is invalid: {e}") from None
+        verdict = check_compatibility(inp.program, program, inp.allow_drop_state)
+        return UpgradeCheckResult(program=program, problems=verdict.problems, dropped_state=verdict.dropped_state)
 
     @staticmethod
     def _copy_savepoint(ref: str, url: str, store: CheckpointStore) -> None:

@@ -47,6 +47,15 @@ class SchedulingActivities:
             # of every new generation failing on it again.
             async with heartbeating(lambda: {"verifying epoch": inp.restore_epoch}):
                 manifest = await asyncio.to_thread(restore_point, store, inp.restore_epoch)
+            if manifest is not None and inp.drop_state:
+                # An upgrade allowed these operators to start empty: their old state stays behind
+                # (their pending commits stay: those are output, published by sink recovery).
+                emptied = {
+                    op: part.model_copy(update={"state_files": [], "state_digests": {}})
+                    for op, part in manifest.operators.items()
+                    if op in inp.drop_state
+                }
+                manifest = manifest.model_copy(update={"operators": {**manifest.operators, **emptied}})
         # Fence before sink recovery and before any task starts: from here on the store refuses
         # every publish of an older generation (refused itself if a newer one already started).
         await raise_generation_fence(store, inp.generation)

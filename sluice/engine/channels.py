@@ -57,6 +57,7 @@ from sluice.engine.framing import (
     encode_hello,
 )
 from sluice.engine.messages import Barrier, EndOfStream, Idle, Message, Watermark
+from sluice.engine.taskmetrics import BlockedClock
 
 __all__ = [
     "Authorizer",
@@ -230,13 +231,21 @@ class _MessageQueue:
         self._items.append(msg)
         self._wake(self._getters)
 
-    async def put(self, msg: Message) -> None:
+    async def put(self, msg: Message, blocked: BlockedClock | None = None) -> None:
+        """Append `msg`, waiting while the queue is full; `blocked` (the sender's) times that wait."""
         while True:
             if self.error is not None:
                 raise self.error
             if not self.full():
                 break
-            await self._wait(self._putters)
+            if blocked is None:
+                await self._wait(self._putters)
+                continue
+            blocked.start()  # only a full queue costs a clock read: the hot path stays free
+            try:
+                await self._wait(self._putters)
+            finally:
+                blocked.stop()
         self.put_nowait(msg)
 
     async def get(self) -> Message:
@@ -275,6 +284,8 @@ class LocalChannel:
         self.peer = "local"
         self._queue = _MessageQueue(capacity)
         self._sent_end = False
+        #: time the sending subtask spent waiting for room (its backpressure)
+        self.blocked = BlockedClock()
 
     @property
     def capacity(self) -> int:
@@ -287,7 +298,7 @@ class LocalChannel:
     async def send(self, msg: Message) -> None:
         if not isinstance(msg, _MESSAGE_TYPES):
             raise TypeError(f"not a channel message: {type(msg).__name__}")
-        await self._queue.put(msg)
+        await self._queue.put(msg, self.blocked)
         if isinstance(msg, EndOfStream):
             self._sent_end = True
 
@@ -792,6 +803,8 @@ class RemoteSender:
         self._state_changed = asyncio.Event()
         self._closing = False
         self._sent_end = False
+        #: time the sending subtask spent waiting for the receiver (its backpressure)
+        self.blocked = BlockedClock()
         self._watcher = asyncio.get_running_loop().create_task(
             self._watch(), name=f"sluice-channel-watch {channel}"
         )
@@ -870,6 +883,7 @@ class RemoteSender:
         _write(transport, bufs)
         if isinstance(msg, EndOfStream):
             self._sent_end = True
+        self.blocked.start()  # drain returns at once unless the send buffer is over its bound
         try:
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -877,6 +891,8 @@ class RemoteSender:
                 self._fail(f"connection lost: {exc or type(exc).__name__}")
             assert self._failure is not None
             raise self._failure from None
+        finally:
+            self.blocked.stop()
 
     async def close(self) -> None:
         """Flush what is buffered (up to CLOSE_TIMEOUT_S, then abort) and close; idempotent, never

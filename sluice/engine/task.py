@@ -56,6 +56,7 @@ from sluice.engine.registry import build_operator
 from sluice.engine.routing import InputChannel, InputClosed, InputGate, Output
 from sluice.engine.sources import Source
 from sluice.engine.stateless import check_same_schema
+from sluice.engine.taskmetrics import BackpressureMeter, watermark_lag_s
 from sluice.engine.tracebacks import stable_text, thread_traceback, user_traceback
 from sluice.errors import CorruptCheckpointError, StaleGeneration, UserError
 from sluice.models import (
@@ -199,6 +200,10 @@ class SubtaskRunner:
         self._calls: CallThread | None = None
         self._waiting: asyncio.Future[object] | None = None  # the call run() is awaiting
         self._watermark_runs_user_code = False  # set by open(): see _watermark_reaches_user_code
+        #: the event-time watermark that last went through the chain (for the watermark lag)
+        self.watermark_ms: int | None = None
+        clocks = [c for out in self.outputs for s in out.senders if (c := getattr(s, "blocked", None)) is not None]
+        self._backpressure = BackpressureMeter(lambda: clocks)
 
     # ------------------------------------------------------------------ control (same event loop)
 
@@ -226,15 +231,23 @@ class SubtaskRunner:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Per operator of this subtask: ``records_in.<op>``, ``records_out.<op>``, and whatever
-        the operator reports itself (e.g. ``late_records.<op>`` of a window)."""
+        """Per operator of this subtask: ``records_in.<op>``, ``records_out.<op>``,
+        ``backpressure.<op>`` (the subtask's: the fraction of the last interval it spent blocked
+        sending downstream), ``watermark_lag_s.<op>`` (wall clock minus the watermark that last
+        went through the chain; absent before the first), and whatever the operator reports itself
+        (e.g. ``late_records.<op>`` of a window)."""
         if self._chain is None:
             return {}
         out: dict[str, float] = {}
+        backpressure = self._backpressure.fraction()
+        lag = watermark_lag_s(self.watermark_ms)
         for op in self._chain.operators:
             op_id = op.operator_id
             out[f"records_in.{op_id}"] = self._chain.rows_in[op_id]
             out[f"records_out.{op_id}"] = self._chain.rows_out[op_id]
+            out[f"backpressure.{op_id}"] = backpressure
+            if lag is not None:
+                out[f"watermark_lag_s.{op_id}"] = lag
             own = getattr(op, "metrics", None)
             if callable(own):
                 try:
@@ -472,6 +485,7 @@ class SubtaskRunner:
                 released = await self._step(lambda: chain.watermark(wm))
             else:  # no user function can be reached: not worth a trip to the thread
                 released = chain.watermark(wm)
+        self.watermark_ms = wm.ts_ms
         await self._emit(released)
         await self._broadcast(wm)
 

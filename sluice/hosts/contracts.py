@@ -65,6 +65,9 @@ class HostRegistration(Contract):
     slots: int = Field(ge=0, description="runner processes this host may run at once")
     labels: dict[str, str] = Field(default_factory=dict)
     version: str = ""
+    endpoint: str | None = Field(
+        default=None, description="URL of its metrics and logs endpoint (None: it serves none)"
+    )
 
 
 class HostRecord(Contract):
@@ -78,6 +81,7 @@ class HostRecord(Contract):
     labels: dict[str, str] = Field(default_factory=dict)
     version: str = ""
     jobs: dict[str, int] = Field(default_factory=dict, description="job id -> runners reserved here")
+    endpoint: str | None = Field(default=None, description="URL of its metrics and logs endpoint, if any")
 
     @property
     def slots_free(self) -> int:

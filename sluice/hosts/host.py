@@ -55,6 +55,9 @@ from sluice.hosts.contracts import (
     RunnerReport,
     host_task_queue,
 )
+from sluice.hosts.endpoint import ObservabilityEndpoint
+from sluice.hosts.host_metrics import HostObserver
+from sluice.hosts.job_metrics import HeartbeatSeries
 from sluice.hosts.pool import DEFAULT_POOL_SIZE, WarmPool
 from sluice.models import RunnerEvent, RunnerInfo
 from sluice.runner.client import RunnerClient, RunnerSilent
@@ -116,6 +119,10 @@ class HostConfig:
     labels: dict[str, str] = field(default_factory=dict)
     hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S
     warm_runners: int = DEFAULT_POOL_SIZE  # pre-started runner processes kept ready (0: none)
+    #: the metrics and logs endpoint's port on the advertise address (None: no endpoint; 0: a free one)
+    metrics_port: int | None = None
+    #: metrics_port is only the default: if it is in use, a free port is taken instead
+    metrics_port_is_default: bool = False
 
     @property
     def address(self) -> str:
@@ -138,6 +145,7 @@ class RunnerWatch:
     follow: asyncio.Task[None] | None = None
     sender: asyncio.Task[None] | None = None
     outbox: asyncio.Queue[RunnerReport] = field(default_factory=asyncio.Queue)
+    heartbeats: HeartbeatSeries = field(default_factory=HeartbeatSeries)  # for the endpoint's rates
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -170,6 +178,15 @@ class RunnerHost:
         self._tasks: list[asyncio.Task[Any]] = []
         self._recheck: asyncio.Task[None] | None = None
         self.registered = False  # true once the registry knows this host (placement can use it)
+        self.endpoint: ObservabilityEndpoint | None = None
+        if config.metrics_port is not None:
+            # Made now, so a controller worker can add its own metrics before start() binds it.
+            self.endpoint = ObservabilityEndpoint(
+                config.address, config.metrics_port, port_is_default=config.metrics_port_is_default
+            )
+            observer = HostObserver(self)
+            self.endpoint.host = observer
+            self.endpoint.sources.append(observer.prometheus_text)
 
     # ---------------------------------------------------------------------------- life
 
@@ -182,7 +199,16 @@ class RunnerHost:
             slots=self.config.slots,
             labels=self.config.labels,
             version=sluice.__version__,
+            endpoint=self.endpoint.url if self.endpoint is not None else None,
         )
+
+    def watches(self) -> list[RunnerWatch]:
+        """The runners this host follows (also those stopping or ended, until their files go)."""
+        return list(self._watches.values())
+
+    def runners_in_use(self) -> int:
+        """Runner slots in use: runners running here that are not being stopped."""
+        return self._runners_in_use()
 
     def activities(self) -> list[Any]:
         return [self.host_start_runners, self.host_stop_runners, self.host_lease]
@@ -208,6 +234,8 @@ class RunnerHost:
         )
         self._tasks.append(asyncio.create_task(self._worker.run(), name=f"host-worker-{self.config.host_id}"))
         self._tasks.append(asyncio.create_task(self._watch_loop(), name=f"host-watch-{self.config.host_id}"))
+        if self.endpoint is not None:
+            await self.endpoint.start()  # before registering: the registration names its URL
         await self._register()
         self._tasks.append(asyncio.create_task(self._registry_check_loop(), name=f"host-lease-{self.config.host_id}"))
         self._tasks.append(asyncio.create_task(self._closed_jobs_loop(), name=f"host-jobs-{self.config.host_id}"))
@@ -250,6 +278,8 @@ class RunnerHost:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.endpoint is not None:
+            await self.endpoint.close()
 
     async def __aenter__(self) -> RunnerHost:
         await self.start()
@@ -509,6 +539,8 @@ class RunnerHost:
                 self._lost(w, f"{_who(w, self.config.host_id)} is unreachable: {e}")
 
     def _on_event(self, w: RunnerWatch, event: RunnerEvent) -> None:
+        if event.kind == "heartbeat" and event.metrics is not None:
+            w.heartbeats.add(event.metrics)
         if w.ended or w.stopping:
             return
         changed: dict[str, str] = {}

@@ -282,6 +282,7 @@ class HostRegistryWorkflow:
                     labels=dict(reg.labels),
                     version=reg.version,
                     jobs=jobs,
+                    endpoint=reg.endpoint,
                 )
             )
         return records

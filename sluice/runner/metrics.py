@@ -26,6 +26,20 @@ COUNTER_HELP: dict[str, str] = {
     "late_records": "Records dropped by an event-time operator because their window had already been emitted",
 }
 RECORD_COUNTERS: tuple[str, ...] = tuple(COUNTER_HELP)
+#: per-operator gauges a subtask may expose: {name in the subtask's mapping: (metric, help text)}
+GAUGE_HELP: dict[str, tuple[str, str]] = {
+    "watermark_lag_s": (
+        "sluice_watermark_lag_seconds",
+        "Wall clock minus the operator subtask's current event-time watermark (absent before the first)",
+    ),
+    "backpressure": (
+        "sluice_backpressure_ratio",
+        "Fraction of the last interval the operator's subtask spent blocked sending downstream (0..1)",
+    ),
+}
+OPERATOR_GAUGES: tuple[str, ...] = tuple(GAUGE_HELP)
+#: heartbeat key of the number of this runner's subtasks running an operator
+SUBTASKS_KEY = "subtasks"
 
 
 def subtask_counters(task: Any) -> dict[str, dict[str, float]]:
@@ -66,6 +80,10 @@ class _TaskCollector(Collector):
             name: CounterMetricFamily(f"sluice_{name}", COUNTER_HELP[name], labels=[*base, "operator", "subtask"])
             for name in RECORD_COUNTERS
         }
+        gauges = {
+            name: GaugeMetricFamily(metric, text, labels=[*base, "operator", "subtask"])
+            for name, (metric, text) in GAUGE_HELP.items()
+        }
         states = GaugeMetricFamily(
             "sluice_tasks", "Subtasks of this runner by state", labels=[*base, "state"]
         )
@@ -73,15 +91,19 @@ class _TaskCollector(Collector):
         for ref, task, state in self._tasks():
             by_state[state] = by_state.get(state, 0) + 1
             for op, counters in subtask_counters(task).items():
+                labels = [*self._labels.values(), op, str(ref.index)]
                 for name in RECORD_COUNTERS:
                     value = counters.get(name)
-                    if isinstance(value, (int, float)):
-                        families[name].add_metric(
-                            [*self._labels.values(), op, str(ref.index)], float(value)
-                        )
+                    if value is not None:
+                        families[name].add_metric(labels, value)
+                for name in OPERATOR_GAUGES:
+                    value = counters.get(name)
+                    if value is not None:
+                        gauges[name].add_metric(labels, value)
         for state, n in sorted(by_state.items()):
             states.add_metric([*self._labels.values(), state], n)
         yield from families.values()
+        yield from gauges.values()
         yield states
 
 
@@ -118,14 +140,23 @@ class RunnerMetrics:
 
 def heartbeat_metrics(tasks: Iterable[Any]) -> dict[str, float]:
     """Totals for the event stream's heartbeat: `records_in`, `records_out`, and per operator
-    `records_out.<operator>` / `records_in.<operator>` summed over this runner's subtasks."""
+    `records_out.<operator>` / `records_in.<operator>` summed over this runner's subtasks;
+    `watermark_lag_s.<operator>` / `backpressure.<operator>` as the highest over them (a lag only
+    once one has a watermark); `subtasks.<operator>`, how many of them run the operator."""
     out: dict[str, float] = {name: 0.0 for name in RECORD_COUNTERS}
     for task in tasks:
         for op, counters in subtask_counters(task).items():
+            key = f"{SUBTASKS_KEY}.{op}"
+            out[key] = out.get(key, 0.0) + 1
             for name in RECORD_COUNTERS:
                 value = counters.get(name)
-                if isinstance(value, (int, float)):
-                    out[name] += float(value)
+                if value is not None:
+                    out[name] += value
                     key = f"{name}.{op}"
-                    out[key] = out.get(key, 0.0) + float(value)
+                    out[key] = out.get(key, 0.0) + value
+            for name in OPERATOR_GAUGES:
+                value = counters.get(name)
+                if value is not None:
+                    key = f"{name}.{op}"
+                    out[key] = max(out.get(key, value), value)
     return out

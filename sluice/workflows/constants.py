@@ -63,6 +63,14 @@ CHECKPOINT_LOCAL_MAX_TIMEOUT = timedelta(minutes=20)
 CLEANUP_TIMEOUT = timedelta(seconds=60)
 CLEANUP_RETRY = RetryPolicy(maximum_attempts=2)
 
+# An upgrade's held-back output, published once its health window ended healthy: idempotent,
+# so retried generously (a failure here would leave output unpublished until the next restore).
+COMMIT_EPOCHS_TIMEOUT = timedelta(minutes=10)
+COMMIT_EPOCHS_RETRY = RetryPolicy(
+    maximum_attempts=10, initial_interval=timedelta(seconds=0.5), maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=[USER_ERROR_TYPE],
+)
+
 # Stop (graceful/immediate): bounded by the job's finish timeout (default 60 s) plus a margin.
 STOP_MARGIN = timedelta(seconds=10)
 STOP_RETRY = RetryPolicy(maximum_attempts=2, initial_interval=timedelta(seconds=0.5))

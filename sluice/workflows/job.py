@@ -63,13 +63,18 @@ with workflow.unsafe.imports_passed_through():
         StopMode,
         TeardownInput,
         TransitionRecord,
+        UpgradeDecision,
+        UpgradeRequest,
+        UpgradeStatus,
         WaitForStateRequest,
+        pipeline_version,
     )
     from sluice.workflows import constants as C
     from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.savepoints import SavepointRequests
     from sluice.workflows.states import STEPS
     from sluice.workflows.states.common import cause_of
+    from sluice.workflows.states.upgrading import holding_output
     from sluice.workflows.table import STOPPING, TERMINAL, check_transition
 
 JOB_STATE = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATE)
@@ -118,6 +123,12 @@ class CarriedState(BaseModel):
     # (host id -> its task queue), so that a teardown reaches them all.
     view: RunnerView = Field(default_factory=RunnerView)
     runner_hosts: dict[str, str] = Field(default_factory=dict)
+    # Pipeline upgrades: the newest one (states/upgrading.py), the new program its check compiled
+    # (until the switch), and the operators an upgrade let start empty: operator -> the newest
+    # epoch whose state of it is left out when restored.
+    upgrade: UpgradeStatus | None = None
+    upgrade_program: Program | None = None
+    dropped_state: dict[str, int] = Field(default_factory=dict)
 
 
 class ViewMonitor:
@@ -177,6 +188,7 @@ class JobWorkflow:
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
         self.inflight_checkpoint: workflow.ActivityHandle[Any] | None = None
+        self.upgrade_check: workflow.ActivityHandle[Any] | None = None  # an upgrade's check, in Running
         self.savepoints = SavepointRequests()  # `savepoint` updates, served by Running
         self.continuing = False
         self.commands_seen = 0  # bumped by every accepted command: wakes waiting states
@@ -189,7 +201,7 @@ class JobWorkflow:
         self.fast_recovery = workflow.patched(C.PATCH_FAST_RECOVERY)
         self.lean_checkpoints = workflow.patched(C.PATCH_LEAN_CHECKPOINTS)
         self.local_checkpoints = workflow.patched(C.PATCH_LOCAL_CHECKPOINTS)
-        self._upsert_search_attributes()
+        self.upsert_search_attributes()
         self.show_details()
         while self.carried.state not in TERMINAL:
             step = STEPS[self.carried.state]
@@ -228,8 +240,33 @@ class JobWorkflow:
     # ------------------------------------------------------------------ transitions
 
     def transition(self, target: JobStateName, reason: str) -> None:
-        """Move to `target` if the table allows it; record it where users can see it."""
+        """Move to `target` if the table allows it; record it where users can see it.
+
+        While an upgrade switches to its new generation or watches it in the health window, a
+        failure of that generation (a move to Recovering or Failing) rolls the upgrade back
+        instead: the job goes to Upgrading, which restores the old pipeline."""
+        up = self.carried.upgrade
+        if (
+            target in ("Recovering", "Failing")
+            and up is not None
+            and up.phase in ("switching", "health_window")
+            and self.carried.state in ("Scheduling", "Running")
+            and not reason.startswith("controller error")  # a controller bug fails the job, named
+        ):
+            failure = self.carried.failure if target == "Failing" else self.carried.last_error
+            self.carried.last_error, self.carried.failure = failure, None
+            up.phase = "rolling_back"
+            up.reason = f"the new generation failed in {self.carried.state}: {reason}"
+            target, reason = "Upgrading", f"rollback of upgrade {up.number}: {reason}"
         check_transition(self.carried.state, target)
+        if up is not None and up.phase in ("checking", "awaiting_approval") and target != "Upgrading":
+            # Leaving Running before the switch ends the upgrade; the old pipeline stays.
+            if self.upgrade_check is not None:
+                self.upgrade_check.cancel()
+                self.upgrade_check = None
+            up.phase, up.reason = "abandoned", f"the job left Running before the switch: {reason}"
+            up.finished_at = workflow.now()
+            self.carried.upgrade_program = None
         workflow.logger.info("job %s: %s -> %s (%s)", self.job_id, self.carried.state, target, reason)
         self.carried.transitions.append(
             TransitionRecord(time=workflow.now(), from_state=self.carried.state, to_state=target, reason=reason)
@@ -239,7 +276,7 @@ class JobWorkflow:
             self.carried.restarts += 1
             self._count_repeat(self.carried.last_error)
         self.carried.state = target
-        self._upsert_search_attributes()
+        self.upsert_search_attributes()
         self.show_details()
 
     def _count_repeat(self, failure: Failure | None) -> None:
@@ -270,7 +307,7 @@ class JobWorkflow:
         self.carried.failure_streak = 0
         self.carried.streak_failure = None
 
-    def _upsert_search_attributes(self) -> None:
+    def upsert_search_attributes(self) -> None:
         workflow.upsert_search_attributes(
             [JOB_STATE.value_set(self.carried.state), PIPELINE_NAME.value_set(self.spec.pipeline.name)]
         )
@@ -292,6 +329,13 @@ class JobWorkflow:
             # A local checkpoint is no pending activity in the UI: this line says one runs. Only
             # start_checkpoint bumps next_epoch while Running, so the epoch in flight is the one below.
             lines.append(f"- checkpoint epoch {c.next_epoch - 1} in progress")
+        if c.upgrade is not None:
+            u = c.upgrade
+            lines.append(
+                f"- upgrade {u.number} ({u.mode}, version {u.from_version} → {u.to_version}): {u.phase}"
+                + (f": {_short(u.reason, 300)}" if u.reason else "")
+                + (" (`sluice approve`/`sluice reject`)" if u.phase == "awaiting_approval" else "")
+            )
         if c.failure:
             where = f" in operator `{c.failure.operator}`" if c.failure.operator else ""
             lines.append(f"- failure ({c.failure.domain}){where}: {_short(c.failure.message, 500)}")
@@ -313,6 +357,13 @@ class JobWorkflow:
 
     def restart_needed(self) -> bool:
         return self.carried.config.restart_nonce != self.carried.applied_nonce
+
+    def holding_output(self) -> bool:
+        """An upgrade's health window: checkpoints hold their output back (states/upgrading.py)."""
+        return holding_output(self.carried.upgrade)
+
+    def upgrade_active(self) -> bool:
+        return self.carried.upgrade is not None and self.carried.upgrade.active
 
     def stop_requested(self) -> bool:
         return self.carried.config.stop != "none"
@@ -388,11 +439,18 @@ class JobWorkflow:
             job_id=self.job_id,
             checkpoint_url=self.carried.checkpoint_url,
             keep=self.carried.config.checkpoints_to_keep,
-            protect=[self.carried.epoch],
+            protect=[self.carried.epoch, *self._upgrade_epochs()],
             periodic_savepoints_to_keep=(
                 self.carried.config.periodic_savepoints_to_keep if self.carried.config.savepoint_interval_s else None
             ),
         )
+
+    def _upgrade_epochs(self) -> list[int]:
+        """While an upgrade goes on: its rollback point and its held-back epochs stay."""
+        up = self.carried.upgrade
+        if up is None or not up.active:
+            return []
+        return [*([up.restore_epoch] if up.restore_epoch else []), *up.deferred_epochs]
 
     def start_cleanup(self) -> None:
         """Delete checkpoints beyond the ones to keep; never blocks or fails checkpointing."""
@@ -538,6 +596,14 @@ class JobWorkflow:
         if self.carried.state in TERMINAL:
             raise JobIsClosing(f"job is already {self.carried.state}; {command} needs a new run (sluice restart)")
 
+    def _check_no_upgrade(self, command: str) -> None:
+        """Commands that would change the generation are refused while an upgrade goes on."""
+        up = self.carried.upgrade
+        if up is not None and up.active:
+            raise CommandRejected(
+                f"upgrade {up.number} is in progress ({up.phase}); {command} once it completed or rolled back"
+            )
+
     def _check_stop(self, cmd: StopCommand) -> None:
         self._check_open("stop")
         if self.carried.state in STOPPING and cmd.mode in ("none", "checkpoint"):
@@ -548,6 +614,7 @@ class JobWorkflow:
 
     def _check_parallelism(self, parallelism: int | None, overrides: dict[str, int] | None) -> JobConfig:
         self._check_open("rescale")
+        self._check_no_upgrade("rescale")
         if self.carried.state in STOPPING:
             raise CommandRejected(f"job is {self.carried.state}; it cannot be rescaled")
         new = self.carried.config.model_copy(deep=True)
@@ -562,6 +629,7 @@ class JobWorkflow:
 
     def _check_restart(self) -> None:
         self._check_open("restart")
+        self._check_no_upgrade("restart")
         if self.carried.state in STOPPING:
             raise CommandRejected(f"job is {self.carried.state}; restart it once it is Stopped")
 
@@ -664,6 +732,7 @@ class JobWorkflow:
             self._check_restart()
         new = JobConfig.model_validate({**self.carried.config.model_dump(), **changes})
         if "parallelism" in changes or "overrides" in changes:
+            self._check_no_upgrade("rescale")
             problem = plan_problem(self.spec.pipeline, new)
             if problem:
                 raise CommandRejected(problem)
@@ -776,8 +845,125 @@ class JobWorkflow:
         self._check_open("savepoint")
         if self.carried.state != "Running":
             raise CommandRejected(f"a savepoint needs a Running job; job is {self.carried.state}")
+        self._check_no_upgrade("take a savepoint")
         if req.name is not None and req.name in self.savepoints.names_pending():
             raise CommandRejected(f"a savepoint named {req.name!r} is already being taken")
+
+    # ------------------------------------------------------------------ upgrades
+
+    @workflow.update(name="upgrade")
+    async def upgrade(self, req: UpgradeRequest) -> UpgradeStatus:
+        """Switch the job to a new pipeline (states/upgrading.py). Returns once the new generation
+        runs (its health window began), or waits for approval; fails when refused (each
+        incompatible operator named), rejected or abandoned."""
+        try:
+            self._check_upgrade(req)
+        except CommandRejected as e:
+            raise _rejection(e) from None
+        c = self.carried
+        number = (c.upgrade.number if c.upgrade else 0) + 1
+        c.upgrade = UpgradeStatus(
+            number=number,
+            phase="checking",
+            mode=req.mode,
+            require_approval=req.require_approval,
+            health_window_s=req.health_window_s,
+            allow_drop_state=req.allow_drop_state,
+            from_version=pipeline_version(self.spec.pipeline),
+            to_version=pipeline_version(req.pipeline),
+            new_pipeline=req.pipeline,
+            previous_pipeline=self.spec.pipeline,
+            previous_parallelism=c.config.parallelism,
+            previous_overrides=dict(c.config.overrides),
+            requested_at=workflow.now(),
+        )
+        self._accepted()
+        return await self._upgrade_outcome(number, {"awaiting_approval"})
+
+    @upgrade.validator
+    def _validate_upgrade(self, req: UpgradeRequest) -> None:
+        try:
+            self._check_upgrade(req)
+        except CommandRejected as e:
+            raise _rejection(e) from None
+
+    def _check_upgrade(self, req: UpgradeRequest) -> None:
+        self._check_open("upgrade")
+        if self.carried.state != "Running":
+            raise CommandRejected(f"an upgrade needs a Running job; job is {self.carried.state}")
+        self._check_no_upgrade("upgrade again")
+        if self.stop_requested() or self.restart_needed() or self.rescale_needed():
+            raise CommandRejected("the job is about to stop, restart or rescale; upgrade it afterwards")
+        ids = {op.id for op in req.pipeline.operators}
+        config = self.carried.config.model_copy(
+            update={"overrides": {op: n for op, n in self.carried.config.overrides.items() if op in ids}}
+        )
+        problem = plan_problem(req.pipeline, config)
+        if problem:
+            raise CommandRejected(f"the new pipeline cannot run with the job's config: {problem}")
+
+    @workflow.update(name="approve_upgrade")
+    async def approve_upgrade(self, decision: UpgradeDecision) -> UpgradeStatus:
+        """Go ahead with (or reject) the upgrade waiting for approval."""
+        try:
+            up = self._check_decision()
+        except CommandRejected as e:
+            raise _rejection(e) from None
+        if not decision.approve:
+            up.phase = "rejected"
+            up.reason = f"rejected: {decision.reason or 'no reason given'}"
+            up.finished_at = workflow.now()
+            self.carried.upgrade_program = None
+            self._accepted()
+            return up
+        up.phase = "savepoint"
+        self._accepted()
+        return await self._upgrade_outcome(up.number, set())
+
+    @approve_upgrade.validator
+    def _validate_decision(self, decision: UpgradeDecision) -> None:
+        try:
+            self._check_decision()
+        except CommandRejected as e:
+            raise _rejection(e) from None
+
+    def _check_decision(self) -> UpgradeStatus:
+        self._check_open("approve_upgrade")
+        up = self.carried.upgrade
+        if up is None or up.phase != "awaiting_approval":
+            now = f"upgrade {up.number} is {up.phase}" if up is not None else "the job has no upgrade"
+            raise CommandRejected(f"no upgrade is waiting for approval ({now})")
+        return up
+
+    async def _upgrade_outcome(self, number: int, also: set[str]) -> UpgradeStatus:
+        """Wait until upgrade `number`'s new generation runs, it ended, or it reached a phase in
+        `also`. Every wait ends: also when the job closes or continues as new."""
+        done = {"health_window", "completed", "refused", "rejected", "rolled_back", "abandoned", *also}
+
+        def settled() -> bool:
+            up = self.carried.upgrade
+            return up is None or up.number != number or up.phase in done
+
+        await workflow.wait_condition(lambda: settled() or self.carried.state in TERMINAL or self.continuing)
+        up = self.carried.upgrade
+        assert up is not None
+        if up.phase == "refused":
+            raise ApplicationError(
+                up.reason or "upgrade refused", up.problems, type="UpgradeRefused", non_retryable=True
+            )
+        if up.phase in ("rejected", "abandoned"):
+            raise ApplicationError(
+                f"upgrade {up.phase}: {up.reason}", type="UpgradeEnded", non_retryable=True
+            )
+        if up.phase in done:
+            return up
+        if self.carried.state in TERMINAL:
+            raise ApplicationError(f"job is {self.carried.state}; the upgrade ended with it", type="JobClosed",
+                                   non_retryable=True)  # fmt: skip
+        raise ApplicationError(
+            "job continued as new; the upgrade goes on (sluice status shows it)", type="ContinuedAsNew",
+            non_retryable=True,
+        )
 
     @workflow.query(name="status")
     def status(self) -> JobStatus:
@@ -797,6 +983,7 @@ class JobWorkflow:
             transitions=self.carried.transitions,
             waiting_for=self.waiting_for,
             checkpoint_url=self.carried.checkpoint_url,
+            upgrade=self.carried.upgrade,
         )
 
     # ------------------------------------------------------------------ continue-as-new

@@ -64,6 +64,17 @@ TRANSITIONS: tuple[Transition, ...] = (
         "Failing",
     ),
     Transition("Recovering", "stop requested", "Stopping"),
+    Transition(
+        "Running",
+        "upgrade checked (and approved): savepoint, then switch; or its new generation failed "
+        "in the health window: rollback",
+        "Upgrading",
+    ),
+    Transition("Scheduling", "upgrade's new generation failed to start: rollback", "Upgrading"),
+    Transition("Upgrading", "old generation stopped at the restore point: new pipeline (or rollback)", "Scheduling"),
+    Transition("Upgrading", "stop requested", "Stopping"),
+    Transition("Upgrading", "the savepoint failed (upgrade abandoned), or a rollback did not compile", "Recovering"),
+    Transition("Upgrading", "rollback: the previous pipeline is invalid (user error)", "Failing"),
     Transition("Failing", "tear down (best effort)", "Failed"),
 )
 

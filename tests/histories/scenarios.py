@@ -25,7 +25,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from sluice.client import CommandRejected, JobClient
-from sluice.models import JobSpec, JobStatus, PipelineSpec
+from sluice.models import JobSpec, JobStatus, PipelineSpec, UpgradeRequest
 from tests.e2e_helpers import (
     ADD_ONE,
     assert_exact_output,
@@ -427,6 +427,30 @@ async def savepoints(ctx: ScenarioContext, job_id: str) -> None:
     check_prefix(pipeline)
 
 
+async def upgrades(ctx: ScenarioContext, job_id: str) -> None:
+    """Running: an upgrade that adds a filter (check, savepoint, Upgrading, new generation, a
+    health window, held-back output published), then one whose new map always raises (rolled back
+    to the savepoint and the previous pipeline), then stopped."""
+    pipeline = unbounded(ctx, job_id)
+    await ctx.job_client.start(spec_for(ctx, pipeline, job_id))
+    await running(ctx, job_id, epoch_above=0)
+    ops = [op.model_dump(by_alias=True, exclude_none=True) for op in pipeline.operators]
+    keep_all = {"id": "keep_all", "type": "filter", "expr": "value >= 0"}
+    filtered = PipelineSpec.model_validate({**pipeline.model_dump(), "operators": [*ops[:-1], keep_all, ops[-1]]})
+    up = await ctx.job_client.upgrade(job_id, UpgradeRequest(pipeline=filtered, health_window_s=2.0))
+    assert up.phase == "health_window", up
+    await wait_status(ctx.job_client, job_id, lambda s: s.upgrade is not None and s.upgrade.phase == "completed",
+                      timeout_s=STATE_TIMEOUT_S, what="upgrade 1 completed")  # fmt: skip
+    failing = {"id": "new_map", "type": "map", "fn": ALWAYS_RAISES}
+    broken = PipelineSpec.model_validate({**pipeline.model_dump(), "operators": [*ops[:-1], failing, ops[-1]]})
+    await ctx.job_client.upgrade(job_id, UpgradeRequest(pipeline=broken, health_window_s=30.0))
+    await wait_status(ctx.job_client, job_id, lambda s: s.state == "Running" and s.upgrade is not None
+                      and s.upgrade.phase == "rolled_back", timeout_s=STATE_TIMEOUT_S,
+                      what="upgrade 2 rolled back")  # fmt: skip
+    await stop_and_close(ctx, job_id)
+    check_prefix(pipeline)
+
+
 async def hold_local_checkpoint(client: Client, job_client: JobClient, job_id: str, faults: Path) -> Path:
     """Bring a Running job whose map is `steered` (runners started with $SLUICE_TEST_FAULT_DIR =
     `faults`) into a periodic local checkpoint that cannot complete: a map batch does not return
@@ -478,7 +502,7 @@ def _held_checkpoint_scenario(mode: str) -> Scenario:
 
 # Scenarios of features newer than the first corpora: recorded only in the folders of the
 # patches since (tests/histories/README.md), not in the older ones.
-LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints}
+LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints, "upgrades": upgrades}
 # Scenarios of runs with the local-checkpoints patch only (a periodic checkpoint held in flight).
 LOCAL_CHECKPOINT_SCENARIOS: dict[str, Scenario] = {
     "held_checkpoint_stop_checkpoint": _held_checkpoint_scenario("checkpoint"),

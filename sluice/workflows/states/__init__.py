@@ -9,6 +9,7 @@ from sluice.workflows.states.rescaling import rescaling, restarting
 from sluice.workflows.states.running import running
 from sluice.workflows.states.starting import compiling, created, scheduling
 from sluice.workflows.states.stopping import checkpoint_stopping, finishing, stopping
+from sluice.workflows.states.upgrading import upgrading
 
 STEPS: dict[str, Callable[..., Awaitable[None]]] = {
     "Created": created,
@@ -21,5 +22,6 @@ STEPS: dict[str, Callable[..., Awaitable[None]]] = {
     "Stopping": stopping,
     "Finishing": finishing,
     "Recovering": recovering,
+    "Upgrading": upgrading,
     "Failing": failing,
 }

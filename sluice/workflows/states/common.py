@@ -56,6 +56,16 @@ def is_user_error(e: BaseException) -> bool:
 
 async def compile_program(wf: JobWorkflow) -> bool:
     """Run the compile activity; on failure transition (Failing or Recovering) and return False."""
+    error = await compile_or_error(wf)
+    if error is not None:
+        fail_or_recover(wf, error, user="program invalid", other="compile failed")
+        return False
+    return True
+
+
+async def compile_or_error(wf: JobWorkflow) -> ActivityError | None:
+    """Run the compile activity for the job's current pipeline: the program, the store and the
+    restore point on success (None), else the activity's error (nothing transitioned)."""
     spec = JobSpec(
         job_id=wf.job_id, pipeline=wf.spec.pipeline, config=wf.carried.config, checkpoint_url=wf.carried.checkpoint_url
     )
@@ -68,8 +78,7 @@ async def compile_program(wf: JobWorkflow) -> bool:
             summary=f"compile {wf.spec.pipeline.name}",
         )
     except ActivityError as e:
-        fail_or_recover(wf, e, user="program invalid", other="compile failed")
-        return False
+        return e
     wf.carried.program = res.program
     wf.carried.checkpoint_url = res.checkpoint_url
     wf.carried.next_epoch = max(wf.carried.next_epoch, res.highest_epoch + 1)
@@ -81,7 +90,7 @@ async def compile_program(wf: JobWorkflow) -> bool:
         # Also a checkpoint whose activity failed after its manifest was written counts.
         wf.carried.epoch = max(wf.carried.epoch, res.latest_epoch)
     wf.carried.compiled_once = True
-    return True
+    return None
 
 
 def fail_or_recover(wf: JobWorkflow, e: BaseException, *, user: str, other: str) -> None:
@@ -124,6 +133,7 @@ def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = N
         savepoint=savepoint,
         pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
         retention=wf.retention() if wf.lean_checkpoints else None,
+        defer_commit=wf.holding_output(),
     )
     timeout = timedelta(seconds=wf.carried.config.checkpoint_timeout_s)
     if wf.local_checkpoints and not then_stop and savepoint is None and timeout <= C.CHECKPOINT_LOCAL_MAX_TIMEOUT:
@@ -208,14 +218,19 @@ def take_checkpoint_result(wf: JobWorkflow) -> CheckpointFailed | None:
         return failed
     wf.savepoints.finish(info.savepoint or "the checkpoint completed without a savepoint record")
     wf.carried.epoch = info.epoch
+    if wf.holding_output():
+        assert wf.carried.upgrade is not None
+        wf.carried.upgrade.deferred_epochs.append(info.epoch)
     wf.progress_made()
     if not wf.lean_checkpoints:
         wf.start_cleanup()  # else the checkpoint activity applied retention itself
     return None
 
 
-async def final_checkpoint(wf: JobWorkflow, escalate: Callable[[], bool]) -> Failure | str | None:
-    """Checkpoint with then-stop and wait until every task finished.
+async def final_checkpoint(
+    wf: JobWorkflow, escalate: Callable[[], bool], savepoint: str | None = None
+) -> Failure | str | None:
+    """Checkpoint with then-stop and wait until every task finished (kept as `savepoint` if named).
 
     A periodic checkpoint in flight is waited for first (its result kept). Meanwhile runner
     liveness and task failures are watched, and `escalate()` is honoured at any moment, so a
@@ -229,7 +244,7 @@ async def final_checkpoint(wf: JobWorkflow, escalate: Callable[[], bool]) -> Fai
         if wf.inflight_checkpoint is None:
             if final_started:
                 return None
-            start_checkpoint(wf, then_stop=True)
+            start_checkpoint(wf, then_stop=True, savepoint=savepoint)
             final_started = True
         handle = wf.inflight_checkpoint
         assert handle is not None  # started above, or a periodic one in flight

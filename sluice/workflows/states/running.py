@@ -22,6 +22,12 @@ with workflow.unsafe.imports_passed_through():
         stop_transition,
         take_checkpoint_result,
     )
+    from sluice.workflows.states.upgrading import (
+        complete_upgrade,
+        settle_upgrade,
+        start_upgrade_check,
+        take_upgrade_check,
+    )
 
 if TYPE_CHECKING:
     from sluice.workflows.job import JobWorkflow
@@ -60,8 +66,20 @@ async def running(wf: JobWorkflow) -> None:
     # The restart count resets after healthy_duration in Running (timed from entering it).
     healthy_timer = Timer(wf.carried.config.healthy_duration_s, "healthy duration") if wf.carried.restarts > 0 else None
     savepoint_timer = _savepoint_timer(wf)
+    health_timer: Timer | None = None  # an upgrade's health window
     try:
         while True:
+            up = wf.carried.upgrade
+            if up is not None and up.phase == "switching":
+                up.phase, up.switched_at = "health_window", workflow.now()
+                wf.show_details()
+            leaving = wf.stop_requested() or wf.restart_needed() or wf.rescale_needed() or (
+                ttl_timer is not None and ttl_timer.fired
+            )
+            if leaving and wf.holding_output():
+                # Leaving Running for a reason of the user's: the new generation was healthy so far.
+                if not await settle_upgrade(wf, "healthy until the job left Running (stop, TTL or command)"):
+                    return  # its last checkpoint failed: rolled back
             # Commands first: they are the user's intent, and they are never dropped.
             if wf.stop_requested():
                 if wf.carried.config.stop != "checkpoint":
@@ -86,6 +104,8 @@ async def running(wf: JobWorkflow) -> None:
             if wf.monitor is not None and wf.monitor.done():
                 outcome = wf.monitor_outcome()
                 if outcome.kind in ("sources_finished", "all_finished"):
+                    if wf.holding_output() and not await settle_upgrade(wf, "healthy until its sources finished"):
+                        return  # its last checkpoint failed: rolled back
                     wf.transition("Finishing", "all sources finished")
                     return
                 await wf.cancel(wf.inflight_checkpoint)
@@ -111,6 +131,29 @@ async def running(wf: JobWorkflow) -> None:
                     return
                 wf.show_details()
 
+            if up is not None and up.active:
+                if up.phase == "checking" and wf.upgrade_check is None:
+                    start_upgrade_check(wf)
+                if wf.upgrade_check is not None and wf.upgrade_check.done():
+                    take_upgrade_check(wf)
+                if up.phase == "savepoint":  # compatible (and approved): switch
+                    wf.transition(
+                        "Upgrading", f"upgrade {up.number} to pipeline version {up.to_version} ({up.mode})"
+                    )
+                    return
+                if up.phase == "health_window":
+                    if health_timer is None:
+                        assert up.switched_at is not None
+                        # Only the timer's length uses the clock; the window ends when it fires.
+                        left = up.health_window_s - (workflow.now() - up.switched_at).total_seconds()
+                        health_timer = Timer(left, f"upgrade {up.number} health window")
+                    # Healthy: the window is over, a checkpoint completed, none is in flight.
+                    if health_timer.fired and up.deferred_epochs and wf.inflight_checkpoint is None:
+                        await complete_upgrade(
+                            wf, f"healthy for {up.health_window_s:g} s, {len(up.deferred_epochs)} checkpoints"
+                        )
+                        wf.show_details()
+
             if healthy_timer is not None and healthy_timer.fired:
                 healthy_timer = None
                 if wf.carried.restarts > 0:
@@ -132,7 +175,7 @@ async def running(wf: JobWorkflow) -> None:
 
             if savepoint_timer is not None and savepoint_timer.fired:
                 savepoint_timer = _savepoint_timer(wf)
-                if not wf.savepoints.periodic_pending():
+                if not wf.savepoints.periodic_pending() and not wf.upgrade_active():
                     wf.savepoints.add(None, periodic=True)
             if checkpoint_timer.fired:
                 checkpoint_due = True
@@ -142,7 +185,7 @@ async def running(wf: JobWorkflow) -> None:
                 # continue-as-new, which would otherwise wait for its update forever.
                 checkpoint_due = False
                 start_savepoint(wf)
-            if wf.inflight_checkpoint is None:
+            if wf.inflight_checkpoint is None and wf.upgrade_check is None:
                 if wf.continue_as_new_due():
                     await wf.continue_as_new()
                 if checkpoint_due:
@@ -150,17 +193,20 @@ async def running(wf: JobWorkflow) -> None:
                     start_checkpoint(wf, then_stop=False)
 
             seen = wf.commands_seen
-            monitor, inflight = wf.monitor, wf.inflight_checkpoint
-            timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer) if t is not None]
+            monitor, inflight, check = wf.monitor, wf.inflight_checkpoint, wf.upgrade_check
+            # A fired health timer stays fired until a checkpoint completes: it must not wake the loop.
+            window = health_timer if health_timer is not None and not health_timer.fired else None
+            timers = [t for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer, window) if t is not None]
             await workflow.wait_condition(
                 # The predicate reads this iteration's locals: it is awaited before the loop goes on.
                 lambda: wf.commands_seen != seen  # noqa: B023
                 or (monitor is not None and monitor.done())  # noqa: B023
                 or (inflight is not None and inflight.done())  # noqa: B023
+                or (check is not None and check.done())  # noqa: B023
                 or any(t.fired for t in timers)  # noqa: B023
             )
     finally:
-        for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer):
+        for t in (checkpoint_timer, ttl_timer, healthy_timer, savepoint_timer, health_timer):
             if t is not None:
                 t.cancel()
 

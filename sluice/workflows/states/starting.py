@@ -67,6 +67,7 @@ async def scheduling(wf: JobWorkflow) -> None:
             checkpoint_url=wf.carried.checkpoint_url,
             restore_epoch=restore,
             task_hang_timeout_s=wf.carried.config.task_hang_timeout_s,
+            drop_state=sorted(op for op, below in wf.carried.dropped_state.items() if restore and restore <= below),
         ),
         start_to_close_timeout=timedelta(seconds=wf.carried.config.task_startup_timeout_s),
         heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
