@@ -20,6 +20,7 @@ from sluice.client import CommandRejected, JobClient, JobClosed, JobFailedError
 from sluice.devserver import temporal_binary
 from sluice.models import JobConfig, JobResult, JobSpec, JobStatus, PipelineSpec
 from sluice.storage import CheckpointStore
+from tests.histories.corpus import local_checkpoint_in_flight
 from tests.pipeline_functions import FAIL_MARKER_ENV
 from tests.processes import pid_exists
 
@@ -205,8 +206,9 @@ async def test_stop_during_periodic_checkpoint_waits_for_it(
     await job_client.wait_for_state(spec.job_id, ["Running"], timeout_s=WAIT_S)
 
     async def checkpoint_in_flight() -> bool:
-        desc = await job_client.client.get_workflow_handle(spec.job_id).describe()
-        return any(a.activity_type.name == "checkpoint" for a in desc.raw_description.pending_activities)
+        # A periodic checkpoint is a local activity (no pending activity): seen in the history.
+        handle = job_client.client.get_workflow_handle(spec.job_id)
+        return local_checkpoint_in_flight(await handle.fetch_history())
 
     await _eventually(checkpoint_in_flight, every_s=0.02)
     await job_client.stop(spec.job_id, "checkpoint")

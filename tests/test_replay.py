@@ -20,17 +20,28 @@ from typing import Any, get_args
 
 import pytest
 from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
 from temporalio.worker import UnsandboxedWorkflowRunner
 
 from sluice.models import JobResult, JobStateName, StopMode
-from sluice.workflows.constants import PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS, PATCH_RUNNER_HOSTS
+from sluice.workflows.constants import (
+    PATCH_FAST_RECOVERY,
+    PATCH_LEAN_CHECKPOINTS,
+    PATCH_LOCAL_CHECKPOINTS,
+    PATCH_RUNNER_HOSTS,
+)
 from sluice.workflows.job import JobWorkflow
 from tests.histories.corpus import (
     CORPUS_DIR,
+    activity_summaries,
     activity_types,
     closed,
+    failed_local_activities,
     history_files,
+    is_local_activity_marker,
     load_history,
+    local_activity_markers,
     patches,
     replay_file,
     savepoint_summaries,
@@ -39,7 +50,7 @@ from tests.histories.corpus import (
     stop_modes_requested,
     union,
 )
-from tests.histories.scenarios import SCENARIOS
+from tests.histories.scenarios import LOCAL_CHECKPOINT_SCENARIOS, SCENARIOS
 
 FILES = history_files()
 # Histories of runs on runner hosts (the `runner-hosts` patch): the same scenarios, recorded after
@@ -61,7 +72,16 @@ UPGRADES_DIR = CORPUS_DIR / "upgrades"
 UPGRADES_FILES = history_files(UPGRADES_DIR)
 # States newer than the first corpora: those cannot enter them; the folder of the feature does.
 LATER_STATES = {"Upgrading"}
-ALL_FILES = FILES + HOSTS_FILES + LEAN_FILES + UPGRADES_FILES
+# Runs with the `local-checkpoints` patch (periodic checkpoints as local activities): periodic
+# checkpoints then a stop checkpoint, a stop immediate, a TTL, a recovery, a failure, a
+# continue-as-new chain, savepoints, a controller worker killed holding a workflow task, and a
+# periodic checkpoint held in flight across workflow-task heartbeats, then waited for by a stop
+# checkpoint or cancelled by a stop immediate.
+LOCAL_DIR = CORPUS_DIR / "local-checkpoints"
+LOCAL_FILES = history_files(LOCAL_DIR)
+LOCAL_SCENARIOS = LEAN_SCENARIOS | {"stop_immediate", "ttl", "worker_failover_mid_task", *LOCAL_CHECKPOINT_SCENARIOS}
+LOCAL_PATCHES = LEAN_PATCHES | {PATCH_LOCAL_CHECKPOINTS}
+ALL_FILES = FILES + HOSTS_FILES + LEAN_FILES + UPGRADES_FILES + LOCAL_FILES
 REGENERATE = "regenerate with `.venv/bin/python -m tests.histories.generate` (tests/histories/README.md)"
 
 
@@ -117,26 +137,61 @@ def test_runner_hosts_corpus_covers_every_scenario_state_and_stop_mode() -> None
     assert not unpatched, f"runs without the {PATCH_RUNNER_HOSTS!r} patch marker: {unpatched}"
 
 
-def test_fast_recovery_lean_corpus_carries_its_patches() -> None:
-    have = {scenario_of(p) for p in LEAN_FILES}
-    only = " ".join(f"--only {s}" for s in sorted(LEAN_SCENARIOS))
-    assert have == LEAN_SCENARIOS, (
-        f"tests/histories/fast-recovery-lean/ holds {sorted(have)}, not {sorted(LEAN_SCENARIOS)}; "
-        f"{REGENERATE} --out tests/histories/fast-recovery-lean {only}"
+def _patched_folder(files: list[Path], scenarios: set[str], markers: set[str]) -> dict[str, WorkflowHistory]:
+    """The histories of a folder of runs recorded with newer patches, checked for what every such
+    folder must hold: exactly `scenarios`, closed runs, a recovery, every run with `markers`, and
+    the savepoint path (a savepoint taken, one refused for its name, one by default)."""
+    folder = files[0].parent.name if files else "?"
+    have = {scenario_of(p) for p in files}
+    only = " ".join(f"--only {s}" for s in sorted(scenarios))
+    assert have == scenarios, (
+        f"tests/histories/{folder}/ holds {sorted(have)}, not {sorted(scenarios)}; "
+        f"{REGENERATE} --out tests/histories/{folder} {only}"
     )
-    histories = {p.name: load_history(p) for p in LEAN_FILES}
+    histories = {p.name: load_history(p) for p in files}
     assert all(closed(h) for h in histories.values())
     assert "Recovering" in union(states_entered(h) for h in histories.values())
     for name, h in histories.items():
-        assert LEAN_PATCHES <= patches(h), f"{name}: {patches(h)}"
-    # The savepoint path is recorded: a savepoint taken, one refused for its name, one by default.
+        assert markers <= patches(h), f"{name}: {patches(h)}"
     summaries = savepoint_summaries(histories["savepoints.run1.json"])
     assert sum(s.startswith("savepoint before-change:") for s in summaries) == 2, summaries
     assert any(s.startswith("savepoint savepoint-") for s in summaries), summaries
+    return histories
+
+
+def test_fast_recovery_lean_corpus_carries_its_patches() -> None:
+    histories = _patched_folder(LEAN_FILES, LEAN_SCENARIOS, LEAN_PATCHES)
     # Lean checkpoints: no separate retention activity in any of them.
     assert not [n for n, h in histories.items() if "cleanup_checkpoints" in activity_types(h)]
     newer = {PATCH_FAST_RECOVERY, PATCH_LEAN_CHECKPOINTS}
     older = [p.name for p in FILES + HOSTS_FILES if newer & patches(load_history(p))]
+    assert not older, f"older corpora must stay as recorded: {older}"
+
+
+def test_local_checkpoints_corpus_carries_its_patch() -> None:
+    histories = _patched_folder(LOCAL_FILES, LOCAL_SCENARIOS, LOCAL_PATCHES)
+    assert len([n for n in histories if n.startswith("continue_as_new.")]) >= 3
+    for name, h in histories.items():
+        # Periodic checkpoints are local activities; only final checkpoints and savepoints stay
+        # regular activities.
+        regular = activity_summaries(h, "checkpoint")
+        assert all(s.endswith(" then stop") or s.startswith("savepoint ") for s in regular), (name, regular)
+        assert all(t == "checkpoint" and s.startswith("checkpoint epoch ") for t, s in local_activity_markers(h)), name
+    for scenario in ("finished", "stop_checkpoint", "worker_failover_mid_task"):
+        h = histories[f"{scenario}.run1.json"]
+        assert local_activity_markers(h), f"{scenario}: no periodic checkpoint recorded as a local activity"
+    # A held checkpoint: a stop immediate cancelled it; a stop checkpoint, handled while it ran
+    # (its update in a workflow-task heartbeat, before the checkpoint's marker), waited for it.
+    cancelled = failed_local_activities(histories["held_checkpoint_stop_immediate.run1.json"])
+    assert [m for _, m in cancelled] == ["Activity cancelled"], cancelled
+    waited = histories["held_checkpoint_stop_checkpoint.run1.json"]
+    assert not failed_local_activities(waited)
+    events = list(waited.events)
+    held_until = max(i for i, e in enumerate(events) if is_local_activity_marker(e))
+    held_from = max(i for i, e in enumerate(events[:held_until]) if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED)
+    during = {e.event_type for e in events[held_from:held_until]}
+    assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED in during, "the stop was not handled during it"
+    older = [p.name for p in FILES + HOSTS_FILES + LEAN_FILES if PATCH_LOCAL_CHECKPOINTS in patches(load_history(p))]
     assert not older, f"older corpora must stay as recorded: {older}"
 
 

@@ -51,7 +51,15 @@ def user_error(message: str) -> ApplicationError:
 
 @asynccontextmanager
 async def heartbeating(details: Callable[[], Any] = lambda: None) -> AsyncIterator[None]:
-    """Heartbeat in the background while the body waits, so cancellation and a dead worker are seen."""
+    """Heartbeat in the background while the body waits, so cancellation and a dead worker are seen.
+
+    Not in a local activity (a periodic checkpoint of a run with the local-checkpoints patch): the
+    server knows nothing of it, so the worker would only log a failed heartbeat every second; its
+    cancellation reaches it from the workflow in the same worker, and a dead worker is noticed by
+    the workflow task's timeout instead."""
+    if activity.info().is_local:
+        yield
+        return
 
     async def beat() -> None:
         while True:

@@ -49,6 +49,16 @@ CHECKPOINT_RETRY = RetryPolicy(
     maximum_attempts=3, initial_interval=timedelta(seconds=0.5), non_retryable_error_types=NON_RETRYABLE
 )
 
+# A periodic checkpoint run as a local activity (runs with the local-checkpoints patch): failed
+# attempts are retried in the worker, without history, while the next retry is due within this;
+# a later retry waits on a durable timer. CHECKPOINT_RETRY's 0.5-1 s backoff stays well inside.
+CHECKPOINT_LOCAL_RETRY_THRESHOLD = timedelta(seconds=30)
+# The server ends a workflow task kept open by heartbeats for longer than 30 min
+# (history.workflowTaskHeartbeatTimeout), and a local activity's work is then lost and started
+# over: a job whose checkpoint_timeout_s is above this takes its periodic checkpoints as regular
+# activities instead.
+CHECKPOINT_LOCAL_MAX_TIMEOUT = timedelta(minutes=20)
+
 # Cleanup never blocks checkpointing: one quick try, failures are logged and ignored.
 CLEANUP_TIMEOUT = timedelta(seconds=60)
 CLEANUP_RETRY = RetryPolicy(maximum_attempts=2)
@@ -102,6 +112,9 @@ PATCH_RUNNER_HOSTS = "runner-hosts"
 PATCH_FAST_RECOVERY = "fast-recovery"
 # Retention applied by the checkpoint activity itself (no separate cleanup activity).
 PATCH_LEAN_CHECKPOINTS = "lean-checkpoints"
+# Periodic checkpoints run as local activities (one marker event instead of three activity events
+# and one workflow task less per checkpoint); savepoints and final checkpoints stay activities.
+PATCH_LOCAL_CHECKPOINTS = "local-checkpoints"
 
 # Placement asks the host registry (one update): quick, retried on a flaky worker.
 PLACE_TIMEOUT = timedelta(seconds=30)

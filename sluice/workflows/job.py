@@ -181,6 +181,9 @@ class JobWorkflow:
         # Runs that started with this patch have each checkpoint activity apply retention itself
         # (no `cleanup_checkpoints` activity and its workflow task: 6 history events fewer each).
         self.lean_checkpoints = False
+        # Runs that started with this patch take periodic checkpoints as local activities
+        # (states/common.py `start_checkpoint`): 6 history events each instead of 11.
+        self.local_checkpoints = False
         self.waiting_for: str | None = None  # Scheduling: why it waits (no free runner slot)
         self.slots_freed_seen = 0  # bumped by the registry's slots_freed signals
         self.lost_hosts: set[str] = set()  # hosts the registry declared lost (this run)
@@ -197,6 +200,7 @@ class JobWorkflow:
         self.on_hosts = workflow.patched(C.PATCH_RUNNER_HOSTS)
         self.fast_recovery = workflow.patched(C.PATCH_FAST_RECOVERY)
         self.lean_checkpoints = workflow.patched(C.PATCH_LEAN_CHECKPOINTS)
+        self.local_checkpoints = workflow.patched(C.PATCH_LOCAL_CHECKPOINTS)
         self.upsert_search_attributes()
         self.show_details()
         while self.carried.state not in TERMINAL:
@@ -321,6 +325,10 @@ class JobWorkflow:
         ]
         if self.waiting_for:
             lines.append(f"- waiting: {_short(self.waiting_for, 300)}")
+        if self.inflight_checkpoint is not None and not self.inflight_checkpoint.done():
+            # A local checkpoint is no pending activity in the UI: this line says one runs. Only
+            # start_checkpoint bumps next_epoch while Running, so the epoch in flight is the one below.
+            lines.append(f"- checkpoint epoch {c.next_epoch - 1} in progress")
         if c.upgrade is not None:
             u = c.upgrade
             lines.append(

@@ -49,6 +49,7 @@ from tests.e2e_helpers import (
     wait_until,
 )
 from tests.faults.mounts import MountNotPermitted, Tmpfs
+from tests.histories.corpus import local_checkpoint_since
 from tests.pipeline_functions import (
     HANG_ALWAYS_FILE,
     HANG_ONCE_FILE,
@@ -316,14 +317,18 @@ class FaultJob:
         )
 
     async def checkpoint_in_flight(self, min_age_s: float) -> bool:
-        """A checkpoint activity has been pending for at least `min_age_s` (so it is held)."""
-        desc = await self.job_client.client.get_workflow_handle(self.job_id).describe()
+        """A checkpoint has been in flight for at least `min_age_s` (so it is held): a pending
+        checkpoint activity, or (runs with the local-checkpoints patch) a local one, which only
+        the history shows."""
+        handle = self.job_client.client.get_workflow_handle(self.job_id)
+        desc = await handle.describe()
         now = time.time()
         for a in desc.raw_description.pending_activities:
             if a.activity_type.name == "checkpoint" and a.HasField("scheduled_time"):
                 if now - a.scheduled_time.ToDatetime(tzinfo=UTC).timestamp() >= min_age_s:
                     return True
-        return False
+        since = local_checkpoint_since(await handle.fetch_history())
+        return since is not None and now - since.timestamp() >= min_age_s
 
     # -------------------------------------------------------------- entering a state
 

@@ -8,7 +8,8 @@ through it live but leaves a history that no later replay accepts: every later `
 fails with a nondeterminism error although the job itself ended well.
 
 For each state the job can be waiting in (Running on its checkpoint timer, during a periodic
-checkpoint, the Recovering backoff timer, CheckpointStopping's final checkpoint), with two
+checkpoint, inside the workflow task that runs a held local checkpoint, the Recovering backoff
+timer, CheckpointStopping's final checkpoint), with two
 `sluice worker` processes on a dev server of this module's own: find the worker whose identity
 ("<pid>@<host>") completed the job's latest workflow task, SIGKILL it, and check what a user
 would: the job still answers `status`, reaches its end state, still answers `status` once closed
@@ -39,14 +40,16 @@ from tests.e2e_helpers import (
     generator_pipeline,
     job_spec,
     kill_runner,
+    manifest_epochs,
     read_committed_rows,
     sink_path,
     stop_job_quietly,
     wait_status,
     wait_until,
 )
-from tests.histories.corpus import replay_history
+from tests.histories.corpus import local_checkpoint_in_flight, local_checkpoint_since, replay_history
 from tests.histories.scenarios import freeze_until_task_started, last_event_id, run_ids, sticky_holder
+from tests.pipeline_functions import FAULT_DIR_ENV, HOLD_BLOCK_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +65,12 @@ WORKERS = 2
 SLOW_BATCH_ENV = "SLUICE_TEST_SLOW_BATCH"
 SLOW_BATCH_S = "0.3"  # per batch in `slow_batches`: a checkpoint's barrier waits behind batches
 SLOW_BATCHES = "tests.pipeline_functions:slow_batches"
+STEERED = "tests.pipeline_functions:steered"
+# A local checkpoint held this long before the kill: well inside its workflow task (whose
+# heartbeat comes after 8 s), barriers injected.
+LOCAL_HELD_S = 2.0
+# The held batch must not fail its task as hung before the takeover releases it.
+HOLD_HANG_TIMEOUT_S = 120.0
 # The first restart is immediate, then restart n waits 2 s * 2^(n-2), halved plus jitter: from
 # the 4th it is 4..8 s, long enough to find the job still waiting on that timer when the kill lands.
 RECOVERING_RESTARTS = 4
@@ -95,6 +104,10 @@ class Case:
     # next workflow task: it dies holding a started task (start-to-close timeout, then a retry
     # on the other worker) rather than idle (the task times out on its sticky queue).
     dies_mid_task: bool = False
+    # Called right after the kill (e.g. to release a hold `reach` put in place).
+    after_kill: Callable[[Job], None] | None = None
+    # The victim dies holding a started workflow task (a local checkpoint runs inside one).
+    task_times_out: bool = False
 
 
 # ------------------------------------------------------------------------------ reaching a state
@@ -129,13 +142,46 @@ async def reach_checkpoint_timer(job: Job) -> None:
     await _status(job, lambda s: s.epoch > st.epoch, "the next checkpoint")
 
 
+async def _checkpoint_open(job: Job) -> bool:
+    """A periodic checkpoint in flight: a checkpoint activity open, or (runs with the
+    local-checkpoints patch) the workflow task that runs a local one (the sticky worker holds it)."""
+    if await _last_activity_open(job, "checkpoint"):
+        return True
+    return local_checkpoint_in_flight(await job.client.get_workflow_handle(job.job_id).fetch_history())
+
+
 async def reach_checkpoint_in_flight(job: Job) -> None:
-    """Running with a periodic checkpoint activity scheduled and not yet done."""
+    """Running with a periodic checkpoint started and not yet done."""
     await _status(job, lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint")
     await wait_until(
-        lambda: _last_activity_open(job, "checkpoint"), timeout_s=START_TIMEOUT_S, interval_s=HISTORY_POLL_S,
+        lambda: _checkpoint_open(job), timeout_s=START_TIMEOUT_S, interval_s=HISTORY_POLL_S,
         what="a checkpoint in flight",
     )
+
+
+def _hold_file(job: Job) -> Path:
+    return job.state_dir / "faults" / job.job_id / HOLD_BLOCK_FILE
+
+
+async def reach_local_checkpoint_held(job: Job) -> None:
+    """A periodic local checkpoint in flight for a while, held (its barrier waits behind a map
+    batch that does not return while the hold file exists): the sticky worker dies running it."""
+    await _status(job, lambda s: s.state == "Running" and s.epoch >= 1, "Running with a checkpoint")
+    _hold_file(job).parent.mkdir(parents=True, exist_ok=True)
+    _hold_file(job).touch()
+    await wait_until(
+        lambda: _local_checkpoint_older_than(job, LOCAL_HELD_S), timeout_s=START_TIMEOUT_S,
+        interval_s=HISTORY_POLL_S, what="a local checkpoint held in flight",
+    )
+
+
+async def _local_checkpoint_older_than(job: Job, age_s: float) -> bool:
+    since = local_checkpoint_since(await job.client.get_workflow_handle(job.job_id).fetch_history())
+    return since is not None and (datetime.now(UTC) - since).total_seconds() >= age_s
+
+
+def release_hold(job: Job) -> None:
+    _hold_file(job).unlink(missing_ok=True)
 
 
 async def reach_recovering_backoff(job: Job) -> None:
@@ -172,6 +218,13 @@ CASES = [
     Case(
         "during_checkpoint", (("map", SLOW_BATCHES),), reach_checkpoint_in_flight,
         env={SLOW_BATCH_ENV: SLOW_BATCH_S},
+    ),
+    # The worker dies inside the workflow task that runs a local checkpoint (barriers injected,
+    # snapshots pending): the task times out, the other worker replays the history (no marker for
+    # that epoch) and runs the checkpoint of the same epoch again; it completes (idempotent).
+    Case(
+        "during_local_checkpoint", (("map", STEERED),), reach_local_checkpoint_held,
+        config={"task_hang_timeout_s": HOLD_HANG_TIMEOUT_S}, after_kill=release_hold, task_times_out=True,
     ),
     Case("recovering_backoff", (), reach_recovering_backoff, config={"allowed_restarts": -1}),
     Case(
@@ -234,7 +287,10 @@ async def test_sticky_worker_killed(
     client = await connect(failover_server.address, "default")
     job_client = JobClient(client)
     workers = [
-        process_worker_factory(state_dir, address=failover_server.address, env=dict(case.env)) for _ in range(WORKERS)
+        process_worker_factory(
+            state_dir, address=failover_server.address, env={FAULT_DIR_ENV: str(state_dir / "faults"), **case.env}
+        )
+        for _ in range(WORKERS)
     ]
     # Bounded: 2 splits of 400 rows at 20 rows/s each, ~20 s of stream, so the job outlives
     # the failover and its output can be compared with every generated row.
@@ -253,6 +309,8 @@ async def test_sticky_worker_killed(
         if case.dies_mid_task:
             await freeze_until_task_started(client, job.job_id, victim, timeout_s=FAILOVER_TIMEOUT_S)
         victim.kill()
+        if case.after_kill is not None:
+            case.after_kill(job)
         survivors = [w for w in workers if w is not victim]
         assert all(w.alive() for w in survivors), "the other controller worker died too"
 
@@ -271,13 +329,17 @@ async def test_sticky_worker_killed(
         # Once closed, a query replays the whole history on the surviving worker.
         closed = await job_client.status(job.job_id, timeout_s=QUERY_TIMEOUT_S * 2)
         assert closed.state == "Finished", describe_status(closed)
-        await _taken_over(job, victim, killed_after, timed_out=case.dies_mid_task)
+        await _taken_over(job, victim, killed_after, timed_out=case.dies_mid_task or case.task_times_out)
         runs = await _replays_cleanly(job, since)
         assert runs == (2 if case.stops_first else 1), f"{runs} runs of {job.job_id}"
 
         reference = generator_pipeline(
             pipeline.name, sink_path(pipeline), splits=2, limit=400, rate=20.0, keys=8, transforms=()
-        )  # slow_batches passes rows through unchanged
+        )  # slow_batches and steered pass rows through unchanged
         assert_exact_output(read_committed_rows(sink_path(pipeline)), expected_rows(reference))
+        if case.task_times_out:
+            # The checkpoint the victim was running was taken again, same epoch: none skipped.
+            epochs = manifest_epochs(state_dir, job.job_id)
+            assert epochs == list(range(epochs[0], epochs[-1] + 1)), epochs
     finally:
         await stop_job_quietly(job_client, job.job_id)

@@ -17,17 +17,20 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, WorkflowRunner
 from temporalio.workflow import NondeterminismError
 
 from sluice.models import SEARCH_ATTRIBUTE_STATE
+from sluice.workflows.states.running import CHECKPOINT_TIMER_SUMMARY
 
 CORPUS_DIR = Path(__file__).resolve().parent
 FILE_PATTERN = re.compile(r"^(?P<scenario>[a-z0-9_]+)\.run(?P<run>[0-9]+)\.json$")
@@ -209,3 +212,77 @@ def savepoint_summaries(history: WorkflowHistory) -> list[str]:
         if isinstance(summary, str) and summary.startswith("savepoint "):
             out.append(summary)
     return out
+
+
+def is_local_activity_marker(event: HistoryEvent) -> bool:
+    """The marker that records a local activity's result (the SDK's `core_local_activity`)."""
+    return (
+        event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    )
+
+
+def local_activity_markers(history: WorkflowHistory) -> list[tuple[str, str]]:
+    """(activity type, summary) of each local activity a run completed (its marker): periodic
+    checkpoints of runs with the local-checkpoints patch ("checkpoint epoch N")."""
+    out = []
+    for e in history.events:
+        if not is_local_activity_marker(e):
+            continue
+        data = e.marker_recorded_event_attributes.details["data"].payloads[0]
+        summary = json.loads(e.user_metadata.summary.data) if e.user_metadata.HasField("summary") else ""
+        out.append((json.loads(data.data).get("activity_type", ""), summary))
+    return out
+
+
+def failed_local_activities(history: WorkflowHistory) -> list[tuple[str, str]]:
+    """(summary, failure message) of each local activity of a run that ended without a result
+    (cancelled, e.g. a periodic checkpoint when the job was stopped at once, or failed)."""
+    return [
+        (json.loads(e.user_metadata.summary.data) if e.user_metadata.HasField("summary") else "",
+         e.marker_recorded_event_attributes.failure.message)
+        for e in history.events
+        if is_local_activity_marker(e) and e.marker_recorded_event_attributes.HasField("failure")
+    ]  # fmt: skip
+
+
+def activity_summaries(history: WorkflowHistory, activity_type: str) -> list[str]:
+    """The summaries of the (regular) activities of one type a run scheduled."""
+    return [
+        json.loads(e.user_metadata.summary.data)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+        and e.user_metadata.HasField("summary")
+    ]
+
+
+def local_checkpoint_since(history: WorkflowHistory) -> datetime | None:
+    """When the periodic local checkpoint the (open) run is taking started (its checkpoint-interval
+    timer fired), or None when none is in flight. In flight means: the run's last event starts a
+    workflow task (the one that runs the checkpoint, or its heartbeat), and the timer fired after
+    the last local activity marker. Such a checkpoint shows nowhere else: it is no pending activity."""
+    events = list(history.events)
+    if not events or events[-1].event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+        return None
+    interval_timers = {
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+        and e.user_metadata.HasField("summary")
+        and json.loads(e.user_metadata.summary.data) == CHECKPOINT_TIMER_SUMMARY
+    }
+    fired = [
+        i for i, e in enumerate(events)
+        if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED
+        and e.timer_fired_event_attributes.started_event_id in interval_timers
+    ]  # fmt: skip
+    markers = [i for i, e in enumerate(events) if is_local_activity_marker(e)]
+    if not fired or fired[-1] < max(markers, default=-1):
+        return None
+    return events[fired[-1]].event_time.ToDatetime(tzinfo=UTC)
+
+
+def local_checkpoint_in_flight(history: WorkflowHistory) -> bool:
+    """Whether the (open) run is taking a periodic local checkpoint (see `local_checkpoint_since`)."""
+    return local_checkpoint_since(history) is not None

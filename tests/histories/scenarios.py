@@ -41,6 +41,8 @@ from tests.e2e_helpers import (
     wait_status,
     wait_until,
 )
+from tests.histories.corpus import local_checkpoint_in_flight
+from tests.pipeline_functions import FAULT_DIR_ENV, HELD_FILE, HOLD_BLOCK_FILE
 
 START_TIMEOUT_S = 90.0  # Created -> Running: compile, two runner process starts on a busy machine
 STATE_TIMEOUT_S = 90.0  # any other awaited state change
@@ -51,6 +53,10 @@ CAN_TIMEOUT_S = 90.0  # two continue-as-new on a server suggesting one every ~40
 FAILOVER_TIMEOUT_S = 90.0
 
 RATE = 20.0  # rows per second per split of the unbounded jobs: a few rows per batch
+STEERED = "tests.pipeline_functions:steered"
+HISTORY_POLL_S = 0.1
+# A held map batch must not fail its task as hung while a scenario holds it.
+HELD_HANG_TIMEOUT_S = 120.0
 UNKNOWN_FUNCTION = "tests.pipeline_functions:no_such_function"
 ALWAYS_RAISES = "tests.pipeline_functions:always_raises"
 REJECTS_INPUT = "tests.pipeline_functions:rejects_input"
@@ -445,10 +451,64 @@ async def upgrades(ctx: ScenarioContext, job_id: str) -> None:
     check_prefix(pipeline)
 
 
+async def hold_local_checkpoint(client: Client, job_client: JobClient, job_id: str, faults: Path) -> Path:
+    """Bring a Running job whose map is `steered` (runners started with $SLUICE_TEST_FAULT_DIR =
+    `faults`) into a periodic local checkpoint that cannot complete: a map batch does not return
+    while the returned hold file exists, and the checkpoint's barrier waits behind it."""
+    await wait_status(job_client, job_id, lambda s: s.state == "Running" and s.epoch >= 1,
+                      timeout_s=START_TIMEOUT_S, what="Running with a checkpoint")  # fmt: skip
+    controls = faults / job_id
+    controls.mkdir(parents=True, exist_ok=True)
+    hold = controls / HOLD_BLOCK_FILE
+    hold.touch()
+    await wait_until(lambda: (controls / HELD_FILE).exists(), timeout_s=START_TIMEOUT_S, interval_s=HISTORY_POLL_S,
+                     what="a batch held")  # fmt: skip
+    await wait_until(lambda: _local_checkpoint_open(client, job_id), timeout_s=START_TIMEOUT_S,
+                     interval_s=HISTORY_POLL_S, what="a local checkpoint in flight")  # fmt: skip
+    return hold
+
+
+async def _local_checkpoint_open(client: Client, job_id: str) -> bool:
+    return local_checkpoint_in_flight(await client.get_workflow_handle(job_id).fetch_history())
+
+
+def _held_checkpoint_scenario(mode: str) -> Scenario:
+    async def scenario(ctx: ScenarioContext, job_id: str) -> None:
+        faults = ctx.state_dir.parent / "faults"  # one directory for all: the variable is process-wide
+        os.environ.setdefault(FAULT_DIR_ENV, str(faults))
+        pipeline = generator_pipeline(
+            job_id, ctx.state_dir / "out" / job_id, splits=2, limit=None, rate=RATE, keys=8,
+            transforms=(("map", STEERED),),
+        )  # fmt: skip
+        await ctx.job_client.start(spec_for(ctx, pipeline, job_id, task_hang_timeout_s=HELD_HANG_TIMEOUT_S))
+        hold = await hold_local_checkpoint(ctx.client, ctx.job_client, job_id, Path(os.environ[FAULT_DIR_ENV]))
+        try:
+            await ctx.job_client.stop(job_id, mode)
+            if mode == "checkpoint":  # waits for the held checkpoint, then takes the final one
+                await wait_status(ctx.job_client, job_id, lambda s: s.state == "CheckpointStopping",
+                                  timeout_s=STATE_TIMEOUT_S, what="CheckpointStopping")  # fmt: skip
+                hold.unlink()
+            await ended(ctx, job_id, "Stopped")
+        finally:
+            hold.unlink(missing_ok=True)
+
+    scenario.__doc__ = (
+        f"Running, a periodic local checkpoint held in flight past a workflow-task heartbeat, stop {mode}: "
+        + ("handled while it runs, waited for, then the final checkpoint." if mode == "checkpoint"
+           else "the checkpoint is cancelled.")
+    )  # fmt: skip
+    return scenario
+
+
 # Scenarios of features newer than the first corpora: recorded only in the folders of the
 # patches since (tests/histories/README.md), not in the older ones.
 LATER_SCENARIOS: dict[str, Scenario] = {"savepoints": savepoints, "upgrades": upgrades}
-ALL_SCENARIOS: dict[str, Scenario] = {**SCENARIOS, **LATER_SCENARIOS}
+# Scenarios of runs with the local-checkpoints patch only (a periodic checkpoint held in flight).
+LOCAL_CHECKPOINT_SCENARIOS: dict[str, Scenario] = {
+    "held_checkpoint_stop_checkpoint": _held_checkpoint_scenario("checkpoint"),
+    "held_checkpoint_stop_immediate": _held_checkpoint_scenario("immediate"),
+}
+ALL_SCENARIOS: dict[str, Scenario] = {**SCENARIOS, **LATER_SCENARIOS, **LOCAL_CHECKPOINT_SCENARIOS}
 CAN_SCENARIOS = frozenset({"continue_as_new"})
 FAILOVER_SCENARIOS = frozenset({"worker_failover", "worker_failover_mid_task"})
 

@@ -110,32 +110,54 @@ def fail_or_recover(wf: JobWorkflow, e: BaseException, *, user: str, other: str)
 
 
 def start_checkpoint(wf: JobWorkflow, then_stop: bool, savepoint: str | None = None) -> None:
-    """Start checkpoint `next_epoch`, kept as savepoint `savepoint` when given."""
+    """Start checkpoint `next_epoch`, kept as savepoint `savepoint` when given.
+
+    A periodic checkpoint of a run started with the local-checkpoints patch runs as a local
+    activity: its result is one marker event in history, recorded by the workflow task that was
+    open while it ran (6 events per checkpoint instead of 11). Savepoints and final checkpoints
+    stay regular activities, visible as pending activities in the UI with their retries, and so do
+    the checkpoints of a job whose checkpoint timeout is longer than a workflow task may stay open."""
     assert wf.carried.program is not None and wf.carried.checkpoint_url is not None
     epoch = wf.carried.next_epoch
     wf.carried.next_epoch += 1
     what = f"checkpoint epoch {epoch}" + (" then stop" if then_stop else "")
-    wf.inflight_checkpoint = workflow.start_activity_method(
-        CheckpointActivities.checkpoint,
-        CheckpointInput(
-            job_id=wf.job_id,
-            generation=wf.carried.generation,
-            program=wf.carried.program,
-            runners=wf.carried.runners,
-            checkpoint_url=wf.carried.checkpoint_url,
-            epoch=epoch,
-            then_stop=then_stop,
-            finish_timeout_s=wf.carried.config.finish_timeout_s,
-            savepoint=savepoint,
-            pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
-            retention=wf.retention() if wf.lean_checkpoints else None,
-            defer_commit=wf.holding_output(),
-        ),
-        start_to_close_timeout=timedelta(seconds=wf.carried.config.checkpoint_timeout_s),
-        heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
-        retry_policy=C.CHECKPOINT_RETRY,
-        summary=what if savepoint is None else f"savepoint {savepoint}: {what}",
+    inp = CheckpointInput(
+        job_id=wf.job_id,
+        generation=wf.carried.generation,
+        program=wf.carried.program,
+        runners=wf.carried.runners,
+        checkpoint_url=wf.carried.checkpoint_url,
+        epoch=epoch,
+        then_stop=then_stop,
+        finish_timeout_s=wf.carried.config.finish_timeout_s,
+        savepoint=savepoint,
+        pipeline_version=pipeline_version(wf.spec.pipeline) if savepoint is not None else "",
+        retention=wf.retention() if wf.lean_checkpoints else None,
+        defer_commit=wf.holding_output(),
     )
+    timeout = timedelta(seconds=wf.carried.config.checkpoint_timeout_s)
+    if wf.local_checkpoints and not then_stop and savepoint is None and timeout <= C.CHECKPOINT_LOCAL_MAX_TIMEOUT:
+        # The job's checkpoint timeout bounds all attempts together here (a regular activity's
+        # bounds each attempt): a local attempt that hangs is noticed by this timeout, not by
+        # heartbeats (a local activity has none).
+        wf.inflight_checkpoint = workflow.start_local_activity_method(
+            CheckpointActivities.checkpoint,
+            inp,
+            schedule_to_close_timeout=timeout,
+            retry_policy=C.CHECKPOINT_RETRY,
+            local_retry_threshold=C.CHECKPOINT_LOCAL_RETRY_THRESHOLD,
+            summary=what,
+        )
+    else:
+        wf.inflight_checkpoint = workflow.start_activity_method(
+            CheckpointActivities.checkpoint,
+            inp,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=C.HEARTBEAT_TIMEOUT,
+            retry_policy=C.CHECKPOINT_RETRY,
+            summary=what if savepoint is None else f"savepoint {savepoint}: {what}",
+        )
+    wf.show_details()
 
 
 def start_savepoint(wf: JobWorkflow) -> None:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 # A timer must be positive; a deadline already past fires (almost) at once.
 MIN_TIMER_S = 0.001
+# The checkpoint interval timer's summary (the UI shows it; tests find the timer by it).
+CHECKPOINT_TIMER_SUMMARY = "checkpoint interval"
 
 
 class Timer:
@@ -57,7 +59,7 @@ class Timer:
 async def running(wf: JobWorkflow) -> None:
     if wf.monitor is None:
         wf.start_monitor(WATCH_ALL)
-    checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
+    checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, CHECKPOINT_TIMER_SUMMARY)
     checkpoint_due = False
     ttl_timer = _ttl_timer(wf)
     ttl_s = wf.carried.config.ttl_s
@@ -164,7 +166,7 @@ async def running(wf: JobWorkflow) -> None:
             # A changed interval or TTL takes effect from the moment it was changed.
             if wf.carried.config.checkpoint_interval_s != checkpoint_timer.seconds and not checkpoint_timer.fired:
                 checkpoint_timer.cancel()
-                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
+                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, CHECKPOINT_TIMER_SUMMARY)
             if wf.carried.config.ttl_s != ttl_s:
                 if ttl_timer is not None:
                     ttl_timer.cancel()
@@ -177,7 +179,7 @@ async def running(wf: JobWorkflow) -> None:
                     wf.savepoints.add(None, periodic=True)
             if checkpoint_timer.fired:
                 checkpoint_due = True
-                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, "checkpoint interval")
+                checkpoint_timer = Timer(wf.carried.config.checkpoint_interval_s, CHECKPOINT_TIMER_SUMMARY)
             if wf.inflight_checkpoint is None and wf.savepoints.queue:
                 # A savepoint is a checkpoint too (it counts as a due one), and it goes before a
                 # continue-as-new, which would otherwise wait for its update forever.
