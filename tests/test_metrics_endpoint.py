@@ -28,8 +28,9 @@ from sluice.client import JobClient
 from sluice.controller_metrics import ControllerMetrics, prometheus_runtime, record_checkpoint
 from sluice.hosts.host import HostConfig, RunnerHost
 from sluice.hosts.registry_client import list_hosts
+from sluice.hosts.runner_logs import job_logs_dir
 from sluice.models import CheckpointManifest, JobSpec, OperatorCheckpoint, StateFileDigest
-from sluice.observe import job_metrics
+from sluice.observe import job_logs, job_metrics
 from sluice.settings import load_secret
 from sluice.worker import create_worker
 from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
@@ -152,7 +153,7 @@ async def _all_positive(read: Any, ops: set[str]) -> dict[str, float] | None:
 
 
 async def test_logs_and_status_through_the_endpoint(
-    temporal_address: str, job_client: JobClient, running_job: JobSpec, tmp_path: Path
+    temporal_address: str, job_client: JobClient, running_job: JobSpec, state_dir: Path, tmp_path: Path
 ) -> None:
     job = running_job.job_id
     st = await job_client.status(job)
@@ -162,6 +163,28 @@ async def test_logs_and_status_through_the_endpoint(
     assert logged.returncode == 0, logged.stderr
     prefix = f"[g{st.generation}-r0] "
     assert any(line.startswith(prefix) and "serving on" in line for line in logged.stdout.splitlines()), logged.stdout
+
+    # Following: what a runner writes next arrives through the host's stream.
+    followed: list[str] = []
+
+    async def follow() -> None:
+        async for line in job_logs(job_client, job, tail=0, follow=True):
+            followed.append(line)
+
+    follower = asyncio.create_task(follow())
+    log_file = job_logs_dir(state_dir / "host", job) / f"gen-{st.generation}" / "runner-0.log"
+    marker = "a line written while followed"
+
+    async def arrived() -> bool:
+        with open(log_file, "a") as f:  # again until one lands after the stream began
+            f.write(f"{marker}\n")
+        return f"{prefix}{marker}" in followed
+
+    try:
+        await wait_until(arrived, timeout_s=CLI_TIMEOUT_S, what="a followed line")
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
 
     async def table() -> str | None:
         shown = await asyncio.to_thread(cli, temporal_address, "status", job, state_dir=elsewhere)
