@@ -9,6 +9,10 @@
   every JOB_STATES_REFRESH_S (a count per state: no workflow is queried, nothing is added to any
   history). Closed jobs are not counted.
 
+- From the checkpoint activity (:func:`record_checkpoint`, through `activity.metric_meter()`, so
+  they go out with the SDK's metrics): each checkpoint's duration and state size, and the files
+  its sinks committed, labelled with the job.
+
 Job transitions and recoveries are not counted here: they happen in workflow code, whose
 histories must not change for a metric (docs/metrics.md lists this gap).
 """
@@ -25,11 +29,12 @@ from typing import get_args
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.service import ServiceClient
 
-from sluice.models import SEARCH_ATTRIBUTE_STATE, JobStateName
+from sluice.models import SEARCH_ATTRIBUTE_STATE, CheckpointManifest, JobStateName
 
 log = logging.getLogger("sluice.controller_metrics")
 
@@ -39,6 +44,13 @@ EXPORTER_SCRAPE_TIMEOUT_S = 2.0
 """Longest wait for the Temporal runtime's exporter during a scrape."""
 LOOPBACK = "127.0.0.1"
 JOB_STATES: tuple[str, ...] = get_args(JobStateName)
+CHECKPOINT_DURATION_METRIC = "sluice_checkpoint_activity_duration_seconds"
+CHECKPOINT_SIZE_METRIC = "sluice_checkpoint_size_bytes"
+COMMITTED_FILES_METRIC = "sluice_checkpoint_committed_files"
+#: from a quick local checkpoint to a slow one on a remote store
+CHECKPOINT_DURATION_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: from a stateless job's few bytes to gigabytes of keyed state
+CHECKPOINT_SIZE_BUCKETS_BYTES: tuple[float, ...] = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10)
 
 
 def _free_port(address: str) -> int:
@@ -51,7 +63,14 @@ def prometheus_runtime() -> tuple[Runtime, str]:
     """A Temporal Runtime exporting the SDK's metrics in Prometheus text on a free loopback port,
     and the exporter's URL."""
     address = f"{LOOPBACK}:{_free_port(LOOPBACK)}"
-    runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+    exporter = PrometheusConfig(
+        bind_address=address,
+        histogram_bucket_overrides={
+            CHECKPOINT_DURATION_METRIC: list(CHECKPOINT_DURATION_BUCKETS_S),
+            CHECKPOINT_SIZE_METRIC: list(CHECKPOINT_SIZE_BUCKETS_BYTES),
+        },
+    )
+    runtime = Runtime(telemetry=TelemetryConfig(metrics=exporter))
     return runtime, f"http://{address}/metrics"
 
 
@@ -61,6 +80,24 @@ async def client_on_runtime(client: Client, runtime: Runtime) -> Client:
     service_config = dataclasses.replace(client.service_client.config, runtime=runtime)
     config["service_client"] = await ServiceClient.connect(service_config)
     return Client(**config)
+
+
+def record_checkpoint(job_id: str, manifest: CheckpointManifest, duration_s: float, committed_files: int) -> None:
+    """Called by the checkpoint activity once a checkpoint is complete. A worker without a metrics
+    exporter has a no-op meter; a metric that cannot be recorded is logged, never raised (a
+    checkpoint must not fail for a metric)."""
+    try:
+        meter = activity.metric_meter().with_additional_attributes({"job": job_id})
+        size = sum(d.size for op in manifest.operators.values() for d in op.state_digests.values())
+        meter.create_histogram_float(
+            CHECKPOINT_DURATION_METRIC, "Duration of a checkpoint: barriers to committed sinks", "s"
+        ).record(duration_s)
+        meter.create_histogram(CHECKPOINT_SIZE_METRIC, "State files of a checkpoint", "By").record(size)
+        meter.create_counter(
+            COMMITTED_FILES_METRIC, "Files the sinks published at checkpoints (exactly once)"
+        ).add(committed_files)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("recording the metrics of checkpoint %d of job %s failed", manifest.epoch, job_id)
 
 
 class _JobGauges:

@@ -6,7 +6,7 @@ user scrapes the host's /metrics twice and sees the job's records grow; asks /jo
 sees every operator moving; finds the endpoint in the registry; reads the runners' logs with
 `sluice logs` from another directory (so only the endpoint can answer); sees the rates table in
 `sluice status`; and scrapes a controller worker's /metrics for the jobs-by-state gauge and the
-Temporal SDK's metrics.
+Temporal SDK's metrics. The checkpoint activity's metrics go through a real exporting runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
+from temporalio.testing import ActivityEnvironment
 
 from sluice.client import JobClient
+from sluice.controller_metrics import ControllerMetrics, prometheus_runtime, record_checkpoint
 from sluice.hosts.host import HostConfig, RunnerHost
 from sluice.hosts.registry_client import list_hosts
-from sluice.models import JobSpec
-from sluice.observe import job_metrics
+from sluice.hosts.runner_logs import job_logs_dir
+from sluice.models import CheckpointManifest, JobSpec, OperatorCheckpoint, StateFileDigest
+from sluice.observe import job_logs, job_metrics
 from sluice.settings import load_secret
 from sluice.worker import create_worker
 from tests.conftest import PROJECT_ROOT, cli_env, sluice_command
@@ -149,7 +153,7 @@ async def _all_positive(read: Any, ops: set[str]) -> dict[str, float] | None:
 
 
 async def test_logs_and_status_through_the_endpoint(
-    temporal_address: str, job_client: JobClient, running_job: JobSpec, tmp_path: Path
+    temporal_address: str, job_client: JobClient, running_job: JobSpec, state_dir: Path, tmp_path: Path
 ) -> None:
     job = running_job.job_id
     st = await job_client.status(job)
@@ -159,6 +163,28 @@ async def test_logs_and_status_through_the_endpoint(
     assert logged.returncode == 0, logged.stderr
     prefix = f"[g{st.generation}-r0] "
     assert any(line.startswith(prefix) and "serving on" in line for line in logged.stdout.splitlines()), logged.stdout
+
+    # Following: what a runner writes next arrives through the host's stream.
+    followed: list[str] = []
+
+    async def follow() -> None:
+        async for line in job_logs(job_client, job, tail=0, follow=True):
+            followed.append(line)
+
+    follower = asyncio.create_task(follow())
+    log_file = job_logs_dir(state_dir / "host", job) / f"gen-{st.generation}" / "runner-0.log"
+    marker = "a line written while followed"
+
+    async def arrived() -> bool:
+        with open(log_file, "a") as f:  # again until one lands after the stream began
+            f.write(f"{marker}\n")
+        return f"{prefix}{marker}" in followed
+
+    try:
+        await wait_until(arrived, timeout_s=CLI_TIMEOUT_S, what="a followed line")
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
 
     async def table() -> str | None:
         shown = await asyncio.to_thread(cli, temporal_address, "status", job, state_dir=elsewhere)
@@ -190,5 +216,35 @@ async def test_controller_endpoint_shows_job_states_and_temporal_sdk_metrics(
         text = await wait_until(scraped, timeout_s=CLI_TIMEOUT_S, what="sluice_jobs{state=Running} >= 1")
         assert {s.labels["state"] for s in samples(text, "sluice_jobs")} >= {"Running", "Failed", "Scheduling"}
         assert any(f.name.startswith("temporal_") for f in text_string_to_metric_families(text)), text[:2000]
+
         status, body = await get(f"{url}/jobs/{running_job.job_id}/metrics")
         assert status == 404 and "no runner host" in body
+
+
+async def test_checkpoint_activity_metrics_reach_the_controller_exporter(client: Any) -> None:
+    """What the checkpoint activity records (it runs on whichever worker polls first, so this drives
+    `record_checkpoint` in an activity environment on a real exporting runtime)."""
+    runtime, exporter_url = prometheus_runtime()
+    env = ActivityEnvironment()
+    env.metric_meter = runtime.metric_meter
+    digest = StateFileDigest(size=1234, sha256="0" * 64)
+    manifest = CheckpointManifest(
+        job_id="metered", epoch=7, generation=1, created_at=datetime.now(UTC),
+        operators={"events": OperatorCheckpoint(parallelism=1, state_files=["a"], state_digests={"a": digest})},
+    )  # fmt: skip
+    env.run(record_checkpoint, "metered", manifest, 0.4, 3)
+    source = ControllerMetrics(client, exporter_url)
+
+    async def exported() -> str | None:
+        text = await source.prometheus_text()
+        return text if samples(text, "sluice_checkpoint_committed_files", job="metered") else None
+
+    text = await wait_until(exported, timeout_s=HTTP_TIMEOUT_S, what="the checkpoint metrics exported")
+    duration = samples(text, "sluice_checkpoint_activity_duration_seconds", job="metered")
+    assert [s.value for s in duration if s.name.endswith("_sum")] == [pytest.approx(0.4)]
+    size = samples(text, "sluice_checkpoint_size_bytes", job="metered")
+    assert [s.value for s in size if s.name.endswith("_sum")] == [1234]
+    assert [s.value for s in samples(text, "sluice_checkpoint_committed_files", job="metered")] == [3]
+    assert samples(text, "sluice_jobs") == []  # not counted yet: only after count_jobs()
+    await source.count_jobs()
+    assert samples(await source.prometheus_text(), "sluice_jobs", state="Running")

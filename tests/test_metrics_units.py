@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sluice.engine.channels import LocalChannel
+from sluice.auth import runner_token
+from sluice.engine.channels import ChannelId, DataServer, LocalChannel, RemoteSender, secret_authorizer
 from sluice.engine.messages import Watermark
 from sluice.engine.taskmetrics import BackpressureMeter, BlockedClock, watermark_lag_s
 from sluice.hosts.endpoint import merge_expositions
@@ -90,6 +92,40 @@ async def test_a_full_local_channel_blocks_its_sender_and_counts_as_backpressure
     await channel.receive()
     await send
     assert channel.blocked.total() >= 0.1
+
+
+async def test_a_slow_remote_receiver_counts_as_backpressure() -> None:
+    """A real TCP channel whose receiver reads nothing: the sender ends up waiting in send()."""
+    job, channel_id = "job-bp", ChannelId("a->b", 0, 0)
+    server = DataServer(secret_authorizer(b"secret"), registration_timeout_s=5.0)
+    await server.start("127.0.0.1", 0)
+    try:
+        inbound = server.register(job, 1, channel_id, capacity=1)
+        sender = await RemoteSender.connect(
+            "127.0.0.1", server.port, job_id=job, generation=1, token=runner_token(b"secret", job, 1),
+            channel=channel_id, capacity_bytes=64 * 1024,
+        )  # fmt: skip
+        batch = pa.record_batch({"v": pa.array(range(1 << 17), pa.int64())})  # 1 MiB
+        meter = BackpressureMeter(lambda: [sender.blocked], interval_s=60.0)
+        producing = asyncio.ensure_future(_send_forever(sender, batch))
+        try:
+            await asyncio.sleep(1.0)
+            assert not producing.done()
+            assert sender.blocked.total() > 0.5  # most of that second was spent waiting
+            assert meter.fraction() > 0.5
+            assert len(inbound) <= 1  # the receiver took no more than its queue holds
+        finally:
+            producing.cancel()
+            await asyncio.gather(producing, return_exceptions=True)
+            await inbound.close()  # first: a sender closing with unread data would wait to flush it
+            await sender.close()
+    finally:
+        await server.close()
+
+
+async def _send_forever(sender: RemoteSender, batch: pa.RecordBatch) -> None:
+    while True:
+        await sender.send(batch)
 
 
 class FakeTask:

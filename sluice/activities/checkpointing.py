@@ -13,6 +13,7 @@ from sluice.activities.context import ControllerContext, heartbeating
 from sluice.activities.fencing import stale_generation_error
 from sluice.activities.sinks import commit_sinks
 from sluice.activities.stopping import wait_all_finished
+from sluice.controller_metrics import record_checkpoint
 from sluice.errors import RunnerRefused, RunnerUnavailable, StaleGeneration
 from sluice.models import (
     CheckpointInfo,
@@ -98,11 +99,13 @@ class CheckpointActivities:
                 # Superseded: retrying cannot help. The workflow recovers (into a generation that
                 # the fence admits); a commit cut short here is finished by that recovery.
                 raise stale_generation_error(e) from None
+        duration_s = time.monotonic() - started
+        record_checkpoint(inp.job_id, manifest, duration_s, committed)
         return CheckpointInfo(
             epoch=inp.epoch,
             manifest_path=store.manifest_path(inp.epoch),
             then_stop=inp.then_stop,
-            duration_s=time.monotonic() - started,
+            duration_s=duration_s,
             committed_files=committed,
             savepoint=savepoint,
         )
