@@ -3,8 +3,9 @@
 Two `sluice worker` processes on a dev server of this module's own run a bounded job; the job is
 upgraded to a version with one more (pass-through) operator, and the worker holding the job's
 sticky workflow task is SIGKILLed while the upgrade waits for approval, while the old generation
-takes its then-stop savepoint (slowed by slow batches), or while the new generation is in its
-health window (output held back). A fourth case kills it in the health window of a version that
+takes its then-stop savepoint (slowed by slow batches), while the new generation is being
+scheduled (its runners slow to open), or while it is in its health window (output held back).
+Another case kills it in the health window of a version that
 then fails: the surviving worker rolls it back. Each case checks what a user would: the upgrade
 ends as it should (completed, or rolled back with the reason), the job finishes, every run's
 history replays, and the committed output is exactly the generated rows: none lost, none twice.
@@ -82,10 +83,19 @@ async def in_health_window(job_client: JobClient, job_id: str) -> None:
                  and len(s.upgrade.deferred_epochs) >= 1, "a held-back checkpoint in the health window")  # fmt: skip
 
 
+async def switching(job_client: JobClient, job_id: str) -> None:
+    await _phase(job_client, job_id, lambda s: s.state == "Scheduling" and s.upgrade is not None
+                 and s.upgrade.phase == "switching", "Scheduling the new generation")  # fmt: skip
+
+
 PASS_THROUGH = {"id": "keep_all", "type": "filter", "expr": "value >= 0"}
+# A pass-through user function: the new generation's runners import tests.pipeline_functions,
+# which SLUICE_TEST_SLOW_OPEN makes slow to open (the old pipeline imports nothing of it).
+SLOW_TO_OPEN = {"id": "slow_open", "type": "map", "fn": SLOW_BATCHES}
 CASES = [
     Case("awaiting_approval", PASS_THROUGH, awaiting_approval, require_approval=True),
     Case("savepoint", {"id": "slow2", "type": "map", "fn": SLOW_BATCHES}, taking_savepoint, env=SLOW_ENV),
+    Case("switching", SLOW_TO_OPEN, switching, env={"SLUICE_TEST_SLOW_OPEN": "4"}),
     Case("health_window", PASS_THROUGH, in_health_window),
     Case("health_window_then_failure", {"id": "new_map", "type": "map", "fn": FAILS_WHILE_MARKER},
          in_health_window, fails_after_kill=True),  # fmt: skip
@@ -98,7 +108,7 @@ def upgrade_server(dev_server_factory: Callable[..., DevServer]) -> DevServer:
 
 
 def _pipelines(case: Case, state_dir: Path) -> tuple[PipelineSpec, PipelineSpec]:
-    transforms = (("map", SLOW_BATCHES),) if case.env else ()
+    transforms = (("map", SLOW_BATCHES),) if "SLUICE_TEST_SLOW_BATCH" in case.env else ()
     old = generator_pipeline(f"upgrade-{case.name}".replace("_", "-"), state_dir / "out", splits=2, limit=LIMIT,
                              rate=RATE, keys=8, transforms=transforms)  # fmt: skip
     ops = [op.model_dump(by_alias=True, exclude_none=True) for op in old.operators]
