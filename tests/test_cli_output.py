@@ -182,9 +182,12 @@ def test_unreachable_server_exits_1_with_one_line() -> None:
 
 
 def test_shell_completion_is_enabled() -> None:
+    # Typer detects the user's shell from the parent processes (under `make` that is sh, which it
+    # does not support); its test switch makes `--show-completion` take the shell's name instead.
+    env = {**cli_env("127.0.0.1:1"), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     shown = subprocess.run(
         [sys.executable, "-c", "from sluice.cli import app; app(prog_name='sluice')", "--show-completion", "bash"],
-        cwd=PROJECT_ROOT, env=cli_env("127.0.0.1:1"), capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert "_SLUICE_COMPLETE=complete_bash" in shown.stdout and "complete " in shown.stdout, shown.stdout

@@ -35,7 +35,9 @@ async def test_a_terminated_job_has_its_runners_stopped_and_slots_released(
     await client.get_workflow_handle(spec.job_id).terminate(reason="test: terminated from outside")
     assert all(pid_alive(p) for p in pids)
 
-    assert await worker.host.stop_runners_of_closed_jobs() == [spec.job_id]
+    # The host's own periodic check (every CLOSED_JOBS_CHECK_S) runs this too and may get there
+    # first; either way the job's runners must go and its slots be released.
+    assert await worker.host.stop_runners_of_closed_jobs() in ([spec.job_id], [])
     await wait_until(lambda: not any(pid_alive(p) for p in pids), timeout_s=10, what="the runners gone")
     await wait_until(lambda: _none(reserved), timeout_s=10, what="the slots released")
     # Open jobs are left alone.
