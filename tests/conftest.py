@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -111,18 +111,16 @@ def sluice_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "sluice.cli", *args]
 
 
-def run_process_worker(address: str, state_dir: Path, *, env: dict[str, str] | None = None) -> ManagedProcess:
-    """Start `sluice worker --state-dir state_dir` as a subprocess against `address`.
-
-    Returns at once (the worker polls once connected); the caller stops it (`stop()` / `kill()`).
-    Output goes to `{state_dir}/process-worker-{pid}.log`.
-    """
+def run_sluice(address: str, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
+    """Start `sluice ARGS` (e.g. `host --slots 8`) as a subprocess against `address`, with
+    `state_dir` as its state directory; output goes to `{state_dir}/{command}-{ns}.log`. The caller
+    stops it (`stop()` / `kill()`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / f"process-worker-{time.time_ns()}.log"
+    log_path = state_dir / f"{args[0] if args else 'sluice'}-{time.time_ns()}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the child owns the fd; closed below in the parent
     try:
         proc = subprocess.Popen(
-            sluice_command("worker", "--state-dir", str(state_dir)),
+            sluice_command(*args),
             cwd=PROJECT_ROOT,
             env={**cli_env(address, state_dir), **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -132,6 +130,17 @@ def run_process_worker(address: str, state_dir: Path, *, env: dict[str, str] | N
     finally:
         log.close()
     return ManagedProcess(proc, log_path)
+
+
+def run_process_worker(
+    address: str, state_dir: Path, *, env: dict[str, str] | None = None, args: Sequence[str] = ()
+) -> ManagedProcess:
+    """Start `sluice worker --state-dir state_dir [args]` as a subprocess against `address`.
+
+    Returns at once (the worker polls once connected); the caller stops it (`stop()` / `kill()`).
+    Output goes to `{state_dir}/worker-{ns}.log`.
+    """
+    return run_sluice(address, state_dir, "worker", "--state-dir", str(state_dir), *args, env=env)
 
 
 def _pid_is_runner(pid: int) -> bool:

@@ -5,6 +5,7 @@ local channel whose full queue shows as backpressure."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +16,7 @@ from sluice.auth import runner_token
 from sluice.engine.channels import ChannelId, DataServer, LocalChannel, RemoteSender, secret_authorizer
 from sluice.engine.messages import Watermark
 from sluice.engine.taskmetrics import BackpressureMeter, BlockedClock, watermark_lag_s
-from sluice.hosts.endpoint import merge_expositions
+from sluice.hosts.endpoint import ObservabilityEndpoint, merge_expositions
 from sluice.hosts.job_metrics import HeartbeatSeries, OperatorMetrics, combine
 from sluice.hosts.runner_logs import LogReader, LogsNotFound, pick_generation
 from sluice.models import SubtaskRef
@@ -200,3 +201,27 @@ def test_log_reader_tails_and_follows_whole_lines(tmp_path: Path) -> None:
     with open(folder / "runner-0.log", "a") as f:
         f.write(" line\n")
     assert reader.new_lines() == ["[g2-r0] partial line"]
+
+
+
+async def test_a_second_endpoint_on_the_default_port_takes_a_free_one() -> None:
+    """Two workers on one machine both ask for the default port: the second takes a free port
+    (and says where); a port the user chose is never replaced silently. (Started at the same
+    moment, both could bind the port with SO_REUSEADDR: the endpoint listens right after binding,
+    so the loser learns it there, where the fallback is, not later in the server.)"""
+    other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the other worker's endpoint
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", 0))
+    port = other.getsockname()[1]
+    other.listen(1)
+    second = ObservabilityEndpoint("127.0.0.1", port, port_is_default=True)
+    explicit = ObservabilityEndpoint("127.0.0.1", port)
+    try:
+        await second.start()
+        assert second.port != port and second.url.endswith(f":{second.port}")
+        with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}"):
+            await explicit.start()
+    finally:
+        other.close()
+        for endpoint in (second, explicit):
+            await endpoint.close()

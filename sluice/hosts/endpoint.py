@@ -43,6 +43,8 @@ DEFAULT_WORKER_METRICS_PORT = 9465
 """`sluice worker --metrics-port` default: next to a host's, so both run on one machine."""
 HTTP_SHUTDOWN_TIMEOUT_S = 2.0
 """How long in-flight requests (a followed log, a scrape) get when the endpoint closes."""
+LISTEN_BACKLOG = 128
+"""Pending connections the endpoint queues: scrapers and log followers are few."""
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 MetricsSource = Callable[[], Awaitable[str]]
@@ -228,6 +230,9 @@ def _bind(address: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
+        # Listen here, not later in the server: with SO_REUSEADDR two processes starting together
+        # can both bind one port, and only listen() then tells the second that it is taken.
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise

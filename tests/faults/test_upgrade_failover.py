@@ -1,6 +1,7 @@
 """A controller worker killed in each step of a pipeline upgrade: the upgrade resumes exactly.
 
-Two `sluice worker` processes on a dev server of this module's own run a bounded job; the job is
+Two `sluice worker` processes (control only) and one `sluice host` (the runners, so that killing a
+controller worker kills no runner) on a dev server of this module's own run a bounded job; the job is
 upgraded to a version with one more (pass-through) operator, and the worker holding the job's
 sticky workflow task is SIGKILLed while the upgrade waits for approval, while the old generation
 takes its then-stop savepoint (slowed by slow batches), while the new generation is being
@@ -25,7 +26,9 @@ from temporalio.client import WorkflowUpdateStage
 from sluice.client import JobClient, connect
 from sluice.devserver import DevServer
 from sluice.models import JobStatus, PipelineSpec, UpgradeRequest
+from sluice.settings import SECRET_ENV, load_secret
 from sluice.workflows.job import JobWorkflow
+from tests.conftest import run_sluice
 from tests.e2e_helpers import (
     assert_exact_output,
     describe_status,
@@ -124,7 +127,15 @@ async def test_controller_killed_during_an_upgrade(
     env = {**case.env, FAIL_MARKER_ENV: str(marker)}
     client = await connect(upgrade_server.address, "default")
     job_client = JobClient(client)
-    workers = [process_worker_factory(state_dir, address=upgrade_server.address, env=env) for _ in range(WORKERS)]
+    # Runners on a host of their own: a controller worker's death alone must not look like the
+    # new generation failing (a lost host in the health window rolls an upgrade back, rightly).
+    secret = load_secret(state_dir).decode()
+    host = run_sluice(upgrade_server.address, state_dir / "host", "host", "--slots", "8", "--host-id", "runners",
+                      env={**env, SECRET_ENV: secret})  # fmt: skip
+    workers = [
+        process_worker_factory(state_dir, address=upgrade_server.address, env=env, args=["--local-slots", "0"])
+        for _ in range(WORKERS)
+    ]
     old, new = _pipelines(case, state_dir)
     spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
     job_id = spec.job_id
@@ -165,6 +176,7 @@ async def test_controller_killed_during_an_upgrade(
             assert failure is None, f"run {rid} does not replay: {type(failure).__name__}: {failure}"
     finally:
         await stop_job_quietly(job_client, job_id)
+        host.stop()
     # Every generated row exactly once, across the switch (and the rollback) and the failover.
     reference = generator_pipeline(old.name, sink_path(old), splits=2, limit=LIMIT, rate=RATE, keys=8, transforms=())
     assert_exact_output(read_committed_rows(sink_path(old)), expected_rows(reference))
