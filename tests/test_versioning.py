@@ -66,8 +66,13 @@ async def test_a_job_moves_to_the_new_build_at_its_next_continue_as_new(server: 
                 # The new build is current: new runs start on it; a run in progress stays.
                 assert await versioning.current_build(client) == NEW
                 await wait_until(lambda: _run_on(watch, runs, NEW), timeout_s=90, what="a run on the new build")
-                assert runs[before_switch] == {OLD}, runs
-                assert all(len(builds) == 1 for builds in runs.values()), f"a run changed build: {runs}"
+                # Pinned: every workflow task of a run was completed by one build. (Not what a
+                # describe shows: a run that continued as new is not pinned until its first task
+                # completes, so a snapshot taken just then can still name the build before.)
+                done = {run: await _task_builds(client, spec.job_id, run) for run in runs}
+                assert done[before_switch] == {OLD}, done
+                assert all(len(builds) == 1 for builds in done.values()), f"a run changed build: {done}"
+                assert {NEW} in done.values(), done
                 # The old build's worker can go (its local host with it: the job's runners
                 # recover on the new worker's host): the job runs on, served by the new build.
                 await old.shutdown()
@@ -80,6 +85,16 @@ async def test_a_job_moves_to_the_new_build_at_its_next_continue_as_new(server: 
                 await stop_job_quietly(jobs, spec.job_id, mode="immediate")
     finally:
         await stop_job_quietly(jobs, spec.job_id)
+
+
+async def _task_builds(client: Any, job_id: str, run_id: str) -> set[str]:
+    """The builds that completed a run's workflow tasks (from its history)."""
+    history = await client.get_workflow_handle(job_id, run_id=run_id).fetch_history()
+    return {
+        e.workflow_task_completed_event_attributes.deployment_version.build_id
+        for e in history.events
+        if e.HasField("workflow_task_completed_event_attributes")
+    }
 
 
 async def _run_on(watch: Any, runs: dict[str, set[str]], build: str) -> bool:
