@@ -7,6 +7,7 @@ seconds) and in-process controller workers of two builds, with real runners.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest_asyncio
 from sluice import versioning
 from sluice.client import JobClient, connect
 from sluice.devserver import DevServer, free_port
+from sluice.settings import SECRET_ENV
 from sluice.worker import create_worker
 from tests.e2e_helpers import generator_pipeline, job_spec, stop_job_quietly, wait_state, wait_until
 
@@ -24,6 +26,13 @@ pytestmark = pytest.mark.timeout(240)
 
 SUGGEST_CAN_EVENTS = 60
 OLD, NEW = "test-old", "test-new"
+
+
+@pytest.fixture(autouse=True)
+def shared_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds of one deployment share the runner secret (as every worker of a cluster must): the
+    new build's worker takes over activities on runners the old one's host started."""
+    monkeypatch.setenv(SECRET_ENV, secrets.token_hex(32))
 
 
 @pytest_asyncio.fixture
