@@ -27,6 +27,8 @@ START_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 WINDOW_MS = 100
 LIMIT = 2000
+# A filter that keeps every row (values are 0..999): a new version whose output equals the old one's.
+KEEP_ALL = [{"id": "keep_all", "type": "filter", "expr": "value >= 0"}]
 
 
 def _operators(out: Path, *, size_ms: int = WINDOW_MS, before_key: list[dict[str, Any]] | None = None) -> Any:
@@ -60,7 +62,7 @@ async def test_an_upgrade_keeps_state_and_output_exactly_once(job_client: JobCli
     out = state_dir / "out"
     old = _pipeline(_operators(out))
     # A filter that keeps every row (values are 0..999): the output must be exactly the old one's.
-    new = _pipeline(_operators(out, before_key=[{"id": "keep_all", "type": "filter", "expr": "value >= 0"}]))
+    new = _pipeline(_operators(out, before_key=KEEP_ALL))
     spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
     await job_client.start(spec)
     try:
@@ -113,7 +115,7 @@ async def test_a_stateless_upgrade_reprocesses_from_the_beginning(job_client: Jo
     window is produced again (complete), on top of what the old version had committed."""
     out = state_dir / "out"
     old = _pipeline(_operators(out))
-    new = _pipeline(_operators(out, before_key=[{"id": "keep_all", "type": "filter", "expr": "value >= 0"}]))
+    new = _pipeline(_operators(out, before_key=KEEP_ALL))
     spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
     await job_client.start(spec)
     try:
@@ -201,7 +203,7 @@ async def test_a_failing_new_version_rolls_back_and_output_stays_exactly_once(
 async def test_an_upgrade_waits_for_approval_and_can_be_rejected(job_client: JobClient, state_dir: Path) -> None:
     out = state_dir / "out"
     old = _pipeline(_operators(out))
-    new = _pipeline(_operators(out, before_key=[{"id": "keep_all", "type": "filter", "expr": "value >= 0"}]))
+    new = _pipeline(_operators(out, before_key=KEEP_ALL))
     spec = job_spec(old, state_dir, checkpoint_interval_s=1.0)
     await job_client.start(spec)
     try:
